@@ -1,0 +1,251 @@
+"""The package artifact: ``model.xml``/``model.bin`` (the adaptive IR) + ``apsq.json`` (the manifest).
+
+Where it sits in the data flow: written once by calibration (:func:`write_package`), read by the
+runtime, ``infer`` and ``report`` (:meth:`Package.load`). The manifest also lives in the IR's
+``rt_info`` (key ``apsq/manifest``) so the IR alone says how it was built.
+
+The write is atomic: everything goes to a temporary sibling directory that is renamed onto
+``OUT_DIR`` at the end, so a failed or killed calibration leaves any existing package untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openvino as ov
+
+from apsq_ov.errors import PackageError
+from apsq_ov.inputs import InputSpec
+from apsq_ov.precision import Precision
+from apsq_ov.profiles import DeviceProfile
+
+SCHEMA_VERSION = 1
+MANIFEST = "apsq.json"
+MODEL_XML = "model.xml"
+MODEL_BIN = "model.bin"
+RT_INFO_KEY = ["apsq", "manifest"]
+
+
+@dataclass(kw_only=True)
+class OpRecord:
+    """Everything calibration learned about one routed operator.
+
+    :param index: position among routed ops; also its column in ``apsq_route`` and its state variables.
+    :param depth: topological index among routable ops.
+    :param variants: precisions built for it, fp32 first.
+    :param sensitivity: ``{"components": {...}, "score": s}``.
+    :param drops: measured quality loss vs FP32 when only this op runs at that precision.
+    :param int8_absmax: the calibrated INT8 activation range (abs-max) the in-graph check compares to.
+    :param input_absmax: abs-max of the op input seen over the calibration set (FP32).
+    """
+
+    index: int
+    name: str
+    type: str
+    depth: int
+    variants: tuple[Precision, ...]
+    sensitivity: dict[str, Any]
+    drops: dict[Precision, float] = field(default_factory=dict)
+    int8_absmax: float | None = None
+    input_absmax: float | None = None
+
+    @property
+    def score(self) -> float:
+        return float(self.sensitivity["score"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "type": self.type,
+            "depth": self.depth,
+            "variants": [p.value for p in self.variants],
+            "sensitivity": self.sensitivity,
+            "drops": {p.value: v for p, v in self.drops.items()},
+            "thresholds": {"int8_absmax": self.int8_absmax},
+            "calibration": {"input_absmax": self.input_absmax},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> OpRecord:
+        return cls(
+            index=int(d["index"]),
+            name=str(d["name"]),
+            type=str(d["type"]),
+            depth=int(d["depth"]),
+            variants=tuple(Precision.parse(p) for p in d["variants"]),
+            sensitivity=dict(d["sensitivity"]),
+            drops={Precision.parse(p): float(v) for p, v in d.get("drops", {}).items()},
+            int8_absmax=d.get("thresholds", {}).get("int8_absmax"),
+            input_absmax=d.get("calibration", {}).get("input_absmax"),
+        )
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    """The package manifest (``apsq.json``)."""
+
+    source_model: dict[str, Any]
+    profile: DeviceProfile
+    precisions: tuple[Precision, ...]
+    default_max_drop: float
+    inputs: list[InputSpec]
+    outputs: list[str]
+    batch: int
+    ops: list[OpRecord]
+    sensitivity: dict[str, Any]
+    calibration: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def route_ops(self) -> list[str]:
+        return [op.name for op in self.ops]
+
+    def op(self, name: str) -> OpRecord:
+        for rec in self.ops:
+            if rec.name == name:
+                return rec
+        raise KeyError(name)
+
+    def to_json(self, *, with_files: bool = True) -> dict[str, Any]:
+        d = {
+            "schema_version": self.schema_version,
+            "generator": "apsq-ov",
+            "source_model": self.source_model,
+            "device": self.profile.device,
+            "profile": self.profile.to_json(),
+            "precisions": [p.value for p in self.precisions],
+            "default_max_drop": self.default_max_drop,
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": self.outputs,
+            "batch": self.batch,
+            "route_output": "apsq_route",
+            "precision_codes": {str(p.code): p.value for p in Precision},
+            "sensitivity": self.sensitivity,
+            "calibration": self.calibration,
+            "ops": [op.to_json() for op in self.ops],
+        }
+        if with_files:
+            d["files"] = self.files
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], source: str = MANIFEST) -> Manifest:
+        """:raises PackageError: naming ``source`` on a schema_version skew or a missing/bad field."""
+        if not isinstance(d, dict):
+            raise PackageError(f"{source}: expected a JSON object")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise PackageError(
+                f"{source}: schema_version {d.get('schema_version')!r}, this apsq-ov reads {SCHEMA_VERSION}; "
+                "re-run apsq-ov calibrate"
+            )
+        try:
+            return cls(
+                source_model=dict(d["source_model"]),
+                profile=DeviceProfile.from_json(d["profile"], source=f"{source}:profile"),
+                precisions=tuple(Precision.parse(p) for p in d["precisions"]),
+                default_max_drop=float(d["default_max_drop"]),
+                inputs=[InputSpec.from_json(s) for s in d["inputs"]],
+                outputs=[str(o) for o in d["outputs"]],
+                batch=int(d["batch"]),
+                ops=[OpRecord.from_json(o) for o in d["ops"]],
+                sensitivity=dict(d["sensitivity"]),
+                calibration=dict(d["calibration"]),
+                files=dict(d.get("files", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PackageError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Package:
+    """A loaded, verified package directory."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_xml(self) -> Path:
+        return self.path / MODEL_XML
+
+    @classmethod
+    def load(cls, path: str | Path) -> Package:
+        """Read and verify a package: files present, manifest valid, file hashes as recorded.
+
+        :raises PackageError: naming the package file at fault.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise PackageError(f"package {root} is not a directory (run apsq-ov calibrate first)")
+        for name in (MANIFEST, MODEL_XML, MODEL_BIN):
+            if not (root / name).is_file():
+                raise PackageError(f"package {root} is missing {name}")
+        try:
+            data = json.loads((root / MANIFEST).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PackageError(f"{root / MANIFEST}: not valid JSON ({exc})") from exc
+        manifest = Manifest.from_json(data, source=str(root / MANIFEST))
+        for name in (MODEL_XML, MODEL_BIN):
+            want = manifest.files.get(name)
+            if want is None:
+                raise PackageError(f"{root / MANIFEST}: no sha256 recorded for {name}")
+            if sha256_file(root / name) != want:
+                raise PackageError(f"{root / name}: sha256 differs from the manifest (file changed or truncated)")
+        return cls(root, manifest)
+
+    def read_model(self, core: ov.Core | None = None) -> ov.Model:
+        """The adaptive IR as an :class:`openvino.Model`."""
+        core = core or ov.Core()
+        try:
+            return core.read_model(self.model_xml)
+        except RuntimeError as exc:
+            raise PackageError(f"{self.model_xml}: OpenVINO cannot read it ({str(exc).splitlines()[0]})") from exc
+
+
+def write_package(out_dir: str | Path, model: ov.Model, manifest: Manifest) -> Package:
+    """Write ``model`` and ``manifest`` to ``out_dir`` atomically (temporary sibling, then rename).
+
+    An existing ``out_dir`` is replaced only once the new package is complete.
+
+    :raises PackageError: if the directory cannot be written.
+    """
+    out = Path(out_dir).resolve()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise PackageError(f"cannot write package to {out}: {exc.strerror or exc}") from exc
+    try:
+        model.set_rt_info(json.dumps(manifest.to_json(with_files=False)), RT_INFO_KEY)
+        ov.save_model(model, tmp / MODEL_XML, compress_to_fp16=False)
+        manifest.files = {name: sha256_file(tmp / name) for name in (MODEL_XML, MODEL_BIN)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise PackageError(f"cannot write package to {out}: {exc.strerror or exc}") from exc
+        raise
+    return Package(out, manifest)

@@ -1,0 +1,128 @@
+"""The routing policy (pure Python): from ``max_drop`` / ``precision`` / ``precision_map`` to the
+state each routed op's ``If`` chain reads.
+
+Where it sits in the data flow: the runtime calls :func:`plan_routes` when a request's policy
+changes and writes the result into the request's state variables; calibration calls it once to
+write the default policy into the ReadValue initialisers.
+
+Per op the state is a *mode* (the precision asked for) and a *range limit*: the graph escalates
+an input to fp32 at that op when the op input's abs-max exceeds ``range_limit ×`` the calibrated
+INT8 range (i.e. when INT8 would clip). The policy for ``0 < max_drop < 1`` is a greedy knapsack:
+
+* each op's candidates are the variants the device profile says are faster than fp32, fastest first;
+* ops are taken in increasing order of *measured isolated drop per unit of saved latency*
+  (``drops`` in the manifest, ties broken by the sensitivity score);
+* an op is lowered to the fastest candidate whose drop still fits the remaining budget, assuming
+  isolated drops add up (a conservative first model; the Pareto work measures it);
+* lowered INT8 ops keep ``range_limit = 1.0`` so inputs outside the calibrated range go to fp32.
+
+``max_drop = 0`` routes every op to fp32; ``max_drop = 1`` routes every op to its fastest variant
+with no range check; ``precision`` forces one precision everywhere (ops without that variant stay
+fp32) with no range check; ``precision_map`` pins win over everything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from apsq_ov.errors import ConfigError, UnsupportedPrecisionError
+from apsq_ov.package import OpRecord
+from apsq_ov.precision import Precision
+from apsq_ov.profiles import DeviceProfile
+
+NO_LIMIT = math.inf
+
+
+@dataclass(frozen=True)
+class Route:
+    """The state of one routed op."""
+
+    mode: Precision
+    range_limit: float
+
+
+def check_max_drop(max_drop: float) -> float:
+    """:raises ConfigError: unless 0 ≤ max_drop ≤ 1."""
+    value = float(max_drop)
+    if not (0.0 <= value <= 1.0) or math.isnan(value):
+        raise ConfigError(f"max_drop {max_drop} is outside [0, 1]")
+    return value
+
+
+def plan_routes(
+    ops: Sequence[OpRecord],
+    profile: DeviceProfile,
+    *,
+    max_drop: float | None = None,
+    precision: Precision | str | None = None,
+    precision_map: Mapping[str, Precision | str] | None = None,
+    default_max_drop: float = 0.01,
+) -> dict[str, Route]:
+    """Decide every routed op's mode and range limit.
+
+    :param max_drop: tolerated quality loss vs FP32 in [0, 1]; ignored when ``precision`` is given.
+    :param precision: force this precision on every routed op that has it.
+    :param precision_map: ``{op name: precision}`` pins.
+    :return: op name → :class:`Route`.
+    :raises ConfigError: for max_drop outside [0, 1] or an op name the package does not route.
+    :raises UnsupportedPrecisionError: for a precision the package/op does not offer.
+    """
+    if precision is not None and max_drop is not None:
+        raise ConfigError("give either max_drop or precision, not both")
+    routes: dict[str, Route] = {}
+    if precision is not None:
+        forced = Precision.parse(precision)
+        if not any(forced in op.variants for op in ops):
+            offered = sorted({p.value for op in ops for p in op.variants})
+            raise UnsupportedPrecisionError(f"precision {forced} is not in this package (it offers {', '.join(offered)})")
+        for op in ops:
+            routes[op.name] = Route(forced if forced in op.variants else Precision.FP32, NO_LIMIT)
+    else:
+        budget = check_max_drop(default_max_drop if max_drop is None else max_drop)
+        routes = _budget_routes(ops, profile, budget)
+    if precision_map:
+        by_name = {op.name: op for op in ops}
+        for name, p in precision_map.items():
+            if name not in by_name:
+                raise ConfigError(f"precision map names op {name!r}, which this package does not route")
+            pinned = Precision.parse(p)
+            if pinned not in by_name[name].variants:
+                offered = ", ".join(v.value for v in by_name[name].variants)
+                raise UnsupportedPrecisionError(f"op {name!r} has no {pinned} variant (it has {offered})")
+            routes[name] = Route(pinned, NO_LIMIT)
+    return routes
+
+
+def _budget_routes(ops: Sequence[OpRecord], profile: DeviceProfile, budget: float) -> dict[str, Route]:
+    routes = {op.name: Route(Precision.FP32, NO_LIMIT) for op in ops}
+    if budget == 0.0:
+        return routes
+    candidates = {op.name: profile.faster_than_fp32(op.type, op.variants) for op in ops}
+    if budget >= 1.0:
+        for op in ops:
+            if candidates[op.name]:
+                routes[op.name] = Route(candidates[op.name][0], NO_LIMIT)
+        return routes
+
+    def priority(op: OpRecord) -> tuple[float, float]:
+        fastest = candidates[op.name][0]
+        gain = profile.cost(op.type, Precision.FP32) - profile.cost(op.type, fastest)
+        return (_drop(op, fastest) / max(gain, 1e-9), op.score)
+
+    spent = 0.0
+    for op in sorted((op for op in ops if candidates[op.name]), key=priority):
+        for cand in candidates[op.name]:
+            d = _drop(op, cand)
+            if spent + d <= budget:
+                limit = 1.0 if cand is Precision.INT8 else NO_LIMIT
+                routes[op.name] = Route(cand, limit)
+                spent += d
+                break
+    return routes
+
+
+def _drop(op: OpRecord, precision: Precision) -> float:
+    """Measured isolated drop; without a measurement, the sensitivity score stands in (pessimistic)."""
+    return max(0.0, op.drops.get(precision, op.score))

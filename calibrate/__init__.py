@@ -1,0 +1,1 @@
+"""Offline calibration (installed as ``apsq_ov.calibrate``)."""

@@ -1,0 +1,281 @@
+"""Variant building: the heart of the adaptive IR.
+
+Where it sits in the data flow: ``calibrate.pipeline`` hands this module the FP32 model (static
+shapes) and NNCF's quantized copy of it; this module finds the routable operators, and replaces
+each one (with its bias ``Add``) by a chain of ``If`` nodes whose bodies hold the same operator
+at each precision:
+
+* ``fp32``: the original operator and constants;
+* ``bf16`` / ``fp16``: ``Convert`` of the input and weights to the low type, the operator, and a
+  ``Convert`` back (the CPU plugin runs bf16 kernels for this under an f32 hint);
+* ``int8``: NNCF's own ``FakeQuantize`` of the activation, NNCF's int8 weight sub-graph and its
+  bias-corrected bias (the CPU plugin runs u8/i8 kernels for this).
+
+The branch is chosen by a route code computed in the graph from two per-request state variables
+(``ReadValue``/``Assign``): ``apsq/mode/<i>`` (the precision code the policy asks for) and
+``apsq/limit/<i>`` (how far beyond the calibrated INT8 range the op input may reach before the
+input is escalated to fp32), and from the op input's abs-max computed with ``ReduceMax(Abs(x))``.
+All route codes leave the graph through one extra output, ``apsq_route``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import openvino as ov
+from openvino import opset8, opset13 as ops
+from openvino.op.util import Variable, VariableInfo
+
+from apsq_ov.errors import CalibrationError
+from apsq_ov.precision import Precision
+
+ROUTABLE_TYPES = ("Convolution", "GroupConvolution", "MatMul")
+ROUTE_OUTPUT = "apsq_route"
+_LOW_FLOAT = {Precision.BF16: "bf16", Precision.FP16: "f16"}
+
+
+def mode_variable_id(index: int) -> str:
+    """State variable holding the requested precision code of routed op ``index``."""
+    return f"apsq/mode/{index}"
+
+
+def limit_variable_id(index: int) -> str:
+    """State variable holding the range limit (× calibrated INT8 abs-max) of routed op ``index``."""
+    return f"apsq/limit/{index}"
+
+
+def _is_constant_subgraph(output: ov.Output) -> bool:
+    stack, seen = [output.get_node()], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.get_type_name() in ("Parameter", "ReadValue"):
+            return False
+        stack.extend(i.get_source_output().get_node() for i in node.inputs())
+    return True
+
+
+@dataclass
+class RoutableOp:
+    """One routable operator, located in the FP32 model and (if NNCF quantized it) in the INT8 model.
+
+    :param index: position among routed ops in topological order (also the state variable index).
+    :param name: the operator's friendly name (the same in both models: NNCF keeps names).
+    """
+
+    index: int
+    name: str
+    type: str
+    op: ov.Node
+    bias: ov.Node | None
+    q_op: ov.Node | None = None
+    q_bias: ov.Node | None = None
+    act_fq: ov.Node | None = None
+
+    @property
+    def out(self) -> ov.Output:
+        """The unit's output in the FP32 model (after its bias, if any)."""
+        return (self.bias or self.op).output(0)
+
+    @property
+    def int8_absmax(self) -> float | None:
+        """Largest magnitude the NNCF activation quantizer represents (its calibrated range)."""
+        if self.act_fq is None:
+            return None
+        lo = self.act_fq.input(1).get_source_output().get_node().get_data()
+        hi = self.act_fq.input(2).get_source_output().get_node().get_data()
+        return float(max(np.abs(lo).max(), np.abs(hi).max()))
+
+
+def _bias_of(node: ov.Node) -> ov.Node | None:
+    targets = list(node.output(0).get_target_inputs())
+    if len(targets) != 1:
+        return None
+    add = targets[0].get_node()
+    if add.get_type_name() != "Add":
+        return None
+    other = add.input(1 - targets[0].get_index()).get_source_output()
+    return add if _is_constant_subgraph(other) else None
+
+
+def find_routable_ops(model: ov.Model, q_model: ov.Model | None = None) -> list[RoutableOp]:
+    """Find Convolution / GroupConvolution / MatMul ops with constant weights and static shapes.
+
+    :param model: the FP32 model (static shapes).
+    :param q_model: NNCF's quantized copy; ops whose input 0 it fake-quantizes get an INT8 variant.
+    :return: routable ops in topological order.
+    """
+    q_by_name = {n.get_friendly_name(): n for n in q_model.get_ordered_ops()} if q_model is not None else {}
+    found: list[RoutableOp] = []
+    for node in model.get_ordered_ops():
+        if node.get_type_name() not in ROUTABLE_TYPES:
+            continue
+        if not _is_constant_subgraph(node.input(1).get_source_output()):
+            continue  # activation x activation MatMul (attention scores): nothing to pre-quantize
+        if _is_constant_subgraph(node.input(0).get_source_output()):
+            continue
+        if not node.get_output_partial_shape(0).is_static or not node.get_input_partial_shape(0).is_static:
+            continue
+        bias = _bias_of(node)
+        unit = RoutableOp(index=len(found), name=node.get_friendly_name(), type=node.get_type_name(), op=node, bias=bias)
+        q_op = q_by_name.get(unit.name)
+        if q_op is not None and q_op.get_type_name() == unit.type:
+            src = q_op.input(0).get_source_output().get_node()
+            if src.get_type_name() == "FakeQuantize":
+                unit.q_op, unit.act_fq = q_op, src
+                unit.q_bias = q_by_name.get(bias.get_friendly_name()) if bias is not None else None
+        found.append(unit)
+    return found
+
+
+def _make_op(template: ov.Node, data: ov.Output, weights: ov.Output) -> ov.Node:
+    a = template.get_attributes()
+    kind = template.get_type_name()
+    if kind == "Convolution":
+        return ops.convolution(data, weights, a["strides"], a["pads_begin"], a["pads_end"], a["dilations"], a["auto_pad"])
+    if kind == "GroupConvolution":
+        return ops.group_convolution(
+            data, weights, a["strides"], a["pads_begin"], a["pads_end"], a["dilations"], a["auto_pad"]
+        )
+    if kind == "MatMul":
+        return ops.matmul(data, weights, a["transpose_a"], a["transpose_b"])
+    raise CalibrationError(f"op={template.get_friendly_name()}: type {kind} is not routable")
+
+
+def _bias_input(add: ov.Node, producer: ov.Node) -> ov.Output:
+    for i in add.inputs():
+        if i.get_source_output().get_node() is not producer:
+            return i.get_source_output()
+    raise CalibrationError(f"op={add.get_friendly_name()}: bias Add has no constant input")
+
+
+def _body(unit: RoutableOp, precision: Precision) -> ov.Model:
+    """One If body: the unit at ``precision`` (its weights are shared with the source models)."""
+    x = ops.parameter(unit.op.get_input_partial_shape(0), unit.op.get_input_element_type(0), name="x")
+    w = unit.op.input(1).get_source_output()
+    if precision is Precision.FP32:
+        y = _make_op(unit.op, x.output(0), w).output(0)
+        if unit.bias is not None:
+            y = ops.add(y, _bias_input(unit.bias, unit.op)).output(0)
+    elif precision in _LOW_FLOAT:
+        low = _LOW_FLOAT[precision]
+        y = _make_op(unit.op, ops.convert(x, low).output(0), ops.convert(w, low).output(0)).output(0)
+        y = ops.convert(y, "f32").output(0)
+        if unit.bias is not None:
+            y = ops.add(y, _bias_input(unit.bias, unit.op)).output(0)
+    elif precision is Precision.INT8:
+        if unit.act_fq is None or unit.q_op is None:
+            raise CalibrationError(f"op={unit.name}: NNCF did not quantize this op, no int8 variant")
+        fq = unit.act_fq
+        xq = ops.fake_quantize(
+            x, *(fq.input(i).get_source_output() for i in range(1, 5)), fq.get_attributes()["levels"]
+        )
+        y = _make_op(unit.q_op, xq.output(0), unit.q_op.input(1).get_source_output()).output(0)
+        if unit.bias is not None:
+            q_add = unit.q_bias if unit.q_bias is not None else unit.bias
+            producer = unit.q_op if unit.q_bias is not None else unit.op
+            y = ops.add(y, _bias_input(q_add, producer)).output(0)
+    else:
+        raise CalibrationError(f"op={unit.name}: no variant builder for precision {precision}")
+    return ov.Model([ops.result(y)], [x], f"{unit.name}/{precision.value}")
+
+
+def _if_chain(x: ov.Output, code: ov.Output, unit: RoutableOp, variants: Sequence[Precision]) -> ov.Output:
+    """``If(code == v0, body(v0), If(code == v1, body(v1), … body(fp32)))`` with fp32 as the final else."""
+    chosen, rest = variants[0], variants[1:]
+    node = opset8.if_op(ops.equal(code, ops.constant(np.int32(chosen.code))).output(0))
+    then_body = _body(unit, chosen)
+    node.set_then_body(then_body)
+    if not rest:  # two-way: then = chosen, else = fp32
+        else_body = _body(unit, Precision.FP32)
+        node.set_else_body(else_body)
+        node.set_input(x, then_body.get_parameters()[0], else_body.get_parameters()[0])
+    else:
+        ex = ops.parameter(x.get_partial_shape(), x.get_element_type(), name="x")
+        ec = ops.parameter([], np.int32, name="code")
+        inner = _if_chain(ex.output(0), ec.output(0), unit, rest)
+        else_body = ov.Model([ops.result(inner)], [ex, ec], f"{unit.name}/else")
+        node.set_else_body(else_body)
+        tc = ops.parameter([], np.int32, name="code")  # unused in then: If wants each input bound on both sides
+        then_body.add_parameters([tc])
+        node.set_input(x, then_body.get_parameters()[0], ex)
+        node.set_input(code, tc, ec)
+    out = node.set_output(then_body.get_results()[0], else_body.get_results()[0])
+    node.set_friendly_name(f"{unit.name}/apsq_if/{chosen.value}")
+    return out
+
+
+@dataclass(frozen=True)
+class RouteDefault:
+    """Initial state of one routed op: the policy a plain ``core.compile_model`` runs."""
+
+    mode: Precision
+    range_limit: float
+
+
+def build_adaptive_model(
+    model: ov.Model,
+    units: Sequence[RoutableOp],
+    variants: dict[str, tuple[Precision, ...]],
+    defaults: dict[str, RouteDefault],
+) -> ov.Model:
+    """Replace each unit of ``model`` (in place) by its If chain, add state and the route output.
+
+    :param variants: per op name, the precisions to build (fp32 first); ops with only fp32 are left alone.
+    :param defaults: per op name, the ReadValue initial values.
+    :return: ``model``, now adaptive.
+    """
+    codes: list[ov.Output] = []
+    variables: list[Variable] = []
+    sinks: list[ov.Node] = []
+    for unit in units:
+        offered = variants[unit.name]
+        if len(offered) < 2:
+            continue
+        x = unit.op.input(0).get_source_output()
+        default = defaults[unit.name]
+        mode, mode_var = _state(mode_variable_id(unit.index), np.int32(default.mode.code))
+        limit, limit_var = _state(limit_variable_id(unit.index), np.float32(min(default.range_limit, 3.0e38)))
+        variables += [mode_var, limit_var]
+        sinks += [ops.assign(mode, mode_var), ops.assign(limit, limit_var)]
+        code = mode.output(0)
+        absmax = unit.int8_absmax
+        if Precision.INT8 in offered and absmax is not None:
+            rank = len(x.get_partial_shape())
+            seen = ops.reduce_max(ops.abs(x), ops.constant(np.arange(rank, dtype=np.int64)), False)
+            outside = ops.greater(seen, ops.multiply(limit, ops.constant(np.float32(absmax))))
+            escalate = ops.logical_and(outside, ops.equal(mode, ops.constant(np.int32(Precision.INT8.code))))
+            code = ops.select(escalate, ops.constant(np.int32(Precision.FP32.code)), mode).output(0)
+        lower = [p for p in offered if p is not Precision.FP32]
+        routed = _if_chain(x, code, unit, lower)
+        for target in list(unit.out.get_target_inputs()):
+            target.replace_source_output(routed)
+        for tensor_name in unit.out.get_names():
+            routed.add_names({tensor_name})
+        codes.append(ops.unsqueeze(code, ops.constant(np.int64(0))).output(0))
+    if not codes:
+        raise CalibrationError("no operator got more than one variant: nothing to route")
+    route = ops.concat(codes, 0) if len(codes) > 1 else codes[0].get_node()
+    result = ops.result(route)
+    result.output(0).get_tensor().set_names({ROUTE_OUTPUT})
+    result.set_friendly_name(ROUTE_OUTPUT)
+    model.add_results([result])
+    model.add_variables(variables)
+    model.add_sinks(sinks)
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def _state(variable_id: str, init: np.generic) -> tuple[ov.Node, Variable]:
+    info = VariableInfo()
+    info.data_shape = ov.PartialShape([])
+    info.data_type = ov.Type.i32 if init.dtype == np.int32 else ov.Type.f32
+    info.variable_id = variable_id
+    var = Variable(info)
+    node = ops.read_value(ops.constant(init), var)
+    node.set_friendly_name(variable_id)
+    return node, var
