@@ -1,1 +1,9 @@
-"""Offline calibration (installed as ``apsq_ov.calibrate``)."""
+"""Offline calibration (installed as ``apsq_ov.calibrate``): statistics, sensitivity, variants,
+default policy → the package. Read in this order: :mod:`.pipeline` (the phases),
+:mod:`.sensitivity` (scores), :mod:`.variants` (the adaptive IR).
+"""
+
+from .pipeline import CalibrationConfig, calibrate, calibrate_model, read_model
+from .sensitivity import SensitivityMetric
+
+__all__ = ["CalibrationConfig", "SensitivityMetric", "calibrate", "calibrate_model", "read_model"]

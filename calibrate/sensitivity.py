@@ -69,16 +69,17 @@ class SensitivityReport:
     estimator: str
     inferences: int
     ops: dict[str, OpSensitivity]
+    input_absmax: dict[str, float]
 
 
 def _rdfd_gradient(
     model: ov.Model, samples: Samples, config: dict, progress: Callable[[int, int], None] | None, seed: int
-) -> tuple[dict[str, float], int]:
+) -> tuple[dict[str, float], dict[str, float], int]:
     """Random-direction forward finite difference of the output w.r.t. each routable op's output."""
     probe = model.clone()
     units = find_routable_ops(probe)
     rng = np.random.default_rng(seed)
-    eps_params, rms_outputs = [], []
+    eps_params, rms_outputs, absmax_outputs = [], [], []
     for unit in units:
         out = unit.out
         targets = list(out.get_target_inputs())
@@ -91,10 +92,13 @@ def _rdfd_gradient(
         axes = ops.constant(np.arange(len(shape), dtype=np.int64))
         rms = ops.sqrt(ops.reduce_mean(ops.multiply(out, out), axes, False))
         rms_outputs.append(ops.result(rms))
+        x = unit.op.input(0).get_source_output()
+        x_axes = ops.constant(np.arange(len(x.get_shape()), dtype=np.int64))
+        absmax_outputs.append(ops.result(ops.reduce_max(ops.abs(x), x_axes, False)))
         eps_params.append(eps)
     n_user_outputs = len(probe.outputs)
     probe.add_parameters(eps_params)
-    probe.add_results(rms_outputs)
+    probe.add_results(rms_outputs + absmax_outputs)
     compiled = ov.Core().compile_model(probe, "CPU", config)
     request = compiled.create_infer_request()
     zeros = [np.zeros((), np.float32) for _ in units]
@@ -104,11 +108,13 @@ def _rdfd_gradient(
         res = request.infer(samples.sample(i) + eps_values)
         return [res[j] for j in range(len(res))]
 
-    base_y, rms_sum = [], np.zeros(len(units))
+    base_y, rms_sum, absmax = [], np.zeros(len(units)), np.zeros(len(units))
     for i in range(n):
         res = run(i, zeros)
         base_y.append(np.concatenate([r.ravel() for r in res[:n_user_outputs]]).astype(np.float64))
-        rms_sum += np.array([float(r) for r in res[n_user_outputs:]])
+        stats = np.array([float(r) for r in res[n_user_outputs:]])
+        rms_sum += stats[: len(units)]
+        absmax = np.maximum(absmax, stats[len(units) :])
         if progress:
             progress(i + 1, n * (1 + len(units)))
     h = FD_EPSILON * rms_sum / n
@@ -124,7 +130,7 @@ def _rdfd_gradient(
             if progress:
                 progress(n * (1 + k) + i + 1, n * (1 + len(units)))
         grads[unit.name] = float(np.mean(rel)) if h[k] > 0 else 0.0
-    return grads, n * (1 + len(units))
+    return grads, {u.name: float(a) for u, a in zip(units, absmax, strict=True)}, n * (1 + len(units))
 
 
 def _fd_gradient_metric(
@@ -136,7 +142,7 @@ def _fd_gradient_metric(
     progress: Callable[[int, int], None] | None,
     seed: int,
 ) -> SensitivityReport:
-    grads, cost = _rdfd_gradient(model, samples, config, progress, seed)
+    grads, input_absmax, cost = _rdfd_gradient(model, samples, config, progress, seed)
     gmax = max(grads.values()) or 1.0
     n = max(len(depths) - 1, 1)
     scored = {}
@@ -157,6 +163,7 @@ def _fd_gradient_metric(
         estimator="random-direction forward finite difference (RDFD) at the op output",
         inferences=cost,
         ops=scored,
+        input_absmax=input_absmax,
     )
 
 

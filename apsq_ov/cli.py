@@ -1,0 +1,382 @@
+"""``apsq-ov``: the command line (the only module that imports typer and rich).
+
+Where it sits in the data flow: a thin shell over :mod:`apsq_ov.calibrate` (``calibrate``),
+:mod:`apsq_ov.runtime` (``infer``), :mod:`apsq_ov.profiles` (``profile``), the manifest
+(``report``) and :mod:`apsq_ov.demo` (``demo``, the embedded default). Every
+:class:`~apsq_ov.errors.ApsqError` becomes one line on stderr and exit code 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from apsq_ov.errors import ApsqError, ConfigError, DataError
+from apsq_ov.precision import Precision
+
+app = typer.Typer(
+    help="Adaptive precision scaling for CNN inference on OpenVINO: calibrate a model once, then route "
+    "every input, operator by operator, between FP32, BF16/FP16 and INT8 variants.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(fn: F) -> F:
+    """Turn ApsqError into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ApsqError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _progress(quiet: bool = False) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet,
+        transient=False,
+    )
+
+
+def _phase_callback(progress: Progress) -> Callable[[str, int, int], None]:
+    tasks: dict[str, Any] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=total)
+        progress.update(tasks[phase], completed=done, total=total)
+
+    return update
+
+
+def _parse_max_drop(value: float | None) -> float | None:
+    if value is not None and not (0.0 <= value <= 1.0):
+        raise typer.BadParameter(f"{value} is outside [0, 1]", param_hint="--max-drop")
+    return value
+
+
+def _parse_precision(value: str | None) -> Precision | None:
+    if value is None:
+        return None
+    try:
+        return Precision.parse(value)
+    except ApsqError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--precision") from None
+
+
+def _load_precision_map(path: Path | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read precision map {path}: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ConfigError(f'{path}: expected an object {{"op name": "precision", ...}}')
+    for v in data.values():
+        Precision.parse(v)
+    return data
+
+
+@app.command()
+@_user_errors
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="Model file OpenVINO reads (IR .xml, .onnx, .tflite, .pdmodel).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Calibration .npz (keys = input names, or 'inputs') or .npy.")
+    ],
+    out_dir: Annotated[Path | None, typer.Option("-o", "--output", help="Package directory [default: MODEL stem + .apsq].")] = None,
+    device: Annotated[str, typer.Option(help="Target device; selects the shipped profile.")] = "CPU",
+    profile: Annotated[Path | None, typer.Option(help="Device profile JSON overriding the shipped one.")] = None,
+    precisions: Annotated[
+        str | None, typer.Option(help="Variants to build, e.g. fp32,bf16,int8 [default: the profile's].")
+    ] = None,
+    subset_size: Annotated[int, typer.Option(min=1, help="Calibration samples for NNCF (as nncf.quantize).")] = 300,
+    max_drop: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Default policy written into the IR: tolerated loss vs FP32.")
+    ] = 0.01,
+    sensitivity: Annotated[str, typer.Option(help="Sensitivity metric (registry name).")] = "fd-gradient",
+    drop_samples: Annotated[int, typer.Option(min=1, help="Samples each isolated drop is measured on.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed for the calibration subset and the FD directions.")] = 0,
+) -> None:
+    """Score, build and package an adaptive model: MODEL + --data -> OUT_DIR (model.xml/.bin + apsq.json)."""
+    from apsq_ov.calibrate import CalibrationConfig, SensitivityMetric
+    from apsq_ov.calibrate import calibrate as run_calibration
+    from apsq_ov.precision import parse_precisions
+    from apsq_ov.runtime import check_device
+
+    import openvino as ov
+
+    check_device(ov.Core(), device)
+    config = CalibrationConfig(
+        device=device,
+        profile=profile,
+        precisions=parse_precisions(precisions) if precisions else None,
+        subset_size=subset_size,
+        max_drop=max_drop,
+        sensitivity=SensitivityMetric.parse(sensitivity),
+        drop_samples=drop_samples,
+        seed=seed,
+    )
+    target = out_dir or model.with_suffix(".apsq")
+    t0 = time.perf_counter()
+    with _progress() as progress:
+        package = run_calibration(model, data, target, config, progress=_phase_callback(progress))
+    m = package.manifest
+    table = Table(title=f"apsq-ov package {package.path}")
+    for col in ("op", "type", "score", *[f"drop {p.value}" for p in m.precisions if p is not Precision.FP32]):
+        table.add_column(col)
+    for op in m.ops:
+        drops = [f"{op.drops[p]:.3f}" if p in op.drops else "-" for p in m.precisions if p is not Precision.FP32]
+        table.add_row(op.name, op.type, f"{op.score:.3f}", *drops)
+    out.print(table)
+    out.print(f"{len(m.ops)} routed ops, default max-drop {m.default_max_drop}, {time.perf_counter() - t0:.1f} s")
+
+
+def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@app.command()
+@_user_errors
+def infer(
+    package: Annotated[Path, typer.Argument(help="Package directory written by apsq-ov calibrate.")],
+    input: Annotated[Path, typer.Option("--input", help="Input .npz (keys = input names, or 'inputs') or .npy.")],
+    device: Annotated[str, typer.Option(help="OpenVINO device to run on.")] = "CPU",
+    max_drop: Annotated[
+        float | None, typer.Option(help="Tolerated quality loss vs FP32 in [0, 1] [default: the package's].")
+    ] = None,
+    precision: Annotated[str | None, typer.Option(help="Force one precision on every routed op (baselines).")] = None,
+    precision_map: Annotated[
+        Path | None, typer.Option(help='JSON {"op name": "int8", ...}: pin ops; the rest follow the policy.')
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Write outputs, route, route_ops, precisions, latency_ms.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout only.")] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="INFERENCE_NUM_THREADS (1 for latency studies).")] = None,
+) -> None:
+    """Run a package on every sample of --input, routing each sample per operator."""
+    from apsq_ov.inputs import load_arrays, match_inputs
+    from apsq_ov.runtime import compile_model
+
+    max_drop = _parse_max_drop(max_drop)
+    forced = _parse_precision(precision)
+    if forced is not None and max_drop is not None:
+        raise typer.BadParameter("give --max-drop or --precision, not both", param_hint="--precision")
+    pins = _load_precision_map(precision_map)
+    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+    compiled = compile_model(package, device, config)
+    samples = match_inputs(load_arrays(input), compiled.inputs, source=str(input), require_finite=False)
+    batch = compiled.manifest.batch
+    if len(samples) % batch:
+        raise DataError(f"{input}: {len(samples)} samples is not a multiple of the package's batch {batch}")
+    request = compiled.create_infer_request()
+    request.set_policy(max_drop=max_drop, precision=forced, precision_map=pins)  # validates pins before the loop
+    outputs: dict[str, list[np.ndarray]] = {n: [] for n in compiled.output_names}
+    routes, latency, nonfinite = [], [], []
+    n = len(samples) // batch
+    with _progress(quiet=json_out) as progress:
+        task = progress.add_task("infer", total=n)
+        for i in range(n):
+            x = samples.sample(i, batch)
+            t0 = time.perf_counter()
+            res = request.infer(x, max_drop=max_drop, precision=forced, precision_map=pins)
+            latency.append((time.perf_counter() - t0) * 1e3)
+            for name, value in res.outputs.items():
+                outputs[name].append(value)
+            routes.append(res.route)
+            nonfinite.append(res.nonfinite)
+            progress.advance(task)
+    stacked = {name: np.concatenate(v) for name, v in outputs.items()}
+    route = np.stack(routes).astype(np.int8)
+    lat = np.asarray(latency)
+    summary = _infer_summary(compiled, stacked, route, lat, samples.labels, nonfinite)
+    summary.update({"package": str(package), "input": str(input), "device": device,
+                    "policy": {"max_drop": max_drop, "precision": None if forced is None else forced.value,
+                               "precision_map": pins}})  # fmt: skip
+    if output is not None:
+        arrays = dict(stacked)
+        arrays.update(
+            route=route,
+            route_ops=np.array(compiled.route_ops),
+            precisions=np.array([f"{p.code}:{p.value}" for p in Precision]),
+            latency_ms=lat,
+        )
+        _write_npz_atomic(output, arrays)
+        summary["output"] = str(output)
+    if json_out:
+        sys.stdout.write(json.dumps(summary, indent=1) + "\n")
+        return
+    _print_infer_summary(summary)
+
+
+def _infer_summary(compiled, outputs, route, lat, labels, nonfinite) -> dict[str, Any]:
+    first = next(iter(outputs.values()))
+    summary: dict[str, Any] = {
+        "samples": int(route.shape[0]),
+        "median_latency_ms": float(np.median(lat)),
+        "route_ops": compiled.route_ops,
+        "nonfinite_inputs": int(np.sum(nonfinite)),
+    }
+    if labels is not None and first.ndim == 2 and len(labels) == len(first):
+        summary["accuracy"] = float(np.mean(first.argmax(axis=1) == labels))
+    patterns = collections.Counter(tuple(int(c) for c in r) for r in route)
+    names = {p.code: p.value for p in Precision}
+    summary["route_patterns"] = [
+        {"route": [names[c] for c in pat], "fraction": cnt / route.shape[0]} for pat, cnt in patterns.most_common(5)
+    ]
+    summary["distinct_routes"] = len(patterns)
+    summary["per_op"] = {
+        op: {names[int(c)]: float(np.mean(route[:, j] == c)) for c in np.unique(route[:, j])}
+        for j, op in enumerate(compiled.route_ops)
+    }
+    return summary
+
+
+def _print_infer_summary(s: dict[str, Any]) -> None:
+    acc = f", accuracy {s['accuracy']:.4f}" if "accuracy" in s else ""
+    out.print(f"{s['samples']} samples, median latency {s['median_latency_ms']:.3f} ms{acc}, "
+              f"{s['distinct_routes']} distinct routes")  # fmt: skip
+    table = Table(title="most frequent routes (one column per routed op)")
+    table.add_column("fraction", justify="right")
+    table.add_column("route")
+    for pat in s["route_patterns"]:
+        table.add_row(f"{pat['fraction']:.3f}", " ".join(pat["route"]))
+    out.print(table)
+    if s["nonfinite_inputs"]:
+        out.print(f"{s['nonfinite_inputs']} inputs held NaN/Inf and ran at fp32 everywhere")
+    if "output" in s:
+        out.print(f"wrote {s['output']}")
+
+
+@app.command()
+@_user_errors
+def report(
+    package: Annotated[Path, typer.Argument(help="Package directory.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the per-op table as JSON.")] = False,
+) -> None:
+    """Show the sensitivity table, variants and default routes of a package."""
+    from apsq_ov.package import Package
+    from apsq_ov.routing import plan_routes
+
+    pkg = Package.load(package)
+    m = pkg.manifest
+    routes = plan_routes(m.ops, m.profile, max_drop=m.default_max_drop)
+    rows = [
+        {
+            "index": op.index, "name": op.name, "type": op.type, "depth": op.depth,
+            "components": op.sensitivity["components"], "score": op.score,
+            "drops": {p.value: v for p, v in op.drops.items()},
+            "variants": [p.value for p in op.variants],
+            "default_route": routes[op.name].mode.value,
+            "range_limit": None if math.isinf(routes[op.name].range_limit) else routes[op.name].range_limit,
+            "int8_absmax": op.int8_absmax, "input_absmax": op.input_absmax,
+        }
+        for op in m.ops
+    ]  # fmt: skip
+    if json_out:
+        sys.stdout.write(json.dumps({"package": str(package), "sensitivity": m.sensitivity, "ops": rows}, indent=1) + "\n")
+        return
+    table = Table(title=f"{package} · {m.sensitivity['metric']} · default max-drop {m.default_max_drop}")
+    for col in ("#", "op", "type", "depth", "grad", "type t", "depth d", "score", "drops", "variants", "default"):
+        table.add_column(col)
+    for r in rows:
+        c = r["components"]
+        drops = " ".join(f"{k}:{v:.3f}" for k, v in r["drops"].items())
+        table.add_row(str(r["index"]), r["name"], r["type"], str(r["depth"]), f"{c['gradient']:.3f}",
+                      f"{c['type']:.2f}", f"{c['depth']:.2f}", f"{r['score']:.3f}", drops,
+                      ",".join(r["variants"]), r["default_route"])  # fmt: skip
+    out.print(table)
+    out.print(f"score: {m.sensitivity['formula']}", highlight=False)
+
+
+@app.command()
+@_user_errors
+def profile(
+    device: Annotated[str, typer.Option(help="Device whose profile to show.")] = "CPU",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the profile JSON here.")] = None,
+) -> None:
+    """Show (or write) the device Precision Profile apsq-ov uses for DEVICE.
+
+    This version ships measured/published profiles; measuring a device in place is a planned addition.
+    """
+    from apsq_ov.profiles import load_profile
+
+    p = load_profile(device)
+    text = json.dumps(p.to_json(), indent=1)
+    if output is not None:
+        output.write_text(text + "\n")
+        out.print(f"wrote {output}")
+        return
+    sys.stdout.write(text + "\n")
+
+
+@app.command()
+@_user_errors
+def demo(
+    out_dir: Annotated[Path, typer.Option("-o", "--output", help="Where the package and results go.")] = Path("apsq-demo"),
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="Test images to run.")] = 10000,
+    threads: Annotated[int, typer.Option(min=1, help="INFERENCE_NUM_THREADS for latency.")] = 1,
+) -> None:
+    """The embedded default: calibrate the bundled Fashion-MNIST ResNet and compare every precision
+    on the real test set (accuracy and median latency, one process, same run)."""
+    from apsq_ov.demo import run_demo
+
+    with _progress() as progress:
+        result = run_demo(out_dir, limit=limit, threads=threads, progress=_phase_callback(progress))
+    table = Table(title=f"Fashion-MNIST ResNet · {result['samples']} test images · {threads} thread(s), f32 hint")
+    for col in ("configuration", "accuracy", "median ms", "vs FP32", "distinct routes", "top route share"):
+        table.add_column(col, justify="right" if col != "configuration" else "left")
+    for row in result["rows"]:
+        table.add_row(row["name"], f"{row['accuracy']:.4f}", f"{row['median_ms']:.3f}", f"{row['ratio_vs_fp32']:.2f}x",
+                      str(row.get("distinct_routes", "-")),
+                      f"{row['top_route_share']:.2f}" if "top_route_share" in row else "-")  # fmt: skip
+    out.print(table)
+    out.print(f"package: {result['package']}  results: {result['results_file']}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Calibration, end to end: model + data → sensitivity, variants, default policy → package.
+
+Where it sits in the data flow: the entry point of ``calibrate/`` (``apsq-ov calibrate`` and
+:func:`apsq_ov.calibrate.calibrate`). Phases, each reported through ``progress``:
+
+1. read the model, check the data against its inputs, reshape to static shapes (If bodies want them);
+2. ``nncf.quantize`` a copy of the model: the source of every INT8 variant (FakeQuantize ranges,
+   int8 weights, bias-corrected biases);
+3. score every routable op (:mod:`.sensitivity`);
+4. build the adaptive IR (:mod:`.variants`), compile it, and measure each op's *isolated drop*
+   (only that op lowered, every other op fp32) by setting request state — no recompilation;
+5. plan the default policy at ``max_drop``, write it into the ReadValue initialisers, and write
+   the package atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+
+from apsq_ov.errors import CalibrationError, ConfigError, ModelError, UnsupportedPrecisionError
+from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, static_shapes
+from apsq_ov.package import Manifest, OpRecord, Package, write_package
+from apsq_ov.precision import Precision
+from apsq_ov.profiles import DeviceProfile, load_profile
+from apsq_ov.routing import check_max_drop, plan_routes
+from apsq_ov.runtime import compile_adaptive
+
+from .sensitivity import SensitivityMetric, score_ops
+from .variants import RouteDefault, build_adaptive_model, find_routable_ops, limit_variable_id, mode_variable_id
+
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``: the CLI turns it into rich progress bars."""
+
+DROP_METRIC = "1 - top-1 agreement with FP32 (argmax over the last axis of the first output)"
+_BUILDABLE = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """Options of :func:`calibrate` (``apsq-ov calibrate`` flags).
+
+    :param device: OpenVINO device the package is built for (selects the shipped profile).
+    :param profile: path of a profile JSON overriding the shipped one.
+    :param precisions: variants to build (fp32 always); ``None`` → the profile's defaults.
+    :param subset_size: calibration samples NNCF uses (as ``nncf.quantize``'s ``subset_size``).
+    :param max_drop: the package's default policy, written into the IR's ReadValue initialisers.
+    :param sensitivity: registered sensitivity metric.
+    :param sensitivity_samples: samples the finite-difference estimator runs on.
+    :param drop_samples: samples each isolated drop is measured on.
+    """
+
+    device: str = "CPU"
+    profile: str | Path | None = None
+    precisions: tuple[Precision, ...] | None = None
+    subset_size: int = 300
+    max_drop: float = 0.01
+    sensitivity: SensitivityMetric = SensitivityMetric.FD_GRADIENT
+    sensitivity_samples: int = 64
+    drop_samples: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_max_drop(self.max_drop)
+        for name in ("subset_size", "sensitivity_samples", "drop_samples"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.precisions is not None:
+            for p in self.precisions:
+                if p not in _BUILDABLE:
+                    raise UnsupportedPrecisionError(
+                        f"precision {p} variants are not built yet (buildable: {', '.join(b.value for b in _BUILDABLE)})"
+                    )
+
+
+def read_model(path: str | Path, core: ov.Core | None = None) -> ov.Model:
+    """Read any model ``openvino.Core.read_model`` reads.
+
+    :raises ModelError: naming the file if it is missing or unreadable.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"model file {p} does not exist")
+    try:
+        return (core or ov.Core()).read_model(p)
+    except RuntimeError as exc:
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise ModelError(f"{p}: OpenVINO cannot read it ({lines[-1] if lines else 'unknown error'})") from exc
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def calibrate(
+    model: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    config: CalibrationConfig | None = None,
+    *,
+    progress: Progress | None = None,
+) -> Package:
+    """Calibrate ``model`` on ``data`` and write the adaptive package to ``out_dir``.
+
+    :param model: IR/ONNX/TFLite/Paddle file. :param data: ``.npz``/``.npy`` per the DATA contract.
+    :raises ApsqError: subclasses naming the file/input/op at fault; nothing is written on failure.
+    """
+    config = config or CalibrationConfig()
+    core = ov.Core()
+    ov_model = read_model(model, core)
+    specs = input_specs(ov_model)
+    samples = match_inputs(load_arrays(data), specs, source=str(data), require_finite=True)
+    source = {"path": str(model), "name": Path(model).name, "sha256": _sha256(Path(model))}
+    adaptive, manifest = calibrate_model(ov_model, samples, config, source=source, progress=progress)
+    return write_package(out_dir, adaptive, manifest)
+
+
+def calibrate_model(
+    model: ov.Model,
+    samples: Samples,
+    config: CalibrationConfig,
+    *,
+    source: dict,
+    progress: Progress | None = None,
+) -> tuple[ov.Model, Manifest]:
+    """In-memory calibration (``model`` is reshaped and rewritten in place).
+
+    :return: the adaptive model and its manifest (without file hashes: :func:`write_package` adds them).
+    """
+    profile = load_profile(config.device, config.profile)
+    precisions = config.precisions or profile.default_precisions
+    specs = input_specs(model)
+    batch, shapes = static_shapes(specs, samples)
+    try:
+        model.reshape({model.inputs[i]: ov.PartialShape(s) for i, s in shapes.items()})
+    except RuntimeError as exc:
+        raise ModelError(f"cannot reshape the model to the data's shapes {list(shapes.values())}: {exc}") from exc
+    specs = input_specs(model)
+    n_batches = len(samples) // batch
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(n_batches)
+    calib_idx = order[: min(config.subset_size, n_batches)]
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+    def batches(idx: np.ndarray) -> list[list[np.ndarray]]:
+        return [samples.sample(int(i), batch) for i in idx]
+
+    q_model = None
+    if Precision.INT8 in precisions:
+        q_model = _nncf_quantize(model, batches(calib_idx), progress)
+    units = find_routable_ops(model, q_model)
+    if not units:
+        raise ModelError("the model has no Convolution, GroupConvolution or MatMul with constant weights to route")
+
+    sens_idx = calib_idx[: config.sensitivity_samples]
+    sens_samples = Samples(tuple(np.concatenate(a) for a in zip(*batches(sens_idx), strict=True)), None)
+    report = score_ops(
+        model,
+        sens_samples,
+        op_types={u.name: u.type for u in units},
+        depths={u.name: u.index for u in units},
+        metric=config.sensitivity,
+        config=f32,
+        progress=(lambda d, t: progress("sensitivity", d, t)) if progress else None,
+        seed=config.seed,
+    )
+
+    variants: dict[str, tuple[Precision, ...]] = {}
+    for u in units:
+        offered = [p for p in precisions if p is not Precision.INT8 or u.act_fq is not None]
+        variants[u.name] = tuple(offered)
+    records = [
+        OpRecord(
+            index=u.index,
+            name=u.name,
+            type=u.type,
+            depth=u.index,
+            variants=variants[u.name],
+            sensitivity={"components": report.ops[u.name].components, "score": report.ops[u.name].score},
+            int8_absmax=u.int8_absmax,
+            input_absmax=report.input_absmax.get(u.name),
+        )
+        for u in units
+    ]
+    routed = [r for r in records if len(r.variants) > 1]
+    if not routed:
+        raise CalibrationError(f"no op got a variant besides fp32 for precisions {[p.value for p in precisions]}")
+    fp32_only = {u.name: RouteDefault(Precision.FP32, math.inf) for u in units}
+    model = build_adaptive_model(model, units, variants, fp32_only)
+    manifest = Manifest(
+        source_model=source,
+        profile=profile,
+        precisions=tuple(precisions),
+        default_max_drop=config.max_drop,
+        inputs=specs,
+        outputs=[o.get_any_name() if o.get_names() else f"output{i}" for i, o in enumerate(model.outputs[:-1])],
+        batch=batch,
+        ops=routed,
+        sensitivity={
+            "metric": report.metric.value,
+            "formula": report.formula,
+            "estimator": report.estimator,
+            "inferences": report.inferences,
+            "samples": len(sens_samples),
+        },
+        calibration={
+            "samples": int(n_batches * batch),
+            "subset_size": int(len(calib_idx) * batch),
+            "seed": config.seed,
+            "quantizer": "nncf.quantize (preset performance, fast bias correction)" if q_model is not None else None,
+            "drop_metric": DROP_METRIC,
+            "drop_samples": int(min(config.drop_samples, len(calib_idx)) * batch),
+        },
+    )
+    drop_idx = calib_idx[: config.drop_samples]
+    _measure_drops(model, manifest, batches(drop_idx), config.device, progress)
+    routes = plan_routes(manifest.ops, profile, max_drop=config.max_drop)
+    _set_defaults(model, manifest, {n: RouteDefault(r.mode, r.range_limit) for n, r in routes.items()})
+    return model, manifest
+
+
+def _nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Progress | None) -> ov.Model:
+    import nncf  # heavy: imported only when calibrating
+
+    nncf.set_log_level(logging.ERROR)
+    if progress:
+        progress("nncf.quantize", 0, 1)
+    try:
+        q = nncf.quantize(model.clone(), nncf.Dataset(data), subset_size=len(data))
+    except Exception as exc:  # NNCF raises many types; translate them all at this boundary
+        raise CalibrationError(f"nncf.quantize failed: {type(exc).__name__}: {exc}") from exc
+    if progress:
+        progress("nncf.quantize", 1, 1)
+    return q
+
+
+def top1(output: np.ndarray) -> np.ndarray:
+    """Argmax over the last axis (class, or class per position for sequence outputs)."""
+    return np.asarray(output).argmax(axis=-1).reshape(-1)
+
+
+def _measure_drops(
+    model: ov.Model, manifest: Manifest, data: list[list[np.ndarray]], device: str, progress: Progress | None
+) -> None:
+    """Isolated drop of every (op, lower precision): that op alone lowered, every other op fp32."""
+    compiled = compile_adaptive(model, manifest, "CPU" if device.startswith(("GPU", "AUTO")) else device)
+    request = compiled.create_infer_request()
+    jobs = [(op, p) for op in manifest.ops for p in op.variants if p is not Precision.FP32]
+    total = len(data) * (1 + len(jobs))
+    done = 0
+    reference = []
+    for x in data:
+        reference.append(top1(request.infer(x, precision=Precision.FP32)[0]))
+        done += 1
+        if progress:
+            progress("isolated drops", done, total)
+    for op, p in jobs:
+        agree = []
+        for x, ref in zip(data, reference, strict=True):
+            out = request.infer(x, precision=Precision.FP32, precision_map={op.name: p})[0]
+            agree.append(float(np.mean(top1(out) == ref)))
+            done += 1
+            if progress:
+                progress("isolated drops", done, total)
+        op.drops[p] = 1.0 - float(np.mean(agree))
+
+
+def _set_defaults(model: ov.Model, manifest: Manifest, defaults: dict[str, RouteDefault]) -> None:
+    """Write the default policy into the ReadValue initialisers (what a plain compile_model runs)."""
+    by_id = {n.get_friendly_name(): n for n in model.get_ordered_ops() if n.get_type_name() == "ReadValue"}
+    for op in manifest.ops:
+        d = defaults[op.name]
+        by_id[mode_variable_id(op.index)].input(0).replace_source_output(
+            ops.constant(np.int32(d.mode.code)).output(0)
+        )
+        by_id[limit_variable_id(op.index)].input(0).replace_source_output(
+            ops.constant(np.float32(min(d.range_limit, 3.0e38))).output(0)
+        )
+    model.validate_nodes_and_infer_types()
+
+
+__all__ = ["CalibrationConfig", "DeviceProfile", "calibrate", "calibrate_model", "read_model"]
