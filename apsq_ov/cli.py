@@ -23,6 +23,7 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -49,7 +50,7 @@ def _user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ApsqError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -85,12 +86,8 @@ def _parse_max_drop(value: float | None) -> float | None:
 
 
 def _parse_precision(value: str | None) -> Precision | None:
-    if value is None:
-        return None
-    try:
-        return Precision.parse(value)
-    except ApsqError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--precision") from None
+    # An unknown name is bad input (exit 1 naming it), like an unknown name in --precisions.
+    return None if value is None else Precision.parse(value)
 
 
 def _load_precision_map(path: Path | None) -> dict[str, str] | None:

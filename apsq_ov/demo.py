@@ -13,22 +13,17 @@ import collections
 import json
 import time
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openvino as ov
 
+from apsq_ov import embedded_model
 from apsq_ov.datasets import load_fashion_mnist
 
 DEMO_MAX_DROPS = (0.005, 0.01, 0.02)
 CALIBRATION_SAMPLES = 1000
-
-
-def embedded_model() -> Path:
-    """Path of the bundled Fashion-MNIST ResNet IR."""
-    return Path(str(resources.files("apsq_ov") / "data" / "fmnist_resnet.xml"))
 
 
 def _time_static(compiled: ov.CompiledModel, x: np.ndarray) -> tuple[np.ndarray, float]:

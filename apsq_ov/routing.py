@@ -9,11 +9,13 @@ Per op the state is a *mode* (the precision asked for) and a *range limit*: the 
 an input to fp32 at that op when the op input's abs-max exceeds ``range_limit ×`` the calibrated
 INT8 range (i.e. when INT8 would clip). The policy for ``0 < max_drop < 1`` is a greedy knapsack:
 
-* each op's candidates are the variants the device profile says are faster than fp32, fastest first;
-* ops are taken in increasing order of *measured isolated drop per unit of saved latency*
-  (``drops`` in the manifest, ties broken by the sensitivity score);
-* an op is lowered to the fastest candidate whose drop still fits the remaining budget, assuming
-  isolated drops add up (a conservative first model; the Pareto work measures it);
+* each op climbs a ladder of the variants the device profile says are faster than fp32
+  (fp32 → bf16 → int8 on CPU); each rung is a step costing the added *measured isolated drop*
+  (``drops`` in the manifest) and saving the profile's latency difference;
+* steps are taken in increasing order of added drop per unit of saved latency (ties: lower
+  sensitivity score first) and the policy is the longest prefix whose summed drop fits the
+  budget, assuming isolated drops add up (a first model; the Pareto work measures it). Being a
+  prefix, a larger ``max_drop`` never routes any op to a more precise variant;
 * lowered INT8 ops keep ``range_limit = 1.0`` so inputs outside the calibrated range go to fp32.
 
 ``max_drop = 0`` routes every op to fp32; ``max_drop = 1`` routes every op to its fastest variant
@@ -99,30 +101,37 @@ def _budget_routes(ops: Sequence[OpRecord], profile: DeviceProfile, budget: floa
     routes = {op.name: Route(Precision.FP32, NO_LIMIT) for op in ops}
     if budget == 0.0:
         return routes
-    candidates = {op.name: profile.faster_than_fp32(op.type, op.variants) for op in ops}
     if budget >= 1.0:
         for op in ops:
-            if candidates[op.name]:
-                routes[op.name] = Route(candidates[op.name][0], NO_LIMIT)
+            faster = profile.faster_than_fp32(op.type, op.variants)
+            if faster:
+                routes[op.name] = Route(faster[0], NO_LIMIT)
         return routes
-
-    def priority(op: OpRecord) -> tuple[float, float]:
-        fastest = candidates[op.name][0]
-        gain = profile.cost(op.type, Precision.FP32) - profile.cost(op.type, fastest)
-        return (_drop(op, fastest) / max(gain, 1e-9), op.score)
-
+    # One "step" per (op, next faster variant), e.g. fp32→bf16 then bf16→int8. Steps are taken in
+    # increasing order of added drop per saved latency, an op's steps in their own order, and the
+    # policy is the longest prefix whose summed drop fits: a prefix, so more budget never routes
+    # an op more precisely.
+    steps: list[tuple[float, float, int, OpRecord, Precision, float]] = []
+    for op in ops:
+        ladder = list(reversed(profile.faster_than_fp32(op.type, op.variants)))  # slowest lower variant first
+        prev_p, prev_key = Precision.FP32, 0.0
+        for p in ladder:
+            added = max(0.0, _drop(op, p) - _drop(op, prev_p))
+            gain = profile.cost(op.type, prev_p) - profile.cost(op.type, p)
+            key = max(prev_key, added / max(gain, 1e-9))
+            steps.append((key, op.score, len(steps), op, p, added))
+            prev_p, prev_key = p, key
     spent = 0.0
-    for op in sorted((op for op in ops if candidates[op.name]), key=priority):
-        for cand in candidates[op.name]:
-            d = _drop(op, cand)
-            if spent + d <= budget:
-                limit = 1.0 if cand is Precision.INT8 else NO_LIMIT
-                routes[op.name] = Route(cand, limit)
-                spent += d
-                break
+    for _, _, _, op, p, added in sorted(steps, key=lambda s: s[:3]):
+        if spent + added > budget:
+            break
+        spent += added
+        routes[op.name] = Route(p, 1.0 if p is Precision.INT8 else NO_LIMIT)
     return routes
 
 
 def _drop(op: OpRecord, precision: Precision) -> float:
     """Measured isolated drop; without a measurement, the sensitivity score stands in (pessimistic)."""
+    if precision is Precision.FP32:
+        return 0.0
     return max(0.0, op.drops.get(precision, op.score))

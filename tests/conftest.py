@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from apsq_ov.calibrate import CalibrationConfig, calibrate
+from tests.models import conv_chain, conv_chain_data, save
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """A tiny conv model on disk, its calibration data, and a calibrated package."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = save(conv_chain(), root / "tiny.xml")
+    data = root / "calib.npz"
+    np.savez(data, x=conv_chain_data())
+    pkg = calibrate(model, data, root / "pkg", CalibrationConfig(subset_size=32, drop_samples=16, sensitivity_samples=8))
+    return {"root": root, "model": model, "data": data, "package": pkg}

@@ -1,0 +1,44 @@
+"""Tiny OpenVINO models built in code for unit tests (opset13), and their calibration data.
+
+Weights are seeded random: these models test graph structure and routing mechanics only; every
+quality claim is made on the real models (the bundled Fashion-MNIST ResNet, PP-OCRv4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+
+
+def conv_chain(channels: int = 8, size: int = 16, seed: int = 0) -> ov.Model:
+    """input -> conv1(+bias) -> relu -> conv2 -> relu -> global mean -> fc: three routable ops."""
+    rng = np.random.default_rng(seed)
+    x = ops.parameter([-1, 3, size, size], np.float32, name="x")
+    x.output(0).get_tensor().set_names({"x"})
+    w1 = ops.constant((rng.standard_normal((channels, 3, 3, 3)) * 0.3).astype(np.float32))
+    c1 = ops.convolution(x, w1, [1, 1], [1, 1], [1, 1], [1, 1])
+    c1.set_friendly_name("conv1")
+    b1 = ops.add(c1, ops.constant(rng.standard_normal((1, channels, 1, 1)).astype(np.float32) * 0.1))
+    b1.set_friendly_name("conv1/bias")
+    r1 = ops.relu(b1)
+    w2 = ops.constant((rng.standard_normal((channels, channels, 3, 3)) * 0.2).astype(np.float32))
+    c2 = ops.convolution(r1, w2, [1, 1], [1, 1], [1, 1], [1, 1])
+    c2.set_friendly_name("conv2")
+    r2 = ops.relu(c2)
+    pooled = ops.reduce_mean(r2, ops.constant(np.array([2, 3], np.int64)), False)
+    fw = ops.constant(rng.standard_normal((4, channels)).astype(np.float32))
+    fc = ops.matmul(pooled, fw, False, True)
+    fc.set_friendly_name("fc")
+    fc.output(0).get_tensor().set_names({"logits"})
+    return ov.Model([fc.output(0)], [x], "conv_chain")
+
+
+def conv_chain_data(n: int = 32, size: int = 16, seed: int = 1) -> np.ndarray:
+    """In-range calibration inputs for :func:`conv_chain` (uniform in [0, 1])."""
+    return np.random.default_rng(seed).uniform(0.0, 1.0, (n, 3, size, size)).astype(np.float32)
+
+
+def save(model: ov.Model, path) -> str:
+    ov.save_model(model, str(path), compress_to_fp16=False)
+    return str(path)

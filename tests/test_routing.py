@@ -1,0 +1,106 @@
+"""The routing policy (pure Python) and the small shared pieces: precisions, profiles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from apsq_ov.errors import ConfigError, ProfileError, UnsupportedPrecisionError
+from apsq_ov.package import OpRecord
+from apsq_ov.precision import Precision, parse_precisions
+from apsq_ov.profiles import DeviceProfile, load_profile
+from apsq_ov.routing import plan_routes
+
+CPU = load_profile("CPU")
+ALL = (Precision.FP32, Precision.BF16, Precision.INT8)
+
+
+def op(i: int, drops: dict[Precision, float], score: float = 0.5, type_: str = "Convolution") -> OpRecord:
+    return OpRecord(index=i, name=f"op{i}", type=type_, depth=i, variants=ALL, sensitivity={"score": score},
+                    drops=drops)  # fmt: skip
+
+
+OPS = [
+    op(0, {Precision.BF16: 0.0, Precision.INT8: 0.02}),
+    op(1, {Precision.BF16: 0.001, Precision.INT8: 0.004}),
+    op(2, {Precision.BF16: 0.0, Precision.INT8: 0.0}),
+]
+
+
+def modes(routes):
+    return [routes[f"op{i}"].mode for i in range(len(routes))]
+
+
+def test_max_drop_zero_is_all_fp32():
+    assert modes(plan_routes(OPS, CPU, max_drop=0.0)) == [Precision.FP32] * 3
+
+
+def test_max_drop_one_is_fastest_everywhere_without_range_check():
+    routes = plan_routes(OPS, CPU, max_drop=1.0)
+    assert modes(routes) == [Precision.INT8] * 3
+    assert all(math.isinf(r.range_limit) for r in routes.values())
+
+
+def test_budget_lowers_the_cheapest_ops_first():
+    routes = plan_routes(OPS, CPU, max_drop=0.005)
+    assert modes(routes) == [Precision.BF16, Precision.INT8, Precision.INT8]
+    assert routes["op1"].range_limit == 1.0  # INT8 under a budget keeps the in-graph range check
+
+
+def test_forced_precision_and_pins():
+    routes = plan_routes(OPS, CPU, precision="bf16", precision_map={"op2": "fp32"})
+    assert modes(routes) == [Precision.BF16, Precision.BF16, Precision.FP32]
+
+
+def test_bad_policies_name_the_culprit():
+    with pytest.raises(ConfigError, match=r"max_drop 1.5 is outside \[0, 1\]"):
+        plan_routes(OPS, CPU, max_drop=1.5)
+    with pytest.raises(ConfigError, match="op 'nope'"):
+        plan_routes(OPS, CPU, precision_map={"nope": "int8"})
+    with pytest.raises(UnsupportedPrecisionError, match="fp16 is not in this package"):
+        plan_routes(OPS, CPU, precision="fp16")
+    with pytest.raises(ConfigError, match="not both"):
+        plan_routes(OPS, CPU, precision="int8", max_drop=0.1)
+
+
+drops_st = st.fixed_dictionaries({Precision.BF16: st.floats(0, 0.05), Precision.INT8: st.floats(0, 0.2)})
+
+
+@given(st.lists(drops_st, min_size=1, max_size=8), st.floats(0, 1), st.floats(0, 1))
+def test_more_budget_never_routes_an_op_more_precisely(drops, a, b):
+    ops = [op(i, d) for i, d in enumerate(drops)]
+    lo, hi = sorted((a, b))
+    at_lo, at_hi = plan_routes(ops, CPU, max_drop=lo), plan_routes(ops, CPU, max_drop=hi)
+    for o in ops:
+        assert at_hi[o.name].mode.rank >= at_lo[o.name].mode.rank
+    spent = sum(o.drops[r.mode] for o, r in zip(ops, at_lo.values(), strict=True) if r.mode is not Precision.FP32)
+    assert spent <= max(lo, 0.0) + 1e-9 or lo >= 1.0  # the estimated drop stays within the budget
+
+
+def test_precision_names_and_codes():
+    assert Precision.parse("BF16") is Precision.BF16 and Precision.parse("i8") is Precision.INT8
+    assert parse_precisions("int8,bf16") == (Precision.FP32, Precision.INT8, Precision.BF16)
+    assert all(Precision.from_code(p.code) is p for p in Precision)
+    with pytest.raises(UnsupportedPrecisionError, match="unknown precision 'fp64'"):
+        Precision.parse("fp64")
+
+
+def test_shipped_profiles_load_and_rank_int8_fastest_on_cpu():
+    assert CPU.faster_than_fp32("Convolution", ALL) == [Precision.INT8, Precision.BF16]
+    gpu = load_profile("GPU")
+    assert Precision.FP16 in gpu.native_precisions and Precision.BF16 not in gpu.native_precisions
+
+
+def test_malformed_profile_names_the_file(tmp_path):
+    bad = tmp_path / "p.json"
+    bad.write_text('{"schema_version": 1, "device": "CPU"}')
+    with pytest.raises(ProfileError, match="p.json: malformed profile"):
+        load_profile(path=bad)
+    with pytest.raises(ProfileError, match="no shipped profile for device 'NPU'"):
+        load_profile("NPU")
+    with pytest.raises(ProfileError, match="must include fp32"):
+        DeviceProfile(device="X", name="x", provenance="", native_precisions=(), default_precisions=(Precision.INT8,),
+                      relative_latency={}, route_overhead_ms=0.0)  # fmt: skip

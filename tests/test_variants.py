@@ -1,0 +1,123 @@
+"""Graph structure of the adaptive IR: If chains, state variables, kernels per branch, routing."""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from apsq_ov.precision import Precision
+from apsq_ov.runtime import compile_model
+from tests.models import conv_chain_data
+
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def _ifs(model: ov.Model) -> list[ov.Node]:
+    return [n for n in model.get_ordered_ops() if n.get_type_name() == "If"]
+
+
+def _all_ifs(model: ov.Model) -> int:
+    count = 0
+    for node in _ifs(model):
+        count += 1 + _all_ifs(node.get_else_body()) + _all_ifs(node.get_then_body())
+    return count
+
+
+def _body_for(if_node: ov.Node, precision: Precision) -> ov.Model:
+    """Walk the If chain to the body that runs ``precision``."""
+    node = if_node
+    while True:
+        if node.get_friendly_name().endswith(f"/apsq_if/{precision.value}"):
+            return node.get_then_body()
+        inner = _ifs(node.get_else_body())
+        if not inner:
+            assert precision is Precision.FP32
+            return node.get_else_body()
+        node = inner[0]
+
+
+def _runtime_precision(body: ov.Model, op_type: str) -> str:
+    compiled = ov.Core().compile_model(body.clone(), "CPU", F32)
+    for n in compiled.get_runtime_model().get_ordered_ops():
+        info = n.get_rt_info()
+        if info["layerType"].astype(str) == op_type:
+            return info["runtimePrecision"].astype(str)
+    raise AssertionError(f"no {op_type} in the compiled body")
+
+
+def test_one_if_chain_and_two_variables_per_routed_op(tiny_files):
+    pkg = tiny_files["package"]
+    model = pkg.read_model()
+    n_ops = len(pkg.manifest.ops)
+    assert n_ops == 3
+    assert len(_ifs(model)) == n_ops  # one chain per op at top level
+    assert _all_ifs(model) == 2 * n_ops  # fp32/bf16/int8 = two nested Ifs per op
+    ids = sorted(v.get_info().variable_id for v in model.get_variables())
+    assert ids == sorted([f"apsq/mode/{i}" for i in range(3)] + [f"apsq/limit/{i}" for i in range(3)])
+    assert "apsq_route" in {o.get_any_name() for o in model.outputs}
+    assert model.get_rt_info(["apsq", "manifest"]).astype(str).startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("precision", "expected"),
+    [(Precision.FP32, {"f32"}), (Precision.BF16, {"bf16"}), (Precision.INT8, {"u8", "i8"})],
+    ids=["fp32-branch", "bf16-branch", "int8-branch"],
+)
+def test_branch_runs_kernels_of_its_precision(tiny_files, precision, expected):
+    model = tiny_files["package"].read_model()
+    conv_if = next(n for n in _ifs(model) if n.get_friendly_name().startswith("conv2/"))
+    body = _body_for(conv_if, precision)
+    assert _runtime_precision(body, "Convolution").lower() in expected
+
+
+def test_route_follows_state(tiny_files):
+    compiled = compile_model(tiny_files["package"].path)
+    request = compiled.create_infer_request()
+    x = conv_chain_data(1, seed=5)
+    for p in (Precision.FP32, Precision.BF16, Precision.INT8):
+        res = request.infer(x, precision=p)
+        assert [Precision.from_code(c) for c in res.route] == [p, p, p]
+    res = request.infer(x, precision=Precision.FP32, precision_map={"conv2": "int8"})
+    assert [Precision.from_code(c) for c in res.route] == [Precision.FP32, Precision.INT8, Precision.FP32]
+
+
+def test_route_follows_input_statistics_and_limit_state(tiny_files):
+    """Inputs beyond the calibrated INT8 range go to fp32; raising the limit state keeps them INT8."""
+    pkg = tiny_files["package"]
+    compiled = compile_model(pkg.path)
+    request = compiled.create_infer_request()
+    request.set_policy(max_drop=0.5)  # int8 with range_limit 1.0 where the budget allows
+    conv1 = pkg.manifest.ops[0]
+    limit_state = next(s for s in request.request.query_state() if s.name == "apsq/limit/0")
+    mode_state = next(s for s in request.request.query_state() if s.name == "apsq/mode/0")
+    mode_state.state = ov.Tensor(np.array(Precision.INT8.code, np.int32))
+    limit_state.state = ov.Tensor(np.array(1.0, np.float32))
+    x_in = conv_chain_data(1, seed=7) * 0.5
+    x_out = np.full_like(x_in, 4.0 * conv1.int8_absmax)
+    assert x_in.max() < conv1.int8_absmax
+    assert request.request.infer([x_in])["apsq_route"][0] == Precision.INT8.code
+    assert request.request.infer([x_out])["apsq_route"][0] == Precision.FP32.code
+    limit_state.state = ov.Tensor(np.array(10.0, np.float32))  # no recompilation
+    assert request.request.infer([x_out])["apsq_route"][0] == Precision.INT8.code
+
+
+def test_plain_openvino_runs_the_default_policy(tiny_files):
+    core = ov.Core()
+    model = core.read_model(tiny_files["package"].model_xml)
+    compiled = core.compile_model(model, "CPU", F32)
+    res = compiled(conv_chain_data(1, seed=3))
+    adaptive = compile_model(tiny_files["package"].path)(conv_chain_data(1, seed=3))
+    np.testing.assert_array_equal(res["apsq_route"], adaptive.route)
+    np.testing.assert_allclose(res["logits"], adaptive["logits"], rtol=0, atol=0)
+
+
+def test_forced_fp32_equals_source_model(tiny_files):
+    core = ov.Core()
+    plain = core.compile_model(core.read_model(tiny_files["model"]), "CPU", F32)
+    adaptive = compile_model(tiny_files["package"].path)
+    x = conv_chain_data(4, seed=9)
+    for i in range(4):
+        ref = plain(x[i : i + 1])[0]
+        got = adaptive(x[i : i + 1], precision="fp32")["logits"]
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
