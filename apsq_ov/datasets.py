@@ -67,3 +67,56 @@ def shift(images: np.ndarray, name: str, *, seed: int = 0) -> np.ndarray:
     else:
         raise DataError(f"unknown shift {name!r}; use one of clean, noise, dark, contrast")
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def english_sentences() -> list[str]:
+    """Real English sentences from the dataset descriptions scikit-learn ships (``datasets/descr/*.rst``)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise DataError("scikit-learn is not installed; it ships the English text the OCR lines are rendered from")
+    descr = Path(spec.origin).parent / "datasets" / "descr"
+    text = " ".join(p.read_text(errors="ignore") for p in sorted(descr.glob("*.rst")))
+    text = re.sub(r"[`*_|:=\-\[\]<>#~^\\]+", " ", text)
+    words = [w for w in text.split() if w.isascii() and w.isprintable()]
+    return [" ".join(words[i : i + 6]) for i in range(0, len(words) - 6, 6)]
+
+
+def render_text_lines(n: int, *, width: int = 320, height: int = 48, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Render ``n`` real English text lines with matplotlib's DejaVu fonts (Pillow), PP-OCR style.
+
+    :return: float32 ``(n, 3, height, width)`` preprocessed as PP-OCRv4 rec wants ((x/255 − 0.5)/0.5,
+        BGR; grey text so channel order is moot) and the exact texts.
+    """
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
+    faces = [fonts / f for f in ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")]
+    rng = np.random.default_rng(seed)
+    sentences = english_sentences()
+    images, texts = [], []
+    for _ in range(n):
+        text = sentences[int(rng.integers(len(sentences)))]
+        font = ImageFont.truetype(str(faces[int(rng.integers(len(faces)))]), size=int(rng.integers(22, 30)))
+        while font.getlength(text) > width - 8 and " " in text:
+            text = text.rsplit(" ", 1)[0]
+        img = Image.new("L", (width, height), 255)
+        ImageDraw.Draw(img).text((4, height // 2), text, fill=int(rng.integers(0, 60)), font=font, anchor="lm")
+        x = (np.asarray(img, np.float32) / 255.0 - 0.5) / 0.5
+        images.append(np.repeat(x[None], 3, axis=0))
+        texts.append(text)
+    return np.stack(images).astype(np.float32), texts
+
+
+def ctc_greedy_decode(probs: np.ndarray, charset: list[str]) -> str:
+    """Greedy CTC decode of one ``(T, C)`` PP-OCR output: index 0 is blank, the last index a space."""
+    idx = probs.argmax(-1)
+    chars, prev = [], 0
+    for i in idx:
+        if i != prev and i != 0:
+            chars.append(charset[i - 1] if i - 1 < len(charset) else " ")
+        prev = i
+    return "".join(chars)

@@ -123,7 +123,9 @@ class AdaptiveInferRequest:
         self.request = request
         states = {s.name: s for s in request.query_state()}
         self._mode_states = {op.index: states[f"apsq/mode/{op.index}"] for op in model.manifest.ops}
-        self._limit_states = {op.index: states[f"apsq/limit/{op.index}"] for op in model.manifest.ops}
+        # Ops without an INT8 variant have no range check, hence no limit state.
+        self._limit_states = {op.index: states[f"apsq/limit/{op.index}"] for op in model.manifest.ops
+                              if f"apsq/limit/{op.index}" in states}  # fmt: skip
         self._applied: tuple | None = None
 
     def set_policy(
@@ -139,8 +141,9 @@ class AdaptiveInferRequest:
         if key != self._applied:
             for index, route in plan.items():
                 self._mode_states[index].state = ov.Tensor(np.array(route.mode.code, dtype=np.int32))
-                limit = min(route.range_limit, 3.0e38)
-                self._limit_states[index].state = ov.Tensor(np.array(limit, dtype=np.float32))
+                if index in self._limit_states:
+                    limit = min(route.range_limit, 3.0e38)
+                    self._limit_states[index].state = ov.Tensor(np.array(limit, dtype=np.float32))
             self._applied = key
         return plan
 

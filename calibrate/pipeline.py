@@ -281,9 +281,10 @@ def _set_defaults(model: ov.Model, manifest: Manifest, defaults: dict[str, Route
         by_id[mode_variable_id(op.index)].input(0).replace_source_output(
             ops.constant(np.int32(d.mode.code)).output(0)
         )
-        by_id[limit_variable_id(op.index)].input(0).replace_source_output(
-            ops.constant(np.float32(min(d.range_limit, 3.0e38))).output(0)
-        )
+        if limit_variable_id(op.index) in by_id:
+            by_id[limit_variable_id(op.index)].input(0).replace_source_output(
+                ops.constant(np.float32(min(d.range_limit, 3.0e38))).output(0)
+            )
     model.validate_nodes_and_infer_types()
 
 

@@ -12,9 +12,10 @@ at each precision:
   bias-corrected bias (the CPU plugin runs u8/i8 kernels for this).
 
 The branch is chosen by a route code computed in the graph from two per-request state variables
-(``ReadValue``/``Assign``): ``apsq/mode/<i>`` (the precision code the policy asks for) and
-``apsq/limit/<i>`` (how far beyond the calibrated INT8 range the op input may reach before the
-input is escalated to fp32), and from the op input's abs-max computed with ``ReduceMax(Abs(x))``.
+(``ReadValue``/``Assign``): ``apsq/mode/<i>`` (the precision code the policy asks for) and, for ops
+with an INT8 variant, ``apsq/limit/<i>`` (how far beyond the calibrated INT8 range the op input may
+reach before the input is escalated to fp32), and from the op input's abs-max computed with
+``ReduceMax(Abs(x))``.
 All route codes leave the graph through one extra output, ``apsq_route``.
 """
 
@@ -164,9 +165,12 @@ def _body(unit: RoutableOp, precision: Precision) -> ov.Model:
     elif precision in _LOW_FLOAT:
         low = _LOW_FLOAT[precision]
         y = _make_op(unit.op, ops.convert(x, low).output(0), ops.convert(w, low).output(0)).output(0)
-        y = ops.convert(y, "f32").output(0)
         if unit.bias is not None:
-            y = ops.add(y, _bias_input(unit.bias, unit.op)).output(0)
+            # Bias in the low type, then one Convert straight to the Result: a Convert followed by an
+            # eltwise would be fused by the CPU plugin's LPT pass (FuseConvert) into a body whose output
+            # is bf16, which the If then rejects (seen on PP-OCRv4 rec's first MatMul).
+            y = ops.add(y, ops.convert(_bias_input(unit.bias, unit.op), low)).output(0)
+        y = ops.convert(y, "f32").output(0)
     elif precision is Precision.INT8:
         if unit.act_fq is None or unit.q_op is None:
             raise CalibrationError(f"op={unit.name}: NNCF did not quantize this op, no int8 variant")
@@ -239,12 +243,15 @@ def build_adaptive_model(
         x = unit.op.input(0).get_source_output()
         default = defaults[unit.name]
         mode, mode_var = _state(mode_variable_id(unit.index), np.int32(default.mode.code))
-        limit, limit_var = _state(limit_variable_id(unit.index), np.float32(min(default.range_limit, 3.0e38)))
-        variables += [mode_var, limit_var]
-        sinks += [ops.assign(mode, mode_var), ops.assign(limit, limit_var)]
+        variables.append(mode_var)
+        sinks.append(ops.assign(mode, mode_var))
         code = mode.output(0)
         absmax = unit.int8_absmax
         if Precision.INT8 in offered and absmax is not None:
+            # Only ops with an INT8 variant get a range limit: it is what INT8 would clip.
+            limit, limit_var = _state(limit_variable_id(unit.index), np.float32(min(default.range_limit, 3.0e38)))
+            variables.append(limit_var)
+            sinks.append(ops.assign(limit, limit_var))
             rank = len(x.get_partial_shape())
             seen = ops.reduce_max(ops.abs(x), ops.constant(np.arange(rank, dtype=np.int64)), False)
             outside = ops.greater(seen, ops.multiply(limit, ops.constant(np.float32(absmax))))

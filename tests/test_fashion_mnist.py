@@ -1,0 +1,93 @@
+"""Integration on the embedded real model and real data: the Fashion-MNIST ResNet, 10k test images.
+
+Acceptance of the walking skeleton: forced FP32 equals plain OpenVINO FP32; forced INT8 is within
+0.2 pt of plain ``nncf.quantize``; max-drop 0 gives FP32 accuracy; max-drop 0.01 routes inputs
+differently; a precision-map pin changes only that op's route.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nncf
+import numpy as np
+import openvino as ov
+import pytest
+from typer.testing import CliRunner
+
+import apsq_ov
+from apsq_ov.cli import app
+from apsq_ov.datasets import load_fashion_mnist
+
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def fm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fm")
+    x_train, y_train = load_fashion_mnist("train")
+    pick = np.random.default_rng(0).permutation(len(x_train))[:300]
+    np.savez(root / "calib.npz", images=x_train[pick], labels=y_train[pick])
+    x_test, y_test = load_fashion_mnist("test")
+    np.savez(root / "test.npz", images=x_test, labels=y_test)
+    result = runner.invoke(app, ["calibrate", str(apsq_ov.embedded_model()), "--data", str(root / "calib.npz"),
+                                 "-o", str(root / "pkg"), "--subset-size", "300"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return {"root": root, "pkg": root / "pkg", "x_train": x_train[pick], "x": x_test, "y": y_test}
+
+
+def infer(fm, name: str, *args: str) -> tuple[dict, dict[str, np.ndarray]]:
+    out = fm["root"] / f"{name}.npz"
+    result = runner.invoke(app, ["infer", str(fm["pkg"]), "--input", str(fm["root"] / "test.npz"), "--output", str(out),
+                                 "--json", *args])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with np.load(out) as z:
+        return json.loads(result.stdout), {k: z[k] for k in z.files}
+
+
+def plain(model: ov.Model, x: np.ndarray) -> np.ndarray:
+    compiled = ov.Core().compile_model(model, "CPU", F32)
+    request = compiled.create_infer_request()
+    return np.concatenate([request.infer([x[i : i + 1]])[0] for i in range(len(x))])
+
+
+def test_forced_fp32_equals_plain_openvino_fp32(fm):
+    summary, arrays = infer(fm, "fp32", "--precision", "fp32")
+    model = ov.Core().read_model(apsq_ov.embedded_model())
+    model.reshape([1, 1, 28, 28])
+    ref = plain(model, fm["x"])
+    assert np.abs(arrays["logits"] - ref).max() <= 1e-5
+    assert summary["accuracy"] == pytest.approx(float(np.mean(ref.argmax(1) == fm["y"])), abs=0)
+    assert summary["accuracy"] > 0.9  # a real trained model on real data
+    assert (arrays["route"] == 0).all()
+
+
+def test_forced_int8_matches_plain_nncf_within_0_2_pt(fm):
+    summary, _ = infer(fm, "int8", "--precision", "int8")
+    model = ov.Core().read_model(apsq_ov.embedded_model())
+    model.reshape([1, 1, 28, 28])
+    q = nncf.quantize(model, nncf.Dataset([x[None] for x in fm["x_train"]]), subset_size=300)
+    nncf_acc = float(np.mean(plain(q, fm["x"]).argmax(1) == fm["y"]))
+    assert abs(summary["accuracy"] - nncf_acc) <= 0.002, (summary["accuracy"], nncf_acc)
+
+
+def test_max_drop_zero_gives_fp32_and_small_budget_routes_per_input(fm):
+    s0, a0 = infer(fm, "md0", "--max-drop", "0")
+    s32, a32 = infer(fm, "fp32b", "--precision", "fp32")
+    assert s0["accuracy"] == s32["accuracy"] and (a0["route"] == 0).all()
+    s1, a1 = infer(fm, "md01", "--max-drop", "0.01")
+    assert s1["distinct_routes"] > 1
+    assert len({tuple(r) for r in a1["route"]}) > 1  # routes differ across inputs
+    assert s1["accuracy"] >= s32["accuracy"] - 0.01
+
+
+def test_precision_map_pin_changes_only_that_op(fm, tmp_path):
+    _, base = infer(fm, "base", "--precision", "fp32")
+    ops = list(base["route_ops"])
+    pin = tmp_path / "map.json"
+    pin.write_text(json.dumps({ops[3]: "int8"}))
+    _, pinned = infer(fm, "pinned", "--precision", "fp32", "--precision-map", str(pin))
+    changed = np.flatnonzero((pinned["route"] != base["route"]).any(axis=0))
+    assert list(changed) == [3]
+    assert (pinned["route"][:, 3] == apsq_ov.Precision.INT8.code).all()
