@@ -37,7 +37,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-out = Console()
+# Not a terminal (pipes, CI logs): rich would fold tables to 80 columns; op names need more.
+out = Console(width=None if Console().is_terminal else 200)
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -110,10 +111,10 @@ def _load_precision_map(path: Path | None) -> dict[str, str] | None:
 @_user_errors
 def calibrate(
     model: Annotated[Path, typer.Argument(help="Model file OpenVINO reads (IR .xml, .onnx, .tflite, .pdmodel).")],
-    data: Annotated[
-        Path, typer.Option("--data", help="Calibration .npz (keys = input names, or 'inputs') or .npy.")
-    ],
-    out_dir: Annotated[Path | None, typer.Option("-o", "--output", help="Package directory [default: MODEL stem + .apsq].")] = None,
+    data: Annotated[Path, typer.Option("--data", help="Calibration .npz (keys = input names, or 'inputs') or .npy.")],
+    out_dir: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Package directory [default: MODEL stem + .apsq].")
+    ] = None,
     device: Annotated[str, typer.Option(help="Target device; selects the shipped profile.")] = "CPU",
     profile: Annotated[Path | None, typer.Option(help="Device profile JSON overriding the shipped one.")] = None,
     precisions: Annotated[
@@ -128,12 +129,12 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed for the calibration subset and the FD directions.")] = 0,
 ) -> None:
     """Score, build and package an adaptive model: MODEL + --data -> OUT_DIR (model.xml/.bin + apsq.json)."""
+    import openvino as ov
+
     from apsq_ov.calibrate import CalibrationConfig, SensitivityMetric
     from apsq_ov.calibrate import calibrate as run_calibration
     from apsq_ov.precision import parse_precisions
     from apsq_ov.runtime import check_device
-
-    import openvino as ov
 
     check_device(ov.Core(), device)
     config = CalibrationConfig(
@@ -156,7 +157,7 @@ def calibrate(
         table.add_column(col)
     for op in m.ops:
         drops = [f"{op.drops[p]:.3f}" if p in op.drops else "-" for p in m.precisions if p is not Precision.FP32]
-        table.add_row(op.name, op.type, f"{op.score:.3f}", *drops)
+        table.add_row(escape(op.name), op.type, f"{op.score:.3f}", *drops)
     out.print(table)
     out.print(f"{len(m.ops)} routed ops, default max-drop {m.default_max_drop}, {time.perf_counter() - t0:.1f} s")
 
@@ -166,7 +167,7 @@ def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
     os.close(fd)
     try:
-        np.savez(tmp, **arrays)
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -186,7 +187,9 @@ def infer(
     precision_map: Annotated[
         Path | None, typer.Option(help='JSON {"op name": "int8", ...}: pin ops; the rest follow the policy.')
     ] = None,
-    output: Annotated[Path | None, typer.Option(help="Write outputs, route, route_ops, precisions, latency_ms.")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Write outputs, route, route_ops, precisions, latency_ms.")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout only.")] = False,
     threads: Annotated[int | None, typer.Option(min=1, help="INFERENCE_NUM_THREADS (1 for latency studies).")] = None,
 ) -> None:
@@ -310,7 +313,9 @@ def report(
         for op in m.ops
     ]  # fmt: skip
     if json_out:
-        sys.stdout.write(json.dumps({"package": str(package), "sensitivity": m.sensitivity, "ops": rows}, indent=1) + "\n")
+        sys.stdout.write(
+            json.dumps({"package": str(package), "sensitivity": m.sensitivity, "ops": rows}, indent=1) + "\n"
+        )
         return
     table = Table(title=f"{package} · {m.sensitivity['metric']} · default max-drop {m.default_max_drop}")
     for col in ("#", "op", "type", "depth", "grad", "type t", "depth d", "score", "drops", "variants", "default"):
@@ -318,7 +323,7 @@ def report(
     for r in rows:
         c = r["components"]
         drops = " ".join(f"{k}:{v:.3f}" for k, v in r["drops"].items())
-        table.add_row(str(r["index"]), r["name"], r["type"], str(r["depth"]), f"{c['gradient']:.3f}",
+        table.add_row(str(r["index"]), escape(r["name"]), r["type"], str(r["depth"]), f"{c['gradient']:.3f}",
                       f"{c['type']:.2f}", f"{c['depth']:.2f}", f"{r['score']:.3f}", drops,
                       ",".join(r["variants"]), r["default_route"])  # fmt: skip
     out.print(table)
@@ -349,7 +354,9 @@ def profile(
 @app.command()
 @_user_errors
 def demo(
-    out_dir: Annotated[Path, typer.Option("-o", "--output", help="Where the package and results go.")] = Path("apsq-demo"),
+    out_dir: Annotated[Path, typer.Option("-o", "--output", help="Where the package and results go.")] = Path(
+        "apsq-demo"
+    ),
     limit: Annotated[int, typer.Option(min=1, max=10000, help="Test images to run.")] = 10000,
     threads: Annotated[int, typer.Option(min=1, help="INFERENCE_NUM_THREADS for latency.")] = 1,
 ) -> None:

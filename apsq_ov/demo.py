@@ -62,7 +62,13 @@ def run_demo(
     x_test, y_test = x_test[:limit], y_test[:limit]
     np.savez(out / "test.npz", images=x_test, labels=y_test)
 
-    package = calibrate(embedded_model(), out / "calibration.npz", out / "package", CalibrationConfig(), progress=progress)
+    package = calibrate(
+        embedded_model(),
+        out / "calibration.npz",
+        out / "package",
+        CalibrationConfig(drop_samples=CALIBRATION_SAMPLES),
+        progress=progress,
+    )
 
     core = ov.Core()
     latency_cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
@@ -71,8 +77,14 @@ def run_demo(
     subset = package.manifest.calibration["subset_size"]
     int8 = nncf.quantize(static.clone(), nncf.Dataset([x_train[i : i + 1] for i in pick[:subset]]), subset_size=subset)
     configs: list[tuple[str, Any]] = [
-        ("OpenVINO FP32 (static)", core.compile_model(static, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "f32"})),
-        ("OpenVINO BF16 (static)", core.compile_model(static, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "bf16"})),
+        (
+            "OpenVINO FP32 (static)",
+            core.compile_model(static, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "f32"}),
+        ),
+        (
+            "OpenVINO BF16 (static)",
+            core.compile_model(static, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "bf16"}),
+        ),
         ("NNCF INT8 (static)", core.compile_model(int8, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "f32"})),
     ]
     adaptive = compile_model(package, "CPU", latency_cfg)
@@ -88,18 +100,19 @@ def run_demo(
             progress("measure", k + 1, total)
     for k, (name, policy) in enumerate(policies, start=len(configs)):
         request = adaptive.create_infer_request()
-        preds, lat, routes = [], [], []
+        predicted: list[int] = []
+        lat, routes = [], []
         for i in range(len(x_test)):
             t0 = time.perf_counter()
             res = request.infer(x_test[i : i + 1], **policy)
             lat.append(time.perf_counter() - t0)
-            preds.append(int(np.argmax(res[0])))
+            predicted.append(int(np.argmax(res[0])))
             routes.append(tuple(int(c) for c in res.route))
         counts = collections.Counter(routes)
         rows.append({
             "name": name,
             "policy": policy,
-            "accuracy": float(np.mean(np.asarray(preds) == y_test)),
+            "accuracy": float(np.mean(np.asarray(predicted) == y_test)),
             "median_ms": float(np.median(lat) * 1e3),
             "distinct_routes": len(counts),
             "top_route_share": counts.most_common(1)[0][1] / len(routes),

@@ -146,7 +146,9 @@ def _check_array(arr: np.ndarray, spec: InputSpec, where: str, require_finite: b
         raise DataError(f"{where}: empty (0 samples)")
     for axis, (have, want) in enumerate(zip(arr.shape[1:], spec.shape[1:], strict=True), start=1):
         if want is not None and have != want:
-            raise DataError(f"{where}: shape {arr.shape} does not fit model input {spec.label} {_fmt(spec.shape)} (axis {axis})")
+            raise DataError(
+                f"{where}: shape {arr.shape} does not fit model input {spec.label} {_fmt(spec.shape)} (axis {axis})"
+            )
     want_float = spec.dtype.kind == "f"
     if want_float and arr.dtype.kind not in "f":
         raise DataError(

@@ -70,7 +70,8 @@ class DeviceProfile:
             "compile_config": dict(self.compile_config),
             "route_overhead_ms": self.route_overhead_ms,
             "op_types": {
-                t: {p.value: {"relative_latency": v} for p, v in row.items()} for t, row in self.relative_latency.items()
+                t: {p.value: {"relative_latency": v} for p, v in row.items()}
+                for t, row in self.relative_latency.items()
             },
         }
 

@@ -78,7 +78,9 @@ def plan_routes(
         forced = Precision.parse(precision)
         if not any(forced in op.variants for op in ops):
             offered = sorted({p.value for op in ops for p in op.variants})
-            raise UnsupportedPrecisionError(f"precision {forced} is not in this package (it offers {', '.join(offered)})")
+            raise UnsupportedPrecisionError(
+                f"precision {forced} is not in this package (it offers {', '.join(offered)})"
+            )
         for op in ops:
             routes[op.name] = Route(forced if forced in op.variants else Precision.FP32, NO_LIMIT)
     else:
@@ -91,8 +93,8 @@ def plan_routes(
                 raise ConfigError(f"precision map names op {name!r}, which this package does not route")
             pinned = Precision.parse(p)
             if pinned not in by_name[name].variants:
-                offered = ", ".join(v.value for v in by_name[name].variants)
-                raise UnsupportedPrecisionError(f"op {name!r} has no {pinned} variant (it has {offered})")
+                has = ", ".join(v.value for v in by_name[name].variants)
+                raise UnsupportedPrecisionError(f"op {name!r} has no {pinned} variant (it has {has})")
             routes[name] = Route(pinned, NO_LIMIT)
     return routes
 

@@ -239,4 +239,6 @@ def check_device(core: ov.Core, device_name: str) -> None:
         return
     available = core.available_devices
     if device_name not in available and base not in {d.split(".")[0] for d in available}:
-        raise DeviceError(f"device {device_name} is not available here (OpenVINO sees: {', '.join(available) or 'none'})")
+        raise DeviceError(
+            f"device {device_name} is not available here (OpenVINO sees: {', '.join(available) or 'none'})"
+        )

@@ -76,9 +76,8 @@ class CalibrationConfig:
         if self.precisions is not None:
             for p in self.precisions:
                 if p not in _BUILDABLE:
-                    raise UnsupportedPrecisionError(
-                        f"precision {p} variants are not built yet (buildable: {', '.join(b.value for b in _BUILDABLE)})"
-                    )
+                    buildable = ", ".join(b.value for b in _BUILDABLE)
+                    raise UnsupportedPrecisionError(f"precision {p} variants are not built (buildable: {buildable})")
 
 
 def read_model(path: str | Path, core: ov.Core | None = None) -> ov.Model:
@@ -160,7 +159,8 @@ def calibrate_model(
     if not units:
         raise ModelError("the model has no Convolution, GroupConvolution or MatMul with constant weights to route")
 
-    sens_idx = calib_idx[: config.sensitivity_samples]
+    # Sensitivity and isolated drops may use more samples than NNCF's subset: all the data is calibration data.
+    sens_idx = order[: config.sensitivity_samples]
     sens_samples = Samples(tuple(np.concatenate(a) for a in zip(*batches(sens_idx), strict=True)), None)
     report = score_ops(
         model,
@@ -217,10 +217,10 @@ def calibrate_model(
             "seed": config.seed,
             "quantizer": "nncf.quantize (preset performance, fast bias correction)" if q_model is not None else None,
             "drop_metric": DROP_METRIC,
-            "drop_samples": int(min(config.drop_samples, len(calib_idx)) * batch),
+            "drop_samples": int(min(config.drop_samples, n_batches) * batch),
         },
     )
-    drop_idx = calib_idx[: config.drop_samples]
+    drop_idx = order[: config.drop_samples]
     _measure_drops(model, manifest, batches(drop_idx), config.device, progress)
     routes = plan_routes(manifest.ops, profile, max_drop=config.max_drop)
     _set_defaults(model, manifest, {n: RouteDefault(r.mode, r.range_limit) for n, r in routes.items()})
@@ -278,9 +278,7 @@ def _set_defaults(model: ov.Model, manifest: Manifest, defaults: dict[str, Route
     by_id = {n.get_friendly_name(): n for n in model.get_ordered_ops() if n.get_type_name() == "ReadValue"}
     for op in manifest.ops:
         d = defaults[op.name]
-        by_id[mode_variable_id(op.index)].input(0).replace_source_output(
-            ops.constant(np.int32(d.mode.code)).output(0)
-        )
+        by_id[mode_variable_id(op.index)].input(0).replace_source_output(ops.constant(np.int32(d.mode.code)).output(0))
         if limit_variable_id(op.index) in by_id:
             by_id[limit_variable_id(op.index)].input(0).replace_source_output(
                 ops.constant(np.float32(min(d.range_limit, 3.0e38))).output(0)

@@ -153,7 +153,11 @@ def _fd_gradient_metric(
             "type": TYPE_PRIOR.get(op_types[name], 0.5),
             "depth": abs(2.0 * depths[name] / n - 1.0),
         }
-        score = WEIGHTS["gradient"] * comp["gradient_norm"] + WEIGHTS["type"] * comp["type"] + WEIGHTS["depth"] * comp["depth"]
+        score = (
+            WEIGHTS["gradient"] * comp["gradient_norm"]
+            + WEIGHTS["type"] * comp["type"]
+            + WEIGHTS["depth"] * comp["depth"]
+        )
         scored[name] = OpSensitivity(comp, float(score))
     return SensitivityReport(
         metric=SensitivityMetric.FD_GRADIENT,

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import openvino as ov
-from openvino import opset8, opset13 as ops
+from openvino import opset8
+from openvino import opset13 as ops
 from openvino.op.util import Variable, VariableInfo
 
 from apsq_ov.errors import CalibrationError
@@ -122,7 +123,9 @@ def find_routable_ops(model: ov.Model, q_model: ov.Model | None = None) -> list[
         if not node.get_output_partial_shape(0).is_static or not node.get_input_partial_shape(0).is_static:
             continue
         bias = _bias_of(node)
-        unit = RoutableOp(index=len(found), name=node.get_friendly_name(), type=node.get_type_name(), op=node, bias=bias)
+        unit = RoutableOp(
+            index=len(found), name=node.get_friendly_name(), type=node.get_type_name(), op=node, bias=bias
+        )
         q_op = q_by_name.get(unit.name)
         if q_op is not None and q_op.get_type_name() == unit.type:
             src = q_op.input(0).get_source_output().get_node()
@@ -137,7 +140,9 @@ def _make_op(template: ov.Node, data: ov.Output, weights: ov.Output) -> ov.Node:
     a = template.get_attributes()
     kind = template.get_type_name()
     if kind == "Convolution":
-        return ops.convolution(data, weights, a["strides"], a["pads_begin"], a["pads_end"], a["dilations"], a["auto_pad"])
+        return ops.convolution(
+            data, weights, a["strides"], a["pads_begin"], a["pads_end"], a["dilations"], a["auto_pad"]
+        )
     if kind == "GroupConvolution":
         return ops.group_convolution(
             data, weights, a["strides"], a["pads_begin"], a["pads_end"], a["dilations"], a["auto_pad"]

@@ -14,5 +14,7 @@ def tiny_files(tmp_path_factory):
     model = save(conv_chain(), root / "tiny.xml")
     data = root / "calib.npz"
     np.savez(data, x=conv_chain_data())
-    pkg = calibrate(model, data, root / "pkg", CalibrationConfig(subset_size=32, drop_samples=16, sensitivity_samples=8))
+    pkg = calibrate(
+        model, data, root / "pkg", CalibrationConfig(subset_size=32, drop_samples=16, sensitivity_samples=8)
+    )
     return {"root": root, "model": model, "data": data, "package": pkg}

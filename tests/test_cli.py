@@ -113,7 +113,10 @@ def test_corrupt_model_file(tiny_files, tmp_path):
         ({"x": conv_chain_data(4)[0]}, "has rank 3, model input x wants rank 4"),
         ({"x": (conv_chain_data(4) * 255).astype(np.uint8)}, "dtype uint8 but model input x is float32"),
         ({"x": np.zeros((0, 3, 16, 16), np.float32)}, "empty (0 samples)"),
-        ({"x": np.where(np.arange(4)[:, None, None, None] == 2, np.nan, conv_chain_data(4))}, "sample 2 holds NaN or Inf"),
+        (
+            {"x": np.where(np.arange(4)[:, None, None, None] == 2, np.nan, conv_chain_data(4))},
+            "sample 2 holds NaN or Inf",
+        ),
         ({"x": conv_chain_data(4), "extra": np.zeros(4)}, "keys ['extra'] match no model input"),
     ],
     ids=["wrong-key", "wrong-shape", "wrong-rank", "wrong-dtype", "empty", "nan", "extra-key"],
@@ -146,7 +149,9 @@ def test_device_not_present(tiny_files, tmp_path):
     np.save(tmp_path / "in.npy", conv_chain_data(1))
     result = run("infer", tiny_files["package"].path, "--input", tmp_path / "in.npy", "--device", "GPU")
     assert "device GPU is not available here" in one_line_error(result)
-    result = run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "p", "--device", "GPU")
+    result = run(
+        "calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "p", "--device", "GPU"
+    )
     assert "device GPU is not available here" in one_line_error(result)
 
 
@@ -160,7 +165,9 @@ def test_bad_inference_input(tiny_files, tmp_path):
 def test_precision_map_naming_an_unknown_op(tiny_files, tmp_path):
     np.save(tmp_path / "in.npy", conv_chain_data(1))
     (tmp_path / "map.json").write_text(json.dumps({"conv9": "int8"}))
-    result = run("infer", tiny_files["package"].path, "--input", tmp_path / "in.npy", "--precision-map", tmp_path / "map.json")
+    result = run(
+        "infer", tiny_files["package"].path, "--input", tmp_path / "in.npy", "--precision-map", tmp_path / "map.json"
+    )
     assert "op 'conv9'" in one_line_error(result)
 
 
