@@ -121,3 +121,20 @@ def test_forced_fp32_equals_source_model(tiny_files):
         ref = plain(x[i : i + 1])[0]
         got = adaptive(x[i : i + 1], precision="fp32")["logits"]
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+def test_benchmark_app_runs_the_adaptive_ir(tiny_files):
+    """OpenVINO's own benchmark_app (shipped in the openvino wheel) runs the package's IR as is."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("benchmark_app")
+    assert tool is not None, "benchmark_app ships with the openvino wheel"
+    proc = subprocess.run(
+        [tool, "-m", str(tiny_files["package"].model_xml), "-d", "CPU", "-niter", "20", "-hint", "latency"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Throughput" in proc.stdout
