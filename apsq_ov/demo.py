@@ -50,7 +50,7 @@ def run_demo(
     """
     import nncf
 
-    from apsq_ov.calibrate import CalibrationConfig, calibrate
+    from apsq_ov.calibrate import CalibrationConfig, calibrate, sample_order
     from apsq_ov.runtime import compile_model
 
     out = Path(out_dir)
@@ -74,8 +74,11 @@ def run_demo(
     latency_cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     static = core.read_model(embedded_model())
     static.reshape([1, 1, 28, 28])
-    subset = package.manifest.calibration["subset_size"]
-    int8 = nncf.quantize(static.clone(), nncf.Dataset([x_train[i : i + 1] for i in pick[:subset]]), subset_size=subset)
+    config = package.manifest.calibration
+    same_subset = pick[sample_order(len(pick), config["seed"])[: config["subset_size"]]]  # what NNCF saw in calibrate
+    int8 = nncf.quantize(
+        static.clone(), nncf.Dataset([x_train[i : i + 1] for i in same_subset]), subset_size=len(same_subset)
+    )
     configs: list[tuple[str, Any]] = [
         (
             "OpenVINO FP32 (static)",

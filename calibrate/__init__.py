@@ -3,7 +3,7 @@ default policy → the package. Read in this order: :mod:`.pipeline` (the phases
 :mod:`.sensitivity` (scores), :mod:`.variants` (the adaptive IR).
 """
 
-from .pipeline import CalibrationConfig, calibrate, calibrate_model, read_model
+from .pipeline import CalibrationConfig, calibrate, calibrate_model, read_model, sample_order
 from .sensitivity import SensitivityMetric
 
-__all__ = ["CalibrationConfig", "SensitivityMetric", "calibrate", "calibrate_model", "read_model"]
+__all__ = ["CalibrationConfig", "SensitivityMetric", "calibrate", "calibrate_model", "read_model", "sample_order"]

@@ -30,7 +30,7 @@ from apsq_ov.errors import CalibrationError, ConfigError, ModelError, Unsupporte
 from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, static_shapes
 from apsq_ov.package import Manifest, OpRecord, Package, write_package
 from apsq_ov.precision import Precision
-from apsq_ov.profiles import DeviceProfile, load_profile
+from apsq_ov.profiles import load_profile
 from apsq_ov.routing import check_max_drop, plan_routes
 from apsq_ov.runtime import compile_adaptive
 
@@ -95,6 +95,12 @@ def read_model(path: str | Path, core: ov.Core | None = None) -> ov.Model:
         raise ModelError(f"{p}: OpenVINO cannot read it ({lines[-1] if lines else 'unknown error'})") from exc
 
 
+def sample_order(n: int, seed: int) -> np.ndarray:
+    """The order calibration visits the ``n`` data batches in: NNCF gets the first ``subset_size``,
+    sensitivity and isolated drops the first ``sensitivity_samples`` / ``drop_samples``."""
+    return np.random.default_rng(seed).permutation(n)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -144,8 +150,7 @@ def calibrate_model(
         raise ModelError(f"cannot reshape the model to the data's shapes {list(shapes.values())}: {exc}") from exc
     specs = input_specs(model)
     n_batches = len(samples) // batch
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n_batches)
+    order = sample_order(n_batches, config.seed)
     calib_idx = order[: min(config.subset_size, n_batches)]
     f32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -286,4 +291,4 @@ def _set_defaults(model: ov.Model, manifest: Manifest, defaults: dict[str, Route
     model.validate_nodes_and_infer_types()
 
 
-__all__ = ["CalibrationConfig", "DeviceProfile", "calibrate", "calibrate_model", "read_model"]
+__all__ = ["CalibrationConfig", "calibrate", "calibrate_model", "read_model", "sample_order"]
