@@ -25,7 +25,13 @@ from apsq_ov.errors import (
 )
 from apsq_ov.package import Package
 from apsq_ov.precision import Precision
-from apsq_ov.runtime import AdaptiveCompiledModel, AdaptiveInferRequest, AdaptiveResult, compile_model
+from apsq_ov.runtime import (
+    AdaptiveAsyncInferQueue,
+    AdaptiveCompiledModel,
+    AdaptiveInferRequest,
+    AdaptiveResult,
+    compile_model,
+)
 
 __version__ = "0.1.0"
 
@@ -36,6 +42,7 @@ def embedded_model() -> Path:
 
 
 __all__ = [
+    "AdaptiveAsyncInferQueue",
     "AdaptiveCompiledModel",
     "AdaptiveInferRequest",
     "AdaptiveResult",

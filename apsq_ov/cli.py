@@ -239,6 +239,7 @@ def infer(
             route_ops=np.array(compiled.route_ops),
             precisions=np.array([f"{p.code}:{p.value}" for p in Precision]),
             latency_ms=lat,
+            nonfinite=np.asarray(nonfinite, dtype=bool),
         )
         _write_npz_atomic(output, arrays)
         summary["output"] = str(output)
@@ -255,6 +256,7 @@ def _infer_summary(compiled, outputs, route, lat, labels, nonfinite) -> dict[str
         "median_latency_ms": float(np.median(lat)),
         "route_ops": compiled.route_ops,
         "nonfinite_inputs": int(np.sum(nonfinite)),
+        "nonfinite_indices": [int(i) for i in np.flatnonzero(nonfinite)[:1000]],
     }
     if labels is not None and first.ndim == 2 and len(labels) == len(first):
         summary["accuracy"] = float(np.mean(first.argmax(axis=1) == labels))

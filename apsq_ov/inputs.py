@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openvino as ov
@@ -121,7 +122,7 @@ def match_inputs(
             hint = f" or {SINGLE_INPUT_KEY!r}" if len(specs) == 1 else ""
             raise DataError(f"{source}: no array for model input {expected}{hint}; found keys {sorted(keys) or 'none'}")
         arr = np.asarray(keys.pop(key))
-        out.append(_check_array(arr, spec, f"{source}[{key}]", require_finite))
+        out.append(check_array(arr, spec, f"{source}[{key}]", require_finite=require_finite))
     if keys:
         raise DataError(f"{source}: keys {sorted(keys)} match no model input (inputs: {[s.label for s in specs]})")
     n = {a.shape[0] for a in out}
@@ -134,7 +135,15 @@ def match_inputs(
     return Samples(tuple(out), labels)
 
 
-def _check_array(arr: np.ndarray, spec: InputSpec, where: str, require_finite: bool) -> np.ndarray:
+def check_array(
+    arr: np.ndarray, spec: InputSpec, where: str, *, require_finite: bool, exact_batch: bool = False
+) -> np.ndarray:
+    """Check one array against one model input; return it C-contiguous in the input's dtype.
+
+    :param exact_batch: the leading axis must equal the input's static batch (one inference),
+        rather than hold any number of samples (a data file).
+    :raises DataError: naming ``where`` and the input.
+    """
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{where}: dtype {arr.dtype} is not numeric (model input {spec.label} is {spec.dtype})")
     if arr.ndim != len(spec.shape):
@@ -142,8 +151,13 @@ def _check_array(arr: np.ndarray, spec: InputSpec, where: str, require_finite: b
             f"{where}: shape {arr.shape} has rank {arr.ndim}, model input {spec.label} "
             f"wants rank {len(spec.shape)} {_fmt(spec.shape)}"
         )
-    if arr.shape[0] == 0:
-        raise DataError(f"{where}: empty (0 samples)")
+    if arr.shape[0] == 0 or arr.size == 0:
+        raise DataError(f"{where}: empty array {arr.shape}")
+    if exact_batch and spec.shape[0] is not None and arr.shape[0] != spec.shape[0]:
+        raise DataError(
+            f"{where}: batch {arr.shape[0]} but the model runs batch {spec.shape[0]}; "
+            "send the samples one request at a time (or through AsyncInferQueue)"
+        )
     for axis, (have, want) in enumerate(zip(arr.shape[1:], spec.shape[1:], strict=True), start=1):
         if want is not None and have != want:
             raise DataError(
@@ -161,6 +175,37 @@ def _check_array(arr: np.ndarray, spec: InputSpec, where: str, require_finite: b
         bad = int(np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1))[0])
         raise DataError(f"{where}: sample {bad} holds NaN or Inf")
     return np.ascontiguousarray(arr, dtype=spec.dtype)
+
+
+def request_arrays(inputs: Any, specs: list[InputSpec]) -> list[np.ndarray]:
+    """Checked arrays for one inference, in model input order.
+
+    :param inputs: as ``openvino.InferRequest.infer`` takes them: a dict keyed by input name or
+        index (``inputs`` for a single input), a list/tuple in input order, or one array/Tensor.
+    :raises DataError: naming the input at fault.
+    """
+    if isinstance(inputs, Mapping):
+        given = dict(inputs)
+        arrays = []
+        for spec in specs:
+            keys = [spec.index, *spec.names] + ([SINGLE_INPUT_KEY] if len(specs) == 1 else [])
+            key = next((k for k in keys if k in given), None)
+            if key is None:
+                raise DataError(f"no value for model input {spec.label}; got keys {sorted(map(str, given))}")
+            arrays.append(given.pop(key))
+        if given:
+            raise DataError(f"keys {sorted(map(str, given))} match no model input (inputs: {[s.label for s in specs]})")
+    elif isinstance(inputs, np.ndarray | ov.Tensor):
+        arrays = [inputs]
+    else:
+        arrays = list(inputs)
+    if len(arrays) != len(specs):
+        raise DataError(f"{len(arrays)} arrays for {len(specs)} model inputs ({[s.label for s in specs]})")
+    out = []
+    for spec, value in zip(specs, arrays, strict=True):
+        arr = value.data if isinstance(value, ov.Tensor) else np.asarray(value)
+        out.append(check_array(arr, spec, f"input {spec.label}", require_finite=False, exact_batch=True))
+    return out
 
 
 def _fmt(shape: tuple[int | None, ...]) -> str:

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,21 @@ class Manifest:
             raise PackageError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
 
+def validate_manifest(data: Any, *, source: str) -> None:
+    """Validate a manifest against ``apsq_ov/schemas/apsq.schema.json``.
+
+    :raises PackageError: naming ``source`` and the first offending field.
+    """
+    import jsonschema  # only when loading a package
+
+    schema = json.loads((resources.files("apsq_ov") / "schemas" / "apsq.schema.json").read_text())
+    try:
+        jsonschema.validate(data, schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise PackageError(f"{source}: invalid manifest at {where}: {exc.message}") from None
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -200,13 +216,21 @@ class Package:
             data = json.loads((root / MANIFEST).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PackageError(f"{root / MANIFEST}: not valid JSON ({exc})") from exc
+        if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:  # say "skew", not "invalid"
+            raise PackageError(
+                f"{root / MANIFEST}: schema_version {data.get('schema_version')!r}, this apsq-ov reads "
+                f"{SCHEMA_VERSION}; re-run apsq-ov calibrate"
+            )
+        validate_manifest(data, source=str(root / MANIFEST))
         manifest = Manifest.from_json(data, source=str(root / MANIFEST))
-        for name in (MODEL_XML, MODEL_BIN):
-            want = manifest.files.get(name)
-            if want is None:
-                raise PackageError(f"{root / MANIFEST}: no sha256 recorded for {name}")
-            if sha256_file(root / name) != want:
-                raise PackageError(f"{root / name}: sha256 differs from the manifest (file changed or truncated)")
+        changed = [n for n in (MODEL_XML, MODEL_BIN) if sha256_file(root / n) != manifest.files[n]]
+        if len(changed) == 2:
+            raise PackageError(
+                f"{root / MANIFEST}: does not belong to this model.xml/model.bin (both sha256 differ: "
+                "a manifest from another package, or both files replaced)"
+            )
+        if changed:
+            raise PackageError(f"{root / changed[0]}: sha256 differs from the manifest (file changed or truncated)")
         return cls(root, manifest)
 
     def read_model(self, core: ov.Core | None = None) -> ov.Model:
@@ -216,6 +240,24 @@ class Package:
             return core.read_model(self.model_xml)
         except RuntimeError as exc:
             raise PackageError(f"{self.model_xml}: OpenVINO cannot read it ({str(exc).splitlines()[0]})") from exc
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove ``.NAME.tmp-PID-*`` directories left by a calibration that was killed mid-write."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name[len(f".{out.name}.tmp-") :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_package(out_dir: str | Path, model: ov.Model, manifest: Manifest) -> Package:
@@ -228,7 +270,8 @@ def write_package(out_dir: str | Path, model: ov.Model, manifest: Manifest) -> P
     out = Path(out_dir).resolve()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        _remove_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as exc:
         raise PackageError(f"cannot write package to {out}: {exc.strerror or exc}") from exc
     try:

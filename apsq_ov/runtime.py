@@ -13,7 +13,10 @@ override the requested mode per input.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+import functools
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import numpy as np
 import openvino as ov
 
 from apsq_ov.errors import DataError, DeviceError
-from apsq_ov.inputs import InputSpec
+from apsq_ov.inputs import InputSpec, request_arrays
 from apsq_ov.package import Manifest, Package
 from apsq_ov.precision import Precision
 from apsq_ov.routing import Route, plan_routes
@@ -127,6 +130,7 @@ class AdaptiveInferRequest:
         self._limit_states = {op.index: states[f"apsq/limit/{op.index}"] for op in model.manifest.ops
                               if f"apsq/limit/{op.index}" in states}  # fmt: skip
         self._applied: tuple | None = None
+        self._nonfinite = False
 
     def set_policy(
         self,
@@ -147,6 +151,21 @@ class AdaptiveInferRequest:
             self._applied = key
         return plan
 
+    def _prepare(
+        self,
+        inputs: Any,
+        max_drop: float | None,
+        precision: Precision | str | None,
+        precision_map: Mapping[str, Precision | str] | None,
+    ) -> list[np.ndarray]:
+        arrays = request_arrays(inputs, self.model.inputs)
+        self._nonfinite = any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
+        if self._nonfinite:  # the range check cannot see NaN (comparisons are false): route it to fp32 explicitly
+            self.set_policy(precision=Precision.FP32)
+        else:
+            self.set_policy(max_drop=max_drop, precision=precision, precision_map=precision_map)
+        return arrays
+
     def infer(
         self,
         inputs: Any,
@@ -162,35 +181,114 @@ class AdaptiveInferRequest:
         :param precision: force one precision on every routed op.
         :param precision_map: ``{op name: precision}`` pins.
         :return: :class:`AdaptiveResult` with outputs and the route taken.
+        :raises DataError: for inputs that do not fit the model (naming the input).
         """
-        arrays = _as_list(inputs, self.model.inputs)
-        nonfinite = any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
-        if nonfinite:  # the range check cannot see NaN (comparisons are false): route it to fp32 explicitly
-            self.set_policy(precision=Precision.FP32)
-        else:
-            self.set_policy(max_drop=max_drop, precision=precision, precision_map=precision_map)
+        arrays = self._prepare(inputs, max_drop, precision, precision_map)
         try:
-            res = self.request.infer(arrays)
+            self.request.infer(arrays)
         except RuntimeError as exc:
             raise DataError(f"OpenVINO rejected the input: {str(exc).strip().splitlines()[-1]}") from exc
-        outputs = {n: res[p].copy() for n, p in zip(self.model._output_names, self.model._output_ports, strict=True)}
-        route = np.asarray(res[self.model._route_index]).astype(np.int8).reshape(-1)
-        return AdaptiveResult(outputs, route, self.model.route_ops, nonfinite)
+        return self.get_result()
+
+    def start_async(
+        self,
+        inputs: Any,
+        userdata: Any = None,
+        *,
+        max_drop: float | None = None,
+        precision: Precision | str | None = None,
+        precision_map: Mapping[str, Precision | str] | None = None,
+    ) -> None:
+        """Start an inference (as ``openvino.InferRequest.start_async``); read it with :meth:`get_result`."""
+        arrays = self._prepare(inputs, max_drop, precision, precision_map)
+        self.request.start_async(arrays, userdata)
+
+    def wait(self) -> None:
+        self.request.wait()
+
+    def get_result(self) -> AdaptiveResult:
+        """Outputs and route of the last finished inference (copied out of the request)."""
+        req = self.request
+        outputs = {
+            n: req.get_output_tensor(p).data.copy()
+            for n, p in zip(self.model._output_names, self.model._output_ports, strict=True)
+        }
+        route = req.get_output_tensor(self.model._route_index).data.astype(np.int8).reshape(-1)
+        return AdaptiveResult(outputs, route, self.model.route_ops, self._nonfinite)
 
 
-def _as_list(inputs: Any, specs: list[InputSpec]) -> list[np.ndarray]:
-    if isinstance(inputs, Mapping):
-        out = []
-        for spec in specs:
-            keys = [spec.index, *spec.names] + (["inputs"] if len(specs) == 1 else [])
-            key = next((k for k in keys if k in inputs), None)
-            if key is None:
-                raise DataError(f"no value for model input {spec.label}")
-            out.append(np.asarray(inputs[key]))
-        return out
-    if isinstance(inputs, np.ndarray | ov.Tensor):
-        return [np.asarray(inputs.data if isinstance(inputs, ov.Tensor) else inputs)]
-    return [np.asarray(a) for a in inputs]
+class AdaptiveAsyncInferQueue:
+    """A pool of :class:`AdaptiveInferRequest` (mirrors ``openvino.AsyncInferQueue``).
+
+    Each job owns its request and so its routing state; :meth:`start_async` waits for an idle job,
+    writes the policy given for *this* input into that job's state, and starts it. The callback
+    set with :meth:`set_callback` is called as ``cb(request, userdata)`` from OpenVINO's thread;
+    ``request.get_result()`` there holds that input's outputs and route.
+    """
+
+    def __init__(self, model: AdaptiveCompiledModel, jobs: int = 0) -> None:
+        if jobs <= 0:
+            jobs = int(model.compiled_model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self._requests = [model.create_infer_request() for _ in range(jobs)]
+        self._idle = collections.deque(range(jobs))
+        self._cond = threading.Condition()
+        self._callback: Callable[[AdaptiveInferRequest, Any], None] | None = None
+        self._userdata: list[Any] = [None] * jobs
+        self._errors: list[BaseException] = []
+        for i, request in enumerate(self._requests):
+            request.request.set_callback(functools.partial(self._done, i), None)
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __getitem__(self, i: int) -> AdaptiveInferRequest:
+        return self._requests[i]
+
+    def set_callback(self, callback: Callable[[AdaptiveInferRequest, Any], None]) -> None:
+        self._callback = callback
+
+    def _done(self, i: int, _ov_userdata: Any) -> None:
+        try:
+            if self._callback is not None:
+                self._callback(self._requests[i], self._userdata[i])
+        except BaseException as exc:  # re-raised from wait_all: never lost in OpenVINO's thread
+            self._errors.append(exc)
+        finally:
+            with self._cond:
+                self._idle.append(i)
+                self._cond.notify()
+
+    def start_async(
+        self,
+        inputs: Any,
+        userdata: Any = None,
+        *,
+        max_drop: float | None = None,
+        precision: Precision | str | None = None,
+        precision_map: Mapping[str, Precision | str] | None = None,
+    ) -> None:
+        """Run ``inputs`` on the next idle job with this request's own policy."""
+        with self._cond:
+            while not self._idle:
+                self._cond.wait()
+            i = self._idle.popleft()
+        try:
+            self._userdata[i] = userdata
+            self._requests[i].start_async(inputs, max_drop=max_drop, precision=precision, precision_map=precision_map)
+        except BaseException:
+            with self._cond:
+                self._idle.appendleft(i)
+                self._cond.notify()
+            raise
+
+    def wait_all(self) -> None:
+        """Wait for every job; re-raise the first exception a callback raised."""
+        with self._cond:
+            while len(self._idle) < len(self._requests):
+                self._cond.wait()
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise errors[0]
 
 
 def compile_model(

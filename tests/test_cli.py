@@ -112,7 +112,7 @@ def test_corrupt_model_file(tiny_files, tmp_path):
         ({"x": conv_chain_data(4)[:, :2]}, "does not fit model input x"),
         ({"x": conv_chain_data(4)[0]}, "has rank 3, model input x wants rank 4"),
         ({"x": (conv_chain_data(4) * 255).astype(np.uint8)}, "dtype uint8 but model input x is float32"),
-        ({"x": np.zeros((0, 3, 16, 16), np.float32)}, "empty (0 samples)"),
+        ({"x": np.zeros((0, 3, 16, 16), np.float32)}, "empty array (0, 3, 16, 16)"),
         (
             {"x": np.where(np.arange(4)[:, None, None, None] == 2, np.nan, conv_chain_data(4))},
             "sample 2 holds NaN or Inf",

@@ -26,8 +26,14 @@ def test_wheel_installs_and_imports(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path, ROOT], check=True)
     wheel = next(tmp_path.glob("apsq_ov-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("apsq_ov/calibrate/pipeline.py", "apsq_ov/device_profiles/CPU.json",
-                     "apsq_ov/data/fmnist_resnet.xml", "apsq_ov/data/fmnist_resnet.bin"):  # fmt: skip
+    shipped = (
+        "apsq_ov/calibrate/pipeline.py",
+        "apsq_ov/device_profiles/CPU.json",
+        "apsq_ov/data/fmnist_resnet.xml",
+        "apsq_ov/data/fmnist_resnet.bin",
+        "apsq_ov/schemas/apsq.schema.json",
+    )
+    for required in shipped:
         assert required in names
     assert not any(n.startswith(("calibrate/", "tests/", "device_profiles/")) for n in names)
     target = tmp_path / "site"
