@@ -112,9 +112,7 @@ def main() -> None:
         ("RSS after first tenth / at end", f"{rss[0]:.1f} / {rss[-1]:.1f} MiB"),
         ("RSS growth after warm-up", f"{growth:+.2f} %"),
     ]
-    (RESULTS / "soak.md").write_text(
-        "| soak | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
-    )
+    (RESULTS / "soak.md").write_text("| soak | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows))
     table = Table(title="apsq-ov soak (Fashion-MNIST ResNet, AdaptiveAsyncInferQueue)")
     table.add_column("measure")
     table.add_column("value", justify="right")
