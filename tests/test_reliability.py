@@ -336,3 +336,40 @@ def test_same_input_and_budget_give_bitwise_same_output_across_processes(tiny_fi
     assert np.array_equal(outs[0]["route"], outs[1]["route"])
     again = [apsq_ov.compile_model(tiny_files["package"].path)(_pool()[i : i + 1], max_drop=0.3) for i in range(2)]
     assert np.array_equal(again[0]["logits"], outs[0]["logits"][:1])
+
+
+# --- 1. validation matrix (CLI infer) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": GOOD[0]}, "in.npz[x]: shape (3, 16, 16) has rank 3, model input x wants rank 4"),
+        ({"x": conv_chain_data(2, size=8)}, "in.npz[x]: shape (2, 3, 8, 8) does not fit model input x [1,3,16,16]"),
+        ({"x": (GOOD * 255).astype(np.uint8)}, "in.npz[x]: dtype uint8 but model input x is float32"),
+        ({"pixels": GOOD}, "in.npz: no array for model input 'x'"),
+        ({"x": np.zeros((0, 3, 16, 16), np.float32)}, "in.npz[x]: empty array (0, 3, 16, 16)"),
+        ({"x": GOOD, "labels": np.zeros(3)}, "in.npz[labels]: (3,) labels for 1 samples"),
+    ],
+    ids=["rank", "shape", "dtype", "name", "empty", "labels"],
+)
+def test_cli_infer_rejects_bad_input_naming_it(tiny_files, tmp_path, arrays, message):
+    np.savez(tmp_path / "in.npz", **arrays)
+    out = tmp_path / "o.npz"
+    line = cli_error("infer", tiny_files["package"].path, "--input", tmp_path / "in.npz", "--output", out)
+    assert message in line
+    assert not out.exists()
+
+
+def test_cli_infer_accepts_fortran_ordered_arrays(tiny_files, tmp_path):
+    x = conv_chain_data(3, seed=12)
+    np.save(tmp_path / "c.npy", x)
+    np.save(tmp_path / "f.npy", np.asfortranarray(x))
+    outs = []
+    for name in ("c", "f"):
+        result = runner.invoke(app, ["infer", str(tiny_files["package"].path), "--input", str(tmp_path / f"{name}.npy"),
+                                     "--output", str(tmp_path / f"{name}.npz"), "--json"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        with np.load(tmp_path / f"{name}.npz") as z:
+            outs.append(z["logits"])
+    assert np.array_equal(outs[0], outs[1])
