@@ -124,7 +124,9 @@ def calibrate(
     max_drop: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Default policy written into the IR: tolerated loss vs FP32.")
     ] = 0.01,
-    sensitivity: Annotated[str, typer.Option(help="Sensitivity metric (registry name).")] = "fd-gradient",
+    sensitivity: Annotated[
+        str, typer.Option(help="Sensitivity metric: qnoise (predicted output error) or fd-gradient.")
+    ] = "qnoise",
     drop_samples: Annotated[int, typer.Option(min=1, help="Samples each isolated drop is measured on.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed for the calibration subset and the FD directions.")] = 0,
 ) -> None:

@@ -66,7 +66,7 @@ def run_demo(
         embedded_model(),
         out / "calibration.npz",
         out / "package",
-        CalibrationConfig(drop_samples=CALIBRATION_SAMPLES),
+        CalibrationConfig(drop_samples=CALIBRATION_SAMPLES - 100),
         progress=progress,
     )
 

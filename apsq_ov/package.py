@@ -42,7 +42,9 @@ class OpRecord:
     :param depth: topological index among routable ops.
     :param variants: precisions built for it, fp32 first.
     :param sensitivity: ``{"components": {...}, "score": s}``.
-    :param drops: measured quality loss vs FP32 when only this op runs at that precision.
+    :param drops: measured top-1 disagreement with FP32 when only this op runs at that precision
+        (on the ground-truth split); what the routing policy budgets.
+    :param quality: the same isolated run in every metric (``top1``, ``kl``, ``nmse``, ``accuracy``).
     :param int8_absmax: the calibrated INT8 activation range (abs-max) the in-graph check compares to.
     :param input_absmax: abs-max of the op input seen over the calibration set (FP32).
     """
@@ -54,6 +56,7 @@ class OpRecord:
     variants: tuple[Precision, ...]
     sensitivity: dict[str, Any]
     drops: dict[Precision, float] = field(default_factory=dict)
+    quality: dict[Precision, dict[str, float]] = field(default_factory=dict)
     int8_absmax: float | None = None
     input_absmax: float | None = None
 
@@ -70,6 +73,7 @@ class OpRecord:
             "variants": [p.value for p in self.variants],
             "sensitivity": self.sensitivity,
             "drops": {p.value: v for p, v in self.drops.items()},
+            "quality_loss": {p.value: dict(v) for p, v in self.quality.items()},
             "thresholds": {"int8_absmax": self.int8_absmax},
             "calibration": {"input_absmax": self.input_absmax},
         }
@@ -84,6 +88,7 @@ class OpRecord:
             variants=tuple(Precision.parse(p) for p in d["variants"]),
             sensitivity=dict(d["sensitivity"]),
             drops={Precision.parse(p): float(v) for p, v in d.get("drops", {}).items()},
+            quality={Precision.parse(p): dict(v) for p, v in d.get("quality_loss", {}).items()},
             int8_absmax=d.get("thresholds", {}).get("int8_absmax"),
             input_absmax=d.get("calibration", {}).get("input_absmax"),
         )

@@ -34,13 +34,21 @@ from apsq_ov.profiles import load_profile
 from apsq_ov.routing import check_max_drop, plan_routes
 from apsq_ov.runtime import compile_adaptive
 
-from .sensitivity import SensitivityMetric, score_ops
-from .variants import RouteDefault, build_adaptive_model, find_routable_ops, limit_variable_id, mode_variable_id
+from .sensitivity import OpQuantInfo, SensitivityMetric, score_ops
+from .variants import (
+    RouteDefault,
+    act_range,
+    build_adaptive_model,
+    find_routable_ops,
+    limit_variable_id,
+    mode_variable_id,
+    weight_error,
+)
 
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: the CLI turns it into rich progress bars."""
 
-DROP_METRIC = "1 - top-1 agreement with FP32 (argmax over the last axis of the first output)"
+DROP_METRIC = "1 - top-1 agreement with FP32 (argmax over the last axis of the first output), held-out split"
 _BUILDABLE = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8)
 
 
@@ -63,7 +71,7 @@ class CalibrationConfig:
     precisions: tuple[Precision, ...] | None = None
     subset_size: int = 300
     max_drop: float = 0.01
-    sensitivity: SensitivityMetric = SensitivityMetric.FD_GRADIENT
+    sensitivity: SensitivityMetric = SensitivityMetric.QNOISE
     sensitivity_samples: int = 64
     drop_samples: int = 200
     seed: int = 0
@@ -99,6 +107,15 @@ def sample_order(n: int, seed: int) -> np.ndarray:
     """The order calibration visits the ``n`` data batches in: NNCF gets the first ``subset_size``,
     sensitivity and isolated drops the first ``sensitivity_samples`` / ``drop_samples``."""
     return np.random.default_rng(seed).permutation(n)
+
+
+def _splits(order: np.ndarray, n_score: int, n_drop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scoring split (first ``n_score``) and ground-truth split (the next ``n_drop``, disjoint when
+    the data allows; otherwise the last ``n_drop``, overlapping, which the manifest records)."""
+    score = order[:n_score]
+    if len(order) >= n_score + n_drop:
+        return score, order[n_score : n_score + n_drop]
+    return score, order[max(len(order) - n_drop, 0) :]
 
 
 def _sha256(path: Path) -> str:
@@ -164,24 +181,34 @@ def calibrate_model(
     if not units:
         raise ModelError("the model has no Convolution, GroupConvolution or MatMul with constant weights to route")
 
-    # Sensitivity and isolated drops may use more samples than NNCF's subset: all the data is calibration data.
-    sens_idx = order[: config.sensitivity_samples]
+    variants: dict[str, tuple[Precision, ...]] = {}
+    for u in units:
+        offered = [p for p in precisions if p is not Precision.INT8 or u.act_fq is not None]
+        variants[u.name] = tuple(offered)
+    infos = {
+        u.name: OpQuantInfo(
+            type=u.type,
+            depth=u.index,
+            variants=variants[u.name],
+            act_range=act_range(u),
+            weight_error={p: weight_error(u, p) for p in variants[u.name] if p is not Precision.FP32},
+        )
+        for u in units
+    }
+    # Scoring and ground truth use disjoint splits of the calibration data when there is enough
+    # of it (the score is judged on data it never saw); both may use more than NNCF's subset.
+    sens_idx, drop_idx = _splits(order, config.sensitivity_samples, config.drop_samples)
     sens_samples = Samples(tuple(np.concatenate(a) for a in zip(*batches(sens_idx), strict=True)), None)
     report = score_ops(
         model,
         sens_samples,
-        op_types={u.name: u.type for u in units},
-        depths={u.name: u.index for u in units},
+        infos,
+        {u.name: u for u in units},
         metric=config.sensitivity,
         config=f32,
         progress=(lambda d, t: progress("sensitivity", d, t)) if progress else None,
         seed=config.seed,
     )
-
-    variants: dict[str, tuple[Precision, ...]] = {}
-    for u in units:
-        offered = [p for p in precisions if p is not Precision.INT8 or u.act_fq is not None]
-        variants[u.name] = tuple(offered)
     records = [
         OpRecord(
             index=u.index,
@@ -189,7 +216,11 @@ def calibrate_model(
             type=u.type,
             depth=u.index,
             variants=variants[u.name],
-            sensitivity={"components": report.ops[u.name].components, "score": report.ops[u.name].score},
+            sensitivity={
+                "components": report.ops[u.name].components,
+                "score": report.ops[u.name].score,
+                "predicted": {p.value: v for p, v in report.ops[u.name].predicted.items()},
+            },
             int8_absmax=u.int8_absmax,
             input_absmax=report.input_absmax.get(u.name),
         )
@@ -222,11 +253,15 @@ def calibrate_model(
             "seed": config.seed,
             "quantizer": "nncf.quantize (preset performance, fast bias correction)" if q_model is not None else None,
             "drop_metric": DROP_METRIC,
-            "drop_samples": int(min(config.drop_samples, n_batches) * batch),
+            "drop_samples": int(len(drop_idx) * batch),
+            "sensitivity_samples": int(len(sens_idx) * batch),
+            "drops_held_out": not set(sens_idx.tolist()) & set(drop_idx.tolist()),
         },
     )
-    drop_idx = order[: config.drop_samples]
-    _measure_drops(model, manifest, batches(drop_idx), config.device, progress)
+    labels = None
+    if samples.labels is not None:
+        labels = [samples.labels[int(i) * batch : (int(i) + 1) * batch] for i in drop_idx]
+    _measure_drops(model, manifest, batches(drop_idx), labels, config.device, progress)
     routes = plan_routes(manifest.ops, profile, max_drop=config.max_drop)
     _set_defaults(model, manifest, {n: RouteDefault(r.mode, r.range_limit) for n, r in routes.items()})
     return model, manifest
@@ -247,15 +282,57 @@ def _nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Prog
     return q
 
 
-def top1(output: np.ndarray) -> np.ndarray:
+def _probabilities(y: np.ndarray) -> np.ndarray:
+    """Rows of the last axis as probabilities: as they are if they already are, else softmax."""
+    y = np.asarray(y, dtype=np.float64)
+    if y.min() >= 0.0 and np.allclose(y.sum(axis=-1), 1.0, atol=1e-3):
+        return np.clip(y, 1e-12, 1.0)
+    z = np.exp(y - y.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def quality_loss(outputs: list[np.ndarray], reference: list[np.ndarray], labels: list[np.ndarray] | None) -> dict:
+    """Loss of ``outputs`` vs the FP32 ``reference`` (first model output, one array per sample).
+
+    ``top1``: fraction of positions whose argmax (last axis) differs; ``kl``: mean KL(ref ‖ out) over
+    positions; ``nmse``: ``Σ‖out − ref‖² / Σ‖ref‖²``; ``accuracy`` (with labels, classifier outputs):
+    FP32 accuracy minus this accuracy.
+    """
+    top1 = np.mean([np.mean(top1_of(o) != top1_of(r)) for o, r in zip(outputs, reference, strict=True)])
+    kl = np.mean(
+        [
+            np.mean(np.sum(pr * (np.log(pr) - np.log(_probabilities(o))), axis=-1))
+            for o, pr in ((o, _probabilities(r)) for o, r in zip(outputs, reference, strict=True))
+        ]
+    )
+    num = sum(float(np.sum((np.asarray(o, np.float64) - r) ** 2)) for o, r in zip(outputs, reference, strict=True))
+    den = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in reference)
+    loss = {"top1": float(top1), "kl": float(kl), "nmse": num / max(den, 1e-30)}
+    if labels is not None and all(np.asarray(o).ndim == 2 for o in outputs):
+        y = np.concatenate([np.asarray(lab).reshape(-1) for lab in labels])
+        acc = np.mean(np.concatenate([top1_of(o) for o in outputs]) == y)
+        ref_acc = np.mean(np.concatenate([top1_of(r) for r in reference]) == y)
+        loss["accuracy"] = float(ref_acc - acc)
+    return loss
+
+
+def top1_of(output: np.ndarray) -> np.ndarray:
     """Argmax over the last axis (class, or class per position for sequence outputs)."""
     return np.asarray(output).argmax(axis=-1).reshape(-1)
 
 
 def _measure_drops(
-    model: ov.Model, manifest: Manifest, data: list[list[np.ndarray]], device: str, progress: Progress | None
+    model: ov.Model,
+    manifest: Manifest,
+    data: list[list[np.ndarray]],
+    labels: list[np.ndarray] | None,
+    device: str,
+    progress: Progress | None,
 ) -> None:
-    """Isolated drop of every (op, lower precision): that op alone lowered, every other op fp32."""
+    """Isolated loss of every (op, lower precision): that op alone lowered, every other op fp32.
+
+    ``op.drops`` (what the policy budgets) is the top-1 disagreement; ``op.quality`` keeps every metric.
+    """
     compiled = compile_adaptive(model, manifest, "CPU" if device.startswith(("GPU", "AUTO")) else device)
     request = compiled.create_infer_request()
     jobs = [(op, p) for op in manifest.ops for p in op.variants if p is not Precision.FP32]
@@ -263,19 +340,19 @@ def _measure_drops(
     done = 0
     reference = []
     for x in data:
-        reference.append(top1(request.infer(x, precision=Precision.FP32)[0]))
+        reference.append(request.infer(x, precision=Precision.FP32)[0])
         done += 1
         if progress:
             progress("isolated drops", done, total)
     for op, p in jobs:
-        agree = []
-        for x, ref in zip(data, reference, strict=True):
-            out = request.infer(x, precision=Precision.FP32, precision_map={op.name: p})[0]
-            agree.append(float(np.mean(top1(out) == ref)))
+        outputs = []
+        for x in data:
+            outputs.append(request.infer(x, precision=Precision.FP32, precision_map={op.name: p})[0])
             done += 1
             if progress:
                 progress("isolated drops", done, total)
-        op.drops[p] = 1.0 - float(np.mean(agree))
+        op.quality[p] = quality_loss(outputs, reference, labels)
+        op.drops[p] = op.quality[p]["top1"]
 
 
 def _set_defaults(model: ov.Model, manifest: Manifest, defaults: dict[str, RouteDefault]) -> None:

@@ -1,28 +1,39 @@
 """Sensitivity Scores: how much each routed operator's precision matters to the model's output.
 
 Where it sits in the data flow: ``calibrate.pipeline`` calls :func:`score_ops` on the FP32 model
-and the calibration samples; the scores go to the manifest and order the routing policy.
+and the scoring split of the calibration samples; the scores go to the manifest, the report and
+the routing policy's tie-breaks. Ground truth (the measured isolated drop of each op) is taken on
+a *different* split by the pipeline, so the two can be compared honestly (``apsq-ov report``,
+``benchmarks/sensitivity.py``).
 
-Metrics form a registry keyed by :class:`SensitivityMetric` (as NNCF does). The first one,
-``fd-gradient``, combines three measured or structural terms:
+Metrics form a registry keyed by :class:`SensitivityMetric` (as NNCF does); both share one probe
+pass over the FP32 model (:func:`probe`):
 
 * **g** — gradient magnitude w.r.t. the op's output, estimated by the *random-direction forward
-  finite difference* (RDFD): add ``h·u`` to the op output (``u`` a fixed N(0,1) direction, ``h =
-  ε·RMS`` of that output over the calibration set, ε = 1e-2) and measure the relative change of
-  the model output, ``g = mean_x ‖y(a+h·u) − y(a)‖ / (ε·‖y(a)‖)``. OpenVINO has no autodiff, so
-  the perturbation is a graph input added after each op. Cost: ``N·(1 + n_ops)`` inferences.
-* **t** — operator-type prior: depthwise/group convolutions hold few weights per channel and
-  quantize worst (DESIGN.md §2), MatMuls (classifier heads) next, dense convolutions least.
-* **d** — depth prior ``|2·depth/(n−1) − 1|``: 1 at the first and last routed op, 0 mid-network
-  (the first conv and the FC head are the ones NNCF practice keeps at higher precision).
+  finite difference* (RDFD): add ``h·u`` to the op output (``u`` a fixed N(0,1) direction,
+  ``h = ε·RMS`` of that output, ε = 1e-2) and measure ``‖y(a+h·u) − y(a)‖ / (ε·‖y(a)‖)``, averaged
+  over the samples. OpenVINO has no autodiff, so the perturbation is a graph input added after
+  each op. Cost: ``N·(1 + n_ops)`` inferences.
+* activation statistics of the op input against NNCF's INT8 range (from the same pass): mean
+  square, clipping error ``mean((x − clip(x))²)``, fraction of non-zero values.
 
-``score = 0.6·g/max(g) + 0.25·t + 0.15·d`` ∈ [0, 1]. The formula is stored in the manifest.
+``qnoise`` (default) — first-order output error of lowering the op alone. The relative noise a
+precision adds at the op (activation rounding ``step²/12`` on non-zero values + clipping error,
+over the activation power; plus the weights' relative error ``‖W_p − W‖²/‖W‖²`` measured on the
+actual variant weights) propagates to the output through ``g``:
+``predicted NMSE_p = g² · (r_act,p² + r_w,p²)``. Op type and depth enter through the measured
+``g`` and ``r`` (a depthwise conv's per-channel spread shows up as a large weight error, a deep
+op's small influence as a small ``g``) and are reported as components; nothing is fitted.
+``score`` = predicted NMSE of the op's coarsest variant.
+
+``fd-gradient`` — the first metric: ``0.6·g/max(g) + 0.25·t + 0.15·d`` with an op-type prior
+``t`` and a depth prior ``d = |2·depth/(n−1) − 1|``; kept for comparison.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
@@ -31,17 +42,21 @@ from openvino import opset13 as ops
 
 from apsq_ov.errors import ConfigError
 from apsq_ov.inputs import Samples
+from apsq_ov.precision import Precision
 
-from .variants import find_routable_ops
+from .variants import RoutableOp, act_range, find_routable_ops, variant_output
 
 TYPE_PRIOR = {"GroupConvolution": 1.0, "MatMul": 0.6, "Convolution": 0.5}
 WEIGHTS = {"gradient": 0.6, "type": 0.25, "depth": 0.15}
 FD_EPSILON = 1e-2
+# Relative rounding error of a float with an 8-bit (bf16) or 11-bit (fp16) significand: uniform in ±2^-p.
+FLOAT_REL_NOISE2 = {Precision.BF16: (2.0**-8) ** 2 / 3.0, Precision.FP16: (2.0**-11) ** 2 / 3.0}
 
 
 class SensitivityMetric(str, Enum):
     """Registered sensitivity metrics (``apsq-ov calibrate --sensitivity NAME``)."""
 
+    QNOISE = "qnoise"
     FD_GRADIENT = "fd-gradient"
 
     @classmethod
@@ -55,11 +70,27 @@ class SensitivityMetric(str, Enum):
 
 
 @dataclass(frozen=True)
+class OpQuantInfo:
+    """What calibration knows of one op's low-precision variants before any of them runs.
+
+    :param act_range: NNCF's activation quantizer ``(low, high, levels)``, or None without INT8.
+    :param weight_error: ``‖W_p − W‖² / ‖W‖²`` per lower precision, measured on the variant weights.
+    """
+
+    type: str
+    depth: int
+    variants: tuple[Precision, ...]
+    act_range: tuple[float, float, int] | None = None
+    weight_error: dict[Precision, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class OpSensitivity:
-    """Score of one op with the components it was computed from."""
+    """Score of one op with the components it was computed from (``predicted``: per precision)."""
 
     components: dict[str, float]
     score: float
+    predicted: dict[Precision, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -72,92 +103,221 @@ class SensitivityReport:
     input_absmax: dict[str, float]
 
 
-def _rdfd_gradient(
-    model: ov.Model, samples: Samples, config: dict, progress: Callable[[int, int], None] | None, seed: int
-) -> tuple[dict[str, float], dict[str, float], int]:
-    """Random-direction forward finite difference of the output w.r.t. each routable op's output."""
-    probe = model.clone()
-    units = find_routable_ops(probe)
+@dataclass(frozen=True)
+class ProbeStats:
+    """Per-op measurements of the probe passes (means over the samples)."""
+
+    gradient: dict[str, float]
+    input_absmax: dict[str, float]
+    input_msq: dict[str, float]
+    clip_mse: dict[str, float]
+    nonzero: dict[str, float]
+    local_error: dict[str, dict[Precision, float]]
+    inferences: int
+
+
+def _mean_all(x: ov.Output | ov.Node) -> ov.Node:
+    rank = len(x.get_output_partial_shape(0) if isinstance(x, ov.Node) else x.get_partial_shape())
+    return ops.reduce_mean(x, ops.constant(np.arange(rank, dtype=np.int64)), False)
+
+
+def _statistics_pass(
+    model: ov.Model, samples: Samples, units: dict[str, RoutableOp], variants: dict[str, tuple[Precision, ...]],
+    config: dict, progress: Callable[[int, int], None] | None, total: int,
+) -> tuple[dict[str, np.ndarray], dict[str, dict[Precision, float]]]:  # fmt: skip
+    """One pass: output RMS, input statistics vs the INT8 range, and each variant's local error
+    ``mean((y_p − y)²) / mean(y²)`` at the op output, all computed in the graph on the real input."""
+    stats_model = model.clone()
+    results, layout = [], []
+    for unit in find_routable_ops(stats_model):
+        main = units[unit.name]
+        x, out = unit.op.input(0).get_source_output(), unit.out
+        low, high, _ = act_range(main) or (-3.0e38, 3.0e38, 256)
+        clipped = ops.subtract(x, ops.clamp(x, low, high))
+        outs = [
+            _mean_all(ops.multiply(out, out)),
+            ops.reduce_max(ops.abs(x), ops.constant(np.arange(len(x.get_shape()), dtype=np.int64)), False),
+            _mean_all(ops.multiply(x, x)),
+            _mean_all(ops.multiply(clipped, clipped)),
+            _mean_all(ops.convert(ops.not_equal(x, np.float32(0.0)), "f32")),
+        ]
+        lower = [p for p in variants[unit.name] if p is not Precision.FP32]
+        for p in lower:
+            diff = ops.subtract(variant_output(main, p, x), out)
+            outs.append(_mean_all(ops.multiply(diff, diff)))
+        results += [ops.result(o) for o in outs]
+        layout.append((unit.name, lower))
+    stats_model.add_results(results)
+    request = ov.Core().compile_model(stats_model, "CPU", config).create_infer_request()
+    n_user = len(model.outputs)
+    acc = np.zeros(len(results))
+    absmax_idx = [sum(5 + len(lower) for _, lower in layout[:k]) + 1 for k in range(len(layout))]
+    absmax = np.zeros(len(layout))
+    for i in range(len(samples)):
+        res = request.infer(samples.sample(i))
+        vals = np.array([float(res[n_user + j]) for j in range(len(results))])
+        acc += vals
+        absmax = np.maximum(absmax, vals[absmax_idx])
+        if progress:
+            progress(i + 1, total)
+    mean = acc / len(samples)
+    per_op: dict[str, np.ndarray] = {}
+    local: dict[str, dict[Precision, float]] = {}
+    k = 0
+    for (name, lower), amax in zip(layout, absmax, strict=True):
+        base = mean[k : k + 5].copy()
+        base[1] = amax
+        per_op[name] = base
+        local[name] = {p: float(mean[k + 5 + j] / max(base[0], 1e-30)) for j, p in enumerate(lower)}
+        k += 5 + len(lower)
+    return per_op, local
+
+
+def probe(
+    model: ov.Model,
+    samples: Samples,
+    units: dict[str, RoutableOp],
+    variants: dict[str, tuple[Precision, ...]],
+    config: dict,
+    progress: Callable[[int, int], None] | None,
+    seed: int,
+) -> ProbeStats:
+    """Statistics pass + RDFD gradient magnitudes of every routable op of ``model`` (not modified).
+
+    :param units: the routable ops of the calibrated model (with NNCF's INT8 parts), by name.
+    :param variants: per op, the precisions whose local error to measure.
+    """
+    n = len(samples)
+    total = n * (2 + len(units))
+    per_op, local = _statistics_pass(model, samples, units, variants, config, progress, total)
+    rdfd_model = model.clone()
+    found = find_routable_ops(rdfd_model)
     rng = np.random.default_rng(seed)
-    eps_params, rms_outputs, absmax_outputs = [], [], []
-    for unit in units:
+    eps_params = []
+    for unit in found:
         out = unit.out
         targets = list(out.get_target_inputs())
-        shape = list(out.get_shape())
         eps = ops.parameter([], np.float32, name=f"apsq_eps_{unit.index}")
-        noise = ops.constant(rng.standard_normal(shape).astype(np.float32))
+        noise = ops.constant(rng.standard_normal(list(out.get_shape())).astype(np.float32))
         perturbed = ops.add(out, ops.multiply(eps, noise))
         for t in targets:
             t.replace_source_output(perturbed.output(0))
-        axes = ops.constant(np.arange(len(shape), dtype=np.int64))
-        rms = ops.sqrt(ops.reduce_mean(ops.multiply(out, out), axes, False))
-        rms_outputs.append(ops.result(rms))
-        x = unit.op.input(0).get_source_output()
-        x_axes = ops.constant(np.arange(len(x.get_shape()), dtype=np.int64))
-        absmax_outputs.append(ops.result(ops.reduce_max(ops.abs(x), x_axes, False)))
         eps_params.append(eps)
-    n_user_outputs = len(probe.outputs)
-    probe.add_parameters(eps_params)
-    probe.add_results(rms_outputs + absmax_outputs)
-    compiled = ov.Core().compile_model(probe, "CPU", config)
-    request = compiled.create_infer_request()
-    zeros = [np.zeros((), np.float32) for _ in units]
-    n = len(samples)
+    n_user = len(rdfd_model.outputs)
+    rdfd_model.add_parameters(eps_params)
+    request = ov.Core().compile_model(rdfd_model, "CPU", config).create_infer_request()
+    zeros = [np.zeros((), np.float32) for _ in found]
 
-    def run(i: int, eps_values: list[np.ndarray]) -> list[np.ndarray]:
+    def run(i: int, eps_values: list[np.ndarray]) -> np.ndarray:
         res = request.infer(samples.sample(i) + eps_values)
-        return [res[j] for j in range(len(res))]
+        return np.concatenate([np.asarray(res[j]).ravel() for j in range(n_user)]).astype(np.float64)
 
-    base_y, rms_sum, absmax = [], np.zeros(len(units)), np.zeros(len(units))
+    base_y = []
     for i in range(n):
-        res = run(i, zeros)
-        base_y.append(np.concatenate([r.ravel() for r in res[:n_user_outputs]]).astype(np.float64))
-        stats = np.array([float(r) for r in res[n_user_outputs:]])
-        rms_sum += stats[: len(units)]
-        absmax = np.maximum(absmax, stats[len(units) :])
+        base_y.append(run(i, zeros))
         if progress:
-            progress(i + 1, n * (1 + len(units)))
-    h = FD_EPSILON * rms_sum / n
+            progress(n + i + 1, total)
     grads: dict[str, float] = {}
-    for k, unit in enumerate(units):
+    for k, unit in enumerate(found):
+        h = FD_EPSILON * float(np.sqrt(per_op[unit.name][0]))
         eps_values = list(zeros)
-        eps_values[k] = np.array(h[k], np.float32)
+        eps_values[k] = np.array(h, np.float32)
         rel = []
         for i in range(n):
-            res = run(i, eps_values)
-            y = np.concatenate([r.ravel() for r in res[:n_user_outputs]]).astype(np.float64)
+            y = run(i, eps_values)
             rel.append(np.linalg.norm(y - base_y[i]) / (np.linalg.norm(base_y[i]) + 1e-12) / FD_EPSILON)
             if progress:
-                progress(n * (1 + k) + i + 1, n * (1 + len(units)))
-        grads[unit.name] = float(np.mean(rel)) if h[k] > 0 else 0.0
-    return grads, {u.name: float(a) for u, a in zip(units, absmax, strict=True)}, n * (1 + len(units))
+                progress(n * (2 + k) + i + 1, total)
+        grads[unit.name] = float(np.mean(rel)) if h > 0 else 0.0
+    names = [u.name for u in found]
+    return ProbeStats(
+        gradient=grads,
+        input_absmax={m: float(per_op[m][1]) for m in names},
+        input_msq={m: float(per_op[m][2]) for m in names},
+        clip_mse={m: float(per_op[m][3]) for m in names},
+        nonzero={m: float(per_op[m][4]) for m in names},
+        local_error=local,
+        inferences=total,
+    )
+
+
+def activation_noise(info: OpQuantInfo, stats: ProbeStats, name: str, precision: Precision) -> float:
+    """Analytic relative activation noise power ``r_act²`` that ``precision`` adds at the op input."""
+    msq = max(stats.input_msq[name], 1e-30)
+    if precision in FLOAT_REL_NOISE2:
+        return FLOAT_REL_NOISE2[precision] * stats.nonzero[name]
+    if precision is Precision.INT8 and info.act_range is not None:
+        low, high, levels = info.act_range
+        step = (high - low) / max(levels - 1, 1)
+        return (step**2 / 12.0 * stats.nonzero[name] + stats.clip_mse[name]) / msq
+    return 0.0
+
+
+def _qnoise_metric(
+    model: ov.Model,
+    samples: Samples,
+    infos: dict[str, OpQuantInfo],
+    units: dict[str, RoutableOp],
+    config: dict,
+    progress: Callable[[int, int], None] | None,
+    seed: int,
+) -> SensitivityReport:
+    stats = probe(model, samples, units, {n: i.variants for n, i in infos.items()}, config, progress, seed)
+    scored = {}
+    for name, info in infos.items():
+        g = stats.gradient[name]
+        predicted: dict[Precision, float] = {}
+        comp = {"gradient": g}
+        for p in info.variants:
+            if p is Precision.FP32:
+                continue
+            local = stats.local_error[name][p]
+            predicted[p] = g * g * local
+            comp[f"local_error_{p.value}"] = local
+            comp[f"act_noise_{p.value}"] = activation_noise(info, stats, name, p)
+            comp[f"weight_noise_{p.value}"] = info.weight_error.get(p, 0.0)
+        if info.act_range is not None:
+            comp["clip_mse_ratio"] = stats.clip_mse[name] / max(stats.input_msq[name], 1e-30)
+        comp["type"] = TYPE_PRIOR.get(info.type, 0.5)
+        comp["depth"] = float(info.depth)
+        score = predicted[max(predicted, key=lambda p: p.rank)] if predicted else 0.0
+        scored[name] = OpSensitivity(comp, float(score), predicted)
+    return SensitivityReport(
+        metric=SensitivityMetric.QNOISE,
+        formula="predicted NMSE_p = g^2 * e_p; e_p = mean((y_p - y)^2) / mean(y^2), the local error of the op's "
+        "precision-p variant (NNCF's activation quantizer, int8 weights and corrected bias for int8) at its "
+        "output on the real calibration input; g = RDFD gradient magnitude; score = predicted NMSE of the "
+        "op's coarsest variant. Diagnostics: analytic activation noise (step^2/12 on non-zeros + clipping "
+        "error over mean(x^2)) and weight error ||W_p - W||^2/||W||^2",
+        estimator="statistics pass (variant local errors in-graph) + RDFD gradient at the op output",
+        inferences=stats.inferences,
+        ops=scored,
+        input_absmax=stats.input_absmax,
+    )
 
 
 def _fd_gradient_metric(
     model: ov.Model,
     samples: Samples,
-    op_types: dict[str, str],
-    depths: dict[str, int],
+    infos: dict[str, OpQuantInfo],
+    units: dict[str, RoutableOp],
     config: dict,
     progress: Callable[[int, int], None] | None,
     seed: int,
 ) -> SensitivityReport:
-    grads, input_absmax, cost = _rdfd_gradient(model, samples, config, progress, seed)
-    gmax = max(grads.values()) or 1.0
-    n = max(len(depths) - 1, 1)
+    stats = probe(model, samples, units, {n: () for n in infos}, config, progress, seed)
+    gmax = max(stats.gradient.values()) or 1.0
+    n = max(len(infos) - 1, 1)
     scored = {}
-    for name, g in grads.items():
+    for name, info in infos.items():
+        g = stats.gradient[name]
         comp = {
             "gradient": g,
             "gradient_norm": g / gmax,
-            "type": TYPE_PRIOR.get(op_types[name], 0.5),
-            "depth": abs(2.0 * depths[name] / n - 1.0),
+            "type": TYPE_PRIOR.get(info.type, 0.5),
+            "depth": abs(2.0 * info.depth / n - 1.0),
         }
-        score = (
-            WEIGHTS["gradient"] * comp["gradient_norm"]
-            + WEIGHTS["type"] * comp["type"]
-            + WEIGHTS["depth"] * comp["depth"]
-        )
+        score = sum(WEIGHTS[k] * comp[k if k != "gradient" else "gradient_norm"] for k in WEIGHTS)
         scored[name] = OpSensitivity(comp, float(score))
     return SensitivityReport(
         metric=SensitivityMetric.FD_GRADIENT,
@@ -165,13 +325,14 @@ def _fd_gradient_metric(
         "h = eps*RMS(a), eps = 1e-2; t = {GroupConvolution: 1.0, MatMul: 0.6, Convolution: 0.5}; "
         "d = |2*depth/(n-1) - 1|",
         estimator="random-direction forward finite difference (RDFD) at the op output",
-        inferences=cost,
+        inferences=stats.inferences,
         ops=scored,
-        input_absmax=input_absmax,
+        input_absmax=stats.input_absmax,
     )
 
 
 SENSITIVITY_METRICS: dict[SensitivityMetric, Callable[..., SensitivityReport]] = {
+    SensitivityMetric.QNOISE: _qnoise_metric,
     SensitivityMetric.FD_GRADIENT: _fd_gradient_metric,
 }
 
@@ -179,20 +340,21 @@ SENSITIVITY_METRICS: dict[SensitivityMetric, Callable[..., SensitivityReport]] =
 def score_ops(
     model: ov.Model,
     samples: Samples,
+    infos: dict[str, OpQuantInfo],
+    units: dict[str, RoutableOp],
     *,
-    op_types: dict[str, str],
-    depths: dict[str, int],
-    metric: SensitivityMetric = SensitivityMetric.FD_GRADIENT,
+    metric: SensitivityMetric = SensitivityMetric.QNOISE,
     config: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
     seed: int = 0,
 ) -> SensitivityReport:
-    """Score every routable op of ``model`` (FP32, static shapes) on ``samples``.
+    """Score every routable op of ``model`` (FP32, static shapes, not modified) on ``samples``.
 
-    :param op_types: op name → OpenVINO type, :param depths: op name → index among routed ops.
+    :param infos: per op name, what is known of its variants (:class:`OpQuantInfo`).
+    :param units: per op name, the routable op of the calibrated model (with NNCF's INT8 parts).
     :param progress: called with ``(done, total)`` inferences.
     """
-    return SENSITIVITY_METRICS[metric](model, samples, op_types, depths, config or {}, progress, seed)
+    return SENSITIVITY_METRICS[metric](model, samples, infos, units, config or {}, progress, seed)
 
 
 def rank(report: SensitivityReport, names: Sequence[str]) -> list[str]:

@@ -162,9 +162,16 @@ def _bias_input(add: ov.Node, producer: ov.Node) -> ov.Output:
 def _body(unit: RoutableOp, precision: Precision) -> ov.Model:
     """One If body: the unit at ``precision`` (its weights are shared with the source models)."""
     x = ops.parameter(unit.op.get_input_partial_shape(0), unit.op.get_input_element_type(0), name="x")
+    y = variant_output(unit, precision, x.output(0))
+    return ov.Model([ops.result(y)], [x], f"{unit.name}/{precision.value}")
+
+
+def variant_output(unit: RoutableOp, precision: Precision, x: ov.Output) -> ov.Output:
+    """The unit (op + bias) at ``precision`` applied to ``x``: an If body's content, or the
+    sensitivity probe's local-error branch."""
     w = unit.op.input(1).get_source_output()
     if precision is Precision.FP32:
-        y = _make_op(unit.op, x.output(0), w).output(0)
+        y = _make_op(unit.op, x, w).output(0)
         if unit.bias is not None:
             y = ops.add(y, _bias_input(unit.bias, unit.op)).output(0)
     elif precision in _LOW_FLOAT:
@@ -190,7 +197,7 @@ def _body(unit: RoutableOp, precision: Precision) -> ov.Model:
             y = ops.add(y, _bias_input(q_add, producer)).output(0)
     else:
         raise CalibrationError(f"op={unit.name}: no variant builder for precision {precision}")
-    return ov.Model([ops.result(y)], [x], f"{unit.name}/{precision.value}")
+    return y
 
 
 def _if_chain(x: ov.Output, code: ov.Output, unit: RoutableOp, variants: Sequence[Precision]) -> ov.Output:
@@ -291,3 +298,44 @@ def _state(variable_id: str, init: np.generic) -> tuple[ov.Node, Variable]:
     node = ops.read_value(ops.constant(init), var)
     node.set_friendly_name(variable_id)
     return node, var
+
+
+def _evaluate(output: ov.Output) -> np.ndarray:
+    """Value of a constant sub-graph (weights), by compiling it alone."""
+    node = output.get_node()
+    if node.get_type_name() == "Constant":
+        return np.asarray(node.get_data(), dtype=np.float32)
+    probe = ov.Model([ops.result(output)], [], "weights")
+    compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return np.asarray(compiled.create_infer_request().infer({})[0], dtype=np.float32)
+
+
+def _round_to_bf16(w: np.ndarray) -> np.ndarray:
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+def weight_error(unit: RoutableOp, precision: Precision) -> float:
+    """``‖W_p − W‖² / ‖W‖²`` for the weights the ``precision`` variant of ``unit`` really uses."""
+    w = _evaluate(unit.op.input(1).get_source_output())
+    if precision is Precision.INT8:
+        if unit.q_op is None:
+            return 0.0
+        wp = _evaluate(unit.q_op.input(1).get_source_output())
+    elif precision is Precision.BF16:
+        wp = _round_to_bf16(w)
+    elif precision is Precision.FP16:
+        wp = w.astype(np.float16).astype(np.float32)
+    else:
+        return 0.0
+    return float(np.sum((wp.astype(np.float64) - w) ** 2) / max(np.sum(w.astype(np.float64) ** 2), 1e-30))
+
+
+def act_range(unit: RoutableOp) -> tuple[float, float, int] | None:
+    """NNCF's activation quantizer range of ``unit`` as ``(low, high, levels)`` (per-tensor extremes)."""
+    if unit.act_fq is None:
+        return None
+    lo = unit.act_fq.input(1).get_source_output().get_node().get_data()
+    hi = unit.act_fq.input(2).get_source_output().get_node().get_data()
+    return float(np.min(lo)), float(np.max(hi)), int(unit.act_fq.get_attributes()["levels"])
