@@ -125,8 +125,12 @@ def calibrate(
         float, typer.Option(min=0.0, max=1.0, help="Default policy written into the IR: tolerated loss vs FP32.")
     ] = 0.01,
     sensitivity: Annotated[
-        str, typer.Option(help="Sensitivity metric: qnoise (predicted output error) or fd-gradient.")
-    ] = "qnoise",
+        str,
+        typer.Option(
+            help="Sensitivity metric: qdfd (each op's own quantization error pushed through the network), "
+            "qnoise (RDFD gradient x local error, cheaper) or fd-gradient (priors)."
+        ),
+    ] = "qdfd",
     drop_samples: Annotated[int, typer.Option(min=1, help="Samples each isolated drop is measured on.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed for the calibration subset and the FD directions.")] = 0,
 ) -> None:
@@ -296,8 +300,12 @@ def _print_infer_summary(s: dict[str, Any]) -> None:
 def report(
     package: Annotated[Path, typer.Argument(help="Package directory.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the per-op table as JSON.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG: sensitivity score vs measured isolated drop.")
+    ] = None,
 ) -> None:
-    """Show the sensitivity table, variants and default routes of a package."""
+    """Show each routed op: sensitivity components and score, measured isolated drop per precision
+    (on the held-out split), variants and default route."""
     from apsq_ov.package import Package
     from apsq_ov.routing import plan_routes
 
@@ -307,8 +315,10 @@ def report(
     rows = [
         {
             "index": op.index, "name": op.name, "type": op.type, "depth": op.depth,
-            "components": op.sensitivity["components"], "score": op.score,
+            "components": op.sensitivity.get("components", {}), "score": op.score,
+            "predicted": op.sensitivity.get("predicted", {}),
             "drops": {p.value: v for p, v in op.drops.items()},
+            "quality_loss": {p.value: v for p, v in op.quality.items()},
             "variants": [p.value for p in op.variants],
             "default_route": routes[op.name].mode.value,
             "range_limit": None if math.isinf(routes[op.name].range_limit) else routes[op.name].range_limit,
@@ -316,22 +326,75 @@ def report(
         }
         for op in m.ops
     ]  # fmt: skip
+    spearman = _score_vs_drop(rows)
+    if plot is not None:
+        _plot_score_vs_drop(rows, plot, title=f"{package.name}: {m.sensitivity.get('metric')}")
     if json_out:
-        sys.stdout.write(
-            json.dumps({"package": str(package), "sensitivity": m.sensitivity, "ops": rows}, indent=1) + "\n"
-        )
+        doc = {"package": str(package), "sensitivity": m.sensitivity, "calibration": m.calibration,
+               "spearman_score_vs_drop": spearman, "ops": rows}  # fmt: skip
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
         return
-    table = Table(title=f"{package} · {m.sensitivity['metric']} · default max-drop {m.default_max_drop}")
-    for col in ("#", "op", "type", "depth", "grad", "type t", "depth d", "score", "drops", "variants", "default"):
+    lower = [p.value for p in m.precisions if p is not Precision.FP32]
+    table = Table(title=f"{package} · {m.sensitivity.get('metric')} · default max-drop {m.default_max_drop}")
+    for col in ("#", "op", "type", "depth", "gradient g", "clip", *[f"pred {p}" for p in lower]):
+        table.add_column(col)
+    for col in ("score", *[f"drop {p}" for p in lower], "variants", "default"):
         table.add_column(col)
     for r in rows:
         c = r["components"]
-        drops = " ".join(f"{k}:{v:.3f}" for k, v in r["drops"].items())
-        table.add_row(str(r["index"]), escape(r["name"]), r["type"], str(r["depth"]), f"{c['gradient']:.3f}",
-                      f"{c['type']:.2f}", f"{c['depth']:.2f}", f"{r['score']:.3f}", drops,
-                      ",".join(r["variants"]), r["default_route"])  # fmt: skip
+        clip = f"{c['clip_mse_ratio']:.1e}" if "clip_mse_ratio" in c else "-"
+        preds = [f"{r['predicted'][p]:.2e}" if p in r["predicted"] else "-" for p in lower]
+        drops = [f"{r['drops'][p]:.4f}" if p in r["drops"] else "-" for p in lower]
+        head = [str(r["index"]), escape(r["name"]), r["type"], str(r["depth"]), f"{c.get('gradient', 0):.3f}", clip]
+        table.add_row(*head, *preds, f"{r['score']:.2e}", *drops, ",".join(r["variants"]), r["default_route"])
     out.print(table)
-    out.print(f"score: {m.sensitivity['formula']}", highlight=False)
+    held = "held-out" if m.calibration.get("drops_held_out") else "NOT held-out (too little data)"
+    out.print(f"drop = {m.calibration.get('drop_metric')} on {m.calibration.get('drop_samples')} samples ({held})")
+    for p, rho in spearman.items():
+        value = "n/a (fewer than 3 ops or all equal)" if rho is None else f"{rho:.3f}"
+        out.print(f"Spearman rho(score, drop {p}) = {value}")
+    out.print(f"score: {m.sensitivity.get('formula')}", highlight=False)
+    if plot is not None:
+        out.print(f"wrote {plot}")
+
+
+def _score_vs_drop(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    from scipy.stats import spearmanr
+
+    rho: dict[str, float | None] = {}
+    for p in sorted({p for r in rows for p in r["drops"]}):
+        pairs = [(r["predicted"].get(p, r["score"]), r["drops"][p]) for r in rows if p in r["drops"]]
+        defined = len(pairs) >= 3 and len({d for _, d in pairs}) > 1 and len({a for a, _ in pairs}) > 1
+        rho[p] = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic) if defined else None
+    return rho
+
+
+def _plot_score_vs_drop(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib: pip install matplotlib") from exc
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for p, marker in (("int8", "o"), ("bf16", "s"), ("fp16", "^")):
+        pts = [(r["predicted"].get(p, r["score"]), r["drops"][p]) for r in rows if p in r["drops"]]
+        if pts:
+            ax.scatter([a for a, _ in pts], [b for _, b in pts], marker=marker, label=p, alpha=0.8)
+    ax.set_xscale("symlog", linthresh=1e-6)
+    ax.set_xlabel("sensitivity score (predicted loss of the op alone)")
+    ax.set_ylabel("measured isolated drop (held-out)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise ConfigError(f"cannot write plot {path}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)
 
 
 @app.command()

@@ -32,7 +32,7 @@ from apsq_ov.package import Manifest, OpRecord, Package, write_package
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import load_profile
 from apsq_ov.routing import check_max_drop, plan_routes
-from apsq_ov.runtime import compile_adaptive
+from apsq_ov.runtime import AdaptiveInferRequest, compile_adaptive
 
 from .sensitivity import OpQuantInfo, SensitivityMetric, score_ops
 from .variants import (
@@ -71,7 +71,7 @@ class CalibrationConfig:
     precisions: tuple[Precision, ...] | None = None
     subset_size: int = 300
     max_drop: float = 0.01
-    sensitivity: SensitivityMetric = SensitivityMetric.QNOISE
+    sensitivity: SensitivityMetric = SensitivityMetric.QDFD
     sensitivity_samples: int = 64
     drop_samples: int = 200
     seed: int = 0
@@ -199,16 +199,6 @@ def calibrate_model(
     # of it (the score is judged on data it never saw); both may use more than NNCF's subset.
     sens_idx, drop_idx = _splits(order, config.sensitivity_samples, config.drop_samples)
     sens_samples = Samples(tuple(np.concatenate(a) for a in zip(*batches(sens_idx), strict=True)), None)
-    report = score_ops(
-        model,
-        sens_samples,
-        infos,
-        {u.name: u for u in units},
-        metric=config.sensitivity,
-        config=f32,
-        progress=(lambda d, t: progress("sensitivity", d, t)) if progress else None,
-        seed=config.seed,
-    )
     records = [
         OpRecord(
             index=u.index,
@@ -216,19 +206,15 @@ def calibrate_model(
             type=u.type,
             depth=u.index,
             variants=variants[u.name],
-            sensitivity={
-                "components": report.ops[u.name].components,
-                "score": report.ops[u.name].score,
-                "predicted": {p.value: v for p, v in report.ops[u.name].predicted.items()},
-            },
+            sensitivity={"score": 0.0},
             int8_absmax=u.int8_absmax,
-            input_absmax=report.input_absmax.get(u.name),
         )
         for u in units
     ]
     routed = [r for r in records if len(r.variants) > 1]
     if not routed:
         raise CalibrationError(f"no op got a variant besides fp32 for precisions {[p.value for p in precisions]}")
+    fp32_model = model.clone()  # the probe needs the FP32 graph; the build rewrites `model` in place
     fp32_only = {u.name: RouteDefault(Precision.FP32, math.inf) for u in units}
     model = build_adaptive_model(model, units, variants, fp32_only)
     manifest = Manifest(
@@ -240,13 +226,7 @@ def calibrate_model(
         outputs=[o.get_any_name() if o.get_names() else f"output{i}" for i, o in enumerate(model.outputs[:-1])],
         batch=batch,
         ops=routed,
-        sensitivity={
-            "metric": report.metric.value,
-            "formula": report.formula,
-            "estimator": report.estimator,
-            "inferences": report.inferences,
-            "samples": len(sens_samples),
-        },
+        sensitivity={},
         calibration={
             "samples": int(n_batches * batch),
             "subset_size": int(len(calib_idx) * batch),
@@ -258,10 +238,53 @@ def calibrate_model(
             "drops_held_out": not set(sens_idx.tolist()) & set(drop_idx.tolist()),
         },
     )
+    # One compiled adaptive model serves every isolated measurement: lowering one op is a state write.
+    device = "CPU" if config.device.startswith(("GPU", "AUTO")) else config.device
+    request = compile_adaptive(model, manifest, device).create_infer_request()
+
+    def isolated_on_scoring_split(phase_progress: Callable[[int, int], None] | None) -> dict:
+        return isolated_losses(request, manifest.ops, batches(sens_idx), None, phase_progress)
+
+    report = score_ops(
+        fp32_model,
+        sens_samples,
+        infos,
+        {u.name: u for u in units},
+        metric=config.sensitivity,
+        config=f32,
+        progress=(lambda d, t: progress("sensitivity", d, t)) if progress else None,
+        seed=config.seed,
+        isolated=isolated_on_scoring_split,
+    )
+    for rec in routed:
+        s = report.ops[rec.name]
+        rec.sensitivity = {
+            "components": s.components,
+            "score": s.score,
+            "predicted": {p.value: v for p, v in s.predicted.items()},
+        }
+        rec.input_absmax = report.input_absmax.get(rec.name)
+    manifest.sensitivity = {
+        "metric": report.metric.value,
+        "formula": report.formula,
+        "estimator": report.estimator,
+        "inferences": report.inferences,
+        "samples": len(sens_samples),
+    }
     labels = None
     if samples.labels is not None:
         labels = [samples.labels[int(i) * batch : (int(i) + 1) * batch] for i in drop_idx]
-    _measure_drops(model, manifest, batches(drop_idx), labels, config.device, progress)
+    ground_truth = isolated_losses(
+        request,
+        manifest.ops,
+        batches(drop_idx),
+        labels,
+        (lambda d, t: progress("isolated drops", d, t)) if progress else None,
+    )
+    for op in manifest.ops:
+        for p, loss in ground_truth[op.name].items():
+            op.quality[p] = loss
+            op.drops[p] = loss["top1"]
     routes = plan_routes(manifest.ops, profile, max_drop=config.max_drop)
     _set_defaults(model, manifest, {n: RouteDefault(r.mode, r.range_limit) for n, r in routes.items()})
     return model, manifest
@@ -321,21 +344,16 @@ def top1_of(output: np.ndarray) -> np.ndarray:
     return np.asarray(output).argmax(axis=-1).reshape(-1)
 
 
-def _measure_drops(
-    model: ov.Model,
-    manifest: Manifest,
+def isolated_losses(
+    request: AdaptiveInferRequest,
+    ops_: list[OpRecord],
     data: list[list[np.ndarray]],
     labels: list[np.ndarray] | None,
-    device: str,
-    progress: Progress | None,
-) -> None:
-    """Isolated loss of every (op, lower precision): that op alone lowered, every other op fp32.
-
-    ``op.drops`` (what the policy budgets) is the top-1 disagreement; ``op.quality`` keeps every metric.
-    """
-    compiled = compile_adaptive(model, manifest, "CPU" if device.startswith(("GPU", "AUTO")) else device)
-    request = compiled.create_infer_request()
-    jobs = [(op, p) for op in manifest.ops for p in op.variants if p is not Precision.FP32]
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, dict[Precision, dict[str, float]]]:
+    """Loss of every (op, lower precision) with that op alone lowered and every other op fp32
+    (:func:`quality_loss` against the all-fp32 route), by writing request state only."""
+    jobs = [(op, p) for op in ops_ for p in op.variants if p is not Precision.FP32]
     total = len(data) * (1 + len(jobs))
     done = 0
     reference = []
@@ -343,16 +361,17 @@ def _measure_drops(
         reference.append(request.infer(x, precision=Precision.FP32)[0])
         done += 1
         if progress:
-            progress("isolated drops", done, total)
+            progress(done, total)
+    losses: dict[str, dict[Precision, dict[str, float]]] = {op.name: {} for op in ops_}
     for op, p in jobs:
         outputs = []
         for x in data:
             outputs.append(request.infer(x, precision=Precision.FP32, precision_map={op.name: p})[0])
             done += 1
             if progress:
-                progress("isolated drops", done, total)
-        op.quality[p] = quality_loss(outputs, reference, labels)
-        op.drops[p] = op.quality[p]["top1"]
+                progress(done, total)
+        losses[op.name][p] = quality_loss(outputs, reference, labels)
+    return losses
 
 
 def _set_defaults(model: ov.Model, manifest: Manifest, defaults: dict[str, RouteDefault]) -> None:

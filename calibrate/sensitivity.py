@@ -26,6 +26,12 @@ actual variant weights) propagates to the output through ``g``:
 op's small influence as a small ``g``) and are reported as components; nothing is fitted.
 ``score`` = predicted NMSE of the op's coarsest variant.
 
+``qnoise`` is cheaper (no isolated runs) but its isotropic RDFD step is scaled by the op output's
+RMS, so an op whose output has an outlier channel gets an inflated ``g``. ``qdfd`` (default) has no
+such blind spot: it pushes each op's *own* precision error through the network (a forward
+difference along the real noise direction) and reads the output KL on the scoring split, through
+request state on the compiled adaptive IR (no recompilation).
+
 ``fd-gradient`` — the first metric: ``0.6·g/max(g) + 0.25·t + 0.15·d`` with an op-type prior
 ``t`` and a depth prior ``d = |2·depth/(n−1) − 1|``; kept for comparison.
 """
@@ -49,6 +55,8 @@ from .variants import RoutableOp, act_range, find_routable_ops, variant_output
 TYPE_PRIOR = {"GroupConvolution": 1.0, "MatMul": 0.6, "Convolution": 0.5}
 WEIGHTS = {"gradient": 0.6, "type": 0.25, "depth": 0.15}
 FD_EPSILON = 1e-2
+Isolated = Callable[[Callable[[int, int], None] | None], dict[str, dict[Precision, dict[str, float]]]]
+"""``isolated(progress)`` → ``{op: {precision: {"top1", "kl", "nmse", ...}}}`` on the scoring split."""
 # Relative rounding error of a float with an 8-bit (bf16) or 11-bit (fp16) significand: uniform in ±2^-p.
 FLOAT_REL_NOISE2 = {Precision.BF16: (2.0**-8) ** 2 / 3.0, Precision.FP16: (2.0**-11) ** 2 / 3.0}
 
@@ -56,6 +64,7 @@ FLOAT_REL_NOISE2 = {Precision.BF16: (2.0**-8) ** 2 / 3.0, Precision.FP16: (2.0**
 class SensitivityMetric(str, Enum):
     """Registered sensitivity metrics (``apsq-ov calibrate --sensitivity NAME``)."""
 
+    QDFD = "qdfd"
     QNOISE = "qnoise"
     FD_GRADIENT = "fd-gradient"
 
@@ -261,6 +270,7 @@ def _qnoise_metric(
     config: dict,
     progress: Callable[[int, int], None] | None,
     seed: int,
+    isolated: Isolated | None = None,
 ) -> SensitivityReport:
     stats = probe(model, samples, units, {n: i.variants for n, i in infos.items()}, config, progress, seed)
     scored = {}
@@ -304,6 +314,7 @@ def _fd_gradient_metric(
     config: dict,
     progress: Callable[[int, int], None] | None,
     seed: int,
+    isolated: Isolated | None = None,
 ) -> SensitivityReport:
     stats = probe(model, samples, units, {n: () for n in infos}, config, progress, seed)
     gmax = max(stats.gradient.values()) or 1.0
@@ -331,7 +342,54 @@ def _fd_gradient_metric(
     )
 
 
+def _qdfd_metric(
+    model: ov.Model,
+    samples: Samples,
+    infos: dict[str, OpQuantInfo],
+    units: dict[str, RoutableOp],
+    config: dict,
+    progress: Callable[[int, int], None] | None,
+    seed: int,
+    isolated: Isolated | None = None,
+) -> SensitivityReport:
+    if isolated is None:
+        raise ConfigError("the qdfd metric needs the compiled adaptive model (run it through calibrate)")
+    stats = probe(model, samples, units, {n: i.variants for n, i in infos.items()}, config, None, seed)
+    n_stats = stats.inferences
+    losses = isolated(progress)
+    scored = {}
+    for name, info in infos.items():
+        comp: dict[str, float] = {"gradient": stats.gradient[name]}
+        predicted: dict[Precision, float] = {}
+        for p, loss in losses.get(name, {}).items():
+            predicted[p] = loss["kl"]
+            comp[f"kl_{p.value}"] = loss["kl"]
+            comp[f"nmse_{p.value}"] = loss["nmse"]
+            comp[f"local_error_{p.value}"] = stats.local_error[name][p]
+            comp[f"weight_noise_{p.value}"] = info.weight_error.get(p, 0.0)
+        if info.act_range is not None:
+            comp["clip_mse_ratio"] = stats.clip_mse[name] / max(stats.input_msq[name], 1e-30)
+        comp["type"] = TYPE_PRIOR.get(info.type, 0.5)
+        comp["depth"] = float(info.depth)
+        score = predicted[max(predicted, key=lambda p: p.rank)] if predicted else 0.0
+        scored[name] = OpSensitivity(comp, float(score), predicted)
+    n = len(samples)
+    n_isolated = n * (1 + sum(len([p for p in i.variants if p is not Precision.FP32]) for i in infos.values()))
+    return SensitivityReport(
+        metric=SensitivityMetric.QDFD,
+        formula="predicted_p = KL(y_fp32 || y) when the op's output moves by its own precision-p error "
+        "(y_p - y): a forward difference of the network output along the op's real quantization-noise "
+        "direction (= the op alone lowered, read through request state); score = predicted KL of the "
+        "op's coarsest variant. Components: RDFD gradient g, NMSE, local error, weight error, clip ratio",
+        estimator="quantization-direction forward difference (QDFD) on the scoring split, no recompilation",
+        inferences=n_stats + n_isolated,
+        ops=scored,
+        input_absmax=stats.input_absmax,
+    )
+
+
 SENSITIVITY_METRICS: dict[SensitivityMetric, Callable[..., SensitivityReport]] = {
+    SensitivityMetric.QDFD: _qdfd_metric,
     SensitivityMetric.QNOISE: _qnoise_metric,
     SensitivityMetric.FD_GRADIENT: _fd_gradient_metric,
 }
@@ -347,14 +405,16 @@ def score_ops(
     config: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
     seed: int = 0,
+    isolated: Isolated | None = None,
 ) -> SensitivityReport:
     """Score every routable op of ``model`` (FP32, static shapes, not modified) on ``samples``.
 
     :param infos: per op name, what is known of its variants (:class:`OpQuantInfo`).
     :param units: per op name, the routable op of the calibrated model (with NNCF's INT8 parts).
     :param progress: called with ``(done, total)`` inferences.
+    :param isolated: measures every (op, precision) alone on the scoring split (metrics that need it).
     """
-    return SENSITIVITY_METRICS[metric](model, samples, infos, units, config or {}, progress, seed)
+    return SENSITIVITY_METRICS[metric](model, samples, infos, units, config or {}, progress, seed, isolated)
 
 
 def rank(report: SensitivityReport, names: Sequence[str]) -> list[str]:

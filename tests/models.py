@@ -11,18 +11,28 @@ import openvino as ov
 from openvino import opset13 as ops
 
 
-def conv_chain(channels: int = 8, size: int = 16, seed: int = 0) -> ov.Model:
-    """input -> conv1(+bias) -> relu -> conv2 -> relu -> global mean -> fc: three routable ops."""
+def conv_chain(channels: int = 8, size: int = 16, seed: int = 0, outlier: float = 1.0) -> ov.Model:
+    """input -> conv1(+bias) -> relu -> conv2 -> relu -> global mean -> fc: three routable ops.
+
+    :param outlier: scale conv1's output channel 0 by this and conv2's weights on that channel by its
+        inverse: the FP32 function is unchanged, but conv2's input gets an outlier channel that
+        dominates a per-tensor INT8 range (a quantization-hostile op).
+    """
     rng = np.random.default_rng(seed)
     x = ops.parameter([-1, 3, size, size], np.float32, name="x")
     x.output(0).get_tensor().set_names({"x"})
-    w1 = ops.constant((rng.standard_normal((channels, 3, 3, 3)) * 0.3).astype(np.float32))
-    c1 = ops.convolution(x, w1, [1, 1], [1, 1], [1, 1], [1, 1])
+    w1_data = (rng.standard_normal((channels, 3, 3, 3)) * 0.3).astype(np.float32)
+    b1_data = rng.standard_normal((1, channels, 1, 1)).astype(np.float32) * 0.1
+    w1_data[0] *= outlier
+    b1_data[0, 0] *= outlier
+    c1 = ops.convolution(x, ops.constant(w1_data), [1, 1], [1, 1], [1, 1], [1, 1])
     c1.set_friendly_name("conv1")
-    b1 = ops.add(c1, ops.constant(rng.standard_normal((1, channels, 1, 1)).astype(np.float32) * 0.1))
+    b1 = ops.add(c1, ops.constant(b1_data))
     b1.set_friendly_name("conv1/bias")
     r1 = ops.relu(b1)
-    w2 = ops.constant((rng.standard_normal((channels, channels, 3, 3)) * 0.2).astype(np.float32))
+    w2_data = (rng.standard_normal((channels, channels, 3, 3)) * 0.2).astype(np.float32)
+    w2_data[:, 0] /= outlier
+    w2 = ops.constant(w2_data)
     c2 = ops.convolution(r1, w2, [1, 1], [1, 1], [1, 1], [1, 1])
     c2.set_friendly_name("conv2")
     r2 = ops.relu(c2)
