@@ -32,6 +32,8 @@ MANIFEST = "apsq.json"
 MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"
 RT_INFO_KEY = ["apsq", "manifest"]
+ROUTE_OUTPUT = "apsq_route"
+"""The adaptive IR's extra output: the precision code each routed op took, in manifest order."""
 
 
 @dataclass(kw_only=True)
@@ -133,7 +135,7 @@ class Manifest:
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": self.outputs,
             "batch": self.batch,
-            "route_output": "apsq_route",
+            "route_output": ROUTE_OUTPUT,
             "precision_codes": {str(p.code): p.value for p in Precision},
             "sensitivity": self.sensitivity,
             "calibration": self.calibration,

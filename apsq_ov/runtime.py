@@ -26,11 +26,9 @@ import openvino as ov
 
 from apsq_ov.errors import DataError, DeviceError
 from apsq_ov.inputs import InputSpec, request_arrays
-from apsq_ov.package import Manifest, Package
+from apsq_ov.package import ROUTE_OUTPUT, Manifest, Package
 from apsq_ov.precision import Precision
 from apsq_ov.routing import Route, plan_routes
-
-ROUTE_OUTPUT = "apsq_route"
 
 
 @dataclass

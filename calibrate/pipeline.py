@@ -1,4 +1,4 @@
-"""Calibration, end to end: model + data → sensitivity, variants, default policy → package.
+"""Calibration, end to end: model + data → variants, sensitivity, isolated drops, default policy → package.
 
 Where it sits in the data flow: the entry point of ``calibrate/`` (``apsq-ov calibrate`` and
 :func:`apsq_ov.calibrate.calibrate`). Phases, each reported through ``progress``:
@@ -6,10 +6,11 @@ Where it sits in the data flow: the entry point of ``calibrate/`` (``apsq-ov cal
 1. read the model, check the data against its inputs, reshape to static shapes (If bodies want them);
 2. ``nncf.quantize`` a copy of the model: the source of every INT8 variant (FakeQuantize ranges,
    int8 weights, bias-corrected biases);
-3. score every routable op (:mod:`.sensitivity`);
-4. build the adaptive IR (:mod:`.variants`), compile it, and measure each op's *isolated drop*
-   (only that op lowered, every other op fp32) by setting request state — no recompilation;
-5. plan the default policy at ``max_drop``, write it into the ReadValue initialisers, and write
+3. build the adaptive IR (:mod:`.variants`) and compile it once: lowering one op is a state write;
+4. score every routable op on the *scoring split* (:mod:`.sensitivity`);
+5. measure each op's *isolated loss* (only that op lowered, every other op fp32) on a disjoint
+   *held-out split*: the ground truth the report compares scores with, and the drops the policy budgets;
+6. plan the default policy at ``max_drop``, write it into the ReadValue initialisers, and write
    the package atomically.
 """
 

@@ -31,10 +31,10 @@ from openvino import opset13 as ops
 from openvino.op.util import Variable, VariableInfo
 
 from apsq_ov.errors import CalibrationError
+from apsq_ov.package import ROUTE_OUTPUT
 from apsq_ov.precision import Precision
 
 ROUTABLE_TYPES = ("Convolution", "GroupConvolution", "MatMul")
-ROUTE_OUTPUT = "apsq_route"
 _LOW_FLOAT = {Precision.BF16: "bf16", Precision.FP16: "f16"}
 
 
@@ -86,11 +86,8 @@ class RoutableOp:
     @property
     def int8_absmax(self) -> float | None:
         """Largest magnitude the NNCF activation quantizer represents (its calibrated range)."""
-        if self.act_fq is None:
-            return None
-        lo = self.act_fq.input(1).get_source_output().get_node().get_data()
-        hi = self.act_fq.input(2).get_source_output().get_node().get_data()
-        return float(max(np.abs(lo).max(), np.abs(hi).max()))
+        rng = act_range(self)
+        return None if rng is None else max(abs(rng[0]), abs(rng[1]))
 
 
 def _bias_of(node: ov.Node) -> ov.Node | None:
