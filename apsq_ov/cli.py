@@ -131,7 +131,12 @@ def calibrate(
             "qnoise (RDFD gradient x local error, cheaper) or fd-gradient (priors)."
         ),
     ] = "qdfd",
-    drop_samples: Annotated[int, typer.Option(min=1, help="Samples each isolated drop is measured on.")] = 200,
+    sensitivity_samples: Annotated[
+        int, typer.Option(min=1, help="Samples of the scoring split (the sensitivity score is measured on them).")
+    ] = 64,
+    drop_samples: Annotated[
+        int, typer.Option(min=1, help="Samples of the held-out split each isolated drop is measured on.")
+    ] = 200,
     seed: Annotated[int, typer.Option(help="Seed for the calibration subset and the FD directions.")] = 0,
 ) -> None:
     """Score, build and package an adaptive model: MODEL + --data -> OUT_DIR (model.xml/.bin + apsq.json)."""
@@ -150,6 +155,7 @@ def calibrate(
         subset_size=subset_size,
         max_drop=max_drop,
         sensitivity=SensitivityMetric.parse(sensitivity),
+        sensitivity_samples=sensitivity_samples,
         drop_samples=drop_samples,
         seed=seed,
     )
@@ -163,7 +169,7 @@ def calibrate(
         table.add_column(col)
     for op in m.ops:
         drops = [f"{op.drops[p]:.3f}" if p in op.drops else "-" for p in m.precisions if p is not Precision.FP32]
-        table.add_row(escape(op.name), op.type, f"{op.score:.3f}", *drops)
+        table.add_row(escape(op.name), op.type, f"{op.score:.2e}", *drops)
     out.print(table)
     out.print(f"{len(m.ops)} routed ops, default max-drop {m.default_max_drop}, {time.perf_counter() - t0:.1f} s")
 
