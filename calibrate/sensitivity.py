@@ -262,6 +262,14 @@ def activation_noise(info: OpQuantInfo, stats: ProbeStats, name: str, precision:
     return 0.0
 
 
+def _context_components(info: OpQuantInfo, stats: ProbeStats, name: str) -> dict[str, float]:
+    """What the report shows beside every score: clipping against the INT8 range, type prior, depth."""
+    comp = {"type": TYPE_PRIOR.get(info.type, 0.5), "depth": float(info.depth)}
+    if info.act_range is not None:
+        comp["clip_mse_ratio"] = stats.clip_mse[name] / max(stats.input_msq[name], 1e-30)
+    return comp
+
+
 def _qnoise_metric(
     model: ov.Model,
     samples: Samples,
@@ -286,10 +294,7 @@ def _qnoise_metric(
             comp[f"local_error_{p.value}"] = local
             comp[f"act_noise_{p.value}"] = activation_noise(info, stats, name, p)
             comp[f"weight_noise_{p.value}"] = info.weight_error.get(p, 0.0)
-        if info.act_range is not None:
-            comp["clip_mse_ratio"] = stats.clip_mse[name] / max(stats.input_msq[name], 1e-30)
-        comp["type"] = TYPE_PRIOR.get(info.type, 0.5)
-        comp["depth"] = float(info.depth)
+        comp.update(_context_components(info, stats, name))
         score = predicted[max(predicted, key=lambda p: p.rank)] if predicted else 0.0
         scored[name] = OpSensitivity(comp, float(score), predicted)
     return SensitivityReport(
@@ -367,10 +372,7 @@ def _qdfd_metric(
             comp[f"nmse_{p.value}"] = loss["nmse"]
             comp[f"local_error_{p.value}"] = stats.local_error[name][p]
             comp[f"weight_noise_{p.value}"] = info.weight_error.get(p, 0.0)
-        if info.act_range is not None:
-            comp["clip_mse_ratio"] = stats.clip_mse[name] / max(stats.input_msq[name], 1e-30)
-        comp["type"] = TYPE_PRIOR.get(info.type, 0.5)
-        comp["depth"] = float(info.depth)
+        comp.update(_context_components(info, stats, name))
         score = predicted[max(predicted, key=lambda p: p.rank)] if predicted else 0.0
         scored[name] = OpSensitivity(comp, float(score), predicted)
     n = len(samples)
