@@ -93,7 +93,15 @@ class AdaptiveCompiledModel:
         precision_map: Mapping[str, Precision | str] | None = None,
     ) -> dict[int, Route]:
         """The state every request gets for this policy (cached: the hot path pays a dict lookup)."""
-        key = _policy_key(max_drop, precision, precision_map)
+        return self._plan(_policy_key(max_drop, precision, precision_map), max_drop, precision, precision_map)
+
+    def _plan(
+        self,
+        key: tuple,
+        max_drop: float | None,
+        precision: Precision | str | None,
+        precision_map: Mapping[str, Precision | str] | None,
+    ) -> dict[int, Route]:
         plan = self._plans.get(key)
         if plan is None:
             routes = plan_routes(
@@ -139,7 +147,7 @@ class AdaptiveInferRequest:
     ) -> dict[int, Route]:
         """Write the routing state for this policy into the request (skipped when unchanged)."""
         key = _policy_key(max_drop, precision, precision_map)
-        plan = self.model.plan(max_drop=max_drop, precision=precision, precision_map=precision_map)
+        plan = self.model._plan(key, max_drop, precision, precision_map)
         if key != self._applied:
             for index, route in plan.items():
                 self._mode_states[index].state = ov.Tensor(np.array(route.mode.code, dtype=np.int32))

@@ -43,7 +43,7 @@ from .variants import (
     find_routable_ops,
     limit_variable_id,
     mode_variable_id,
-    weight_error,
+    weight_errors,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -192,7 +192,7 @@ def calibrate_model(
             depth=u.index,
             variants=variants[u.name],
             act_range=act_range(u),
-            weight_error={p: weight_error(u, p) for p in variants[u.name] if p is not Precision.FP32},
+            weight_error=weight_errors(u, variants[u.name]),
         )
         for u in units
     }

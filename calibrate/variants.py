@@ -313,20 +313,24 @@ def _round_to_bf16(w: np.ndarray) -> np.ndarray:
     return rounded.view(np.float32)
 
 
-def weight_error(unit: RoutableOp, precision: Precision) -> float:
-    """``‖W_p − W‖² / ‖W‖²`` for the weights the ``precision`` variant of ``unit`` really uses."""
+def weight_errors(unit: RoutableOp, precisions: Sequence[Precision]) -> dict[Precision, float]:
+    """``‖W_p − W‖² / ‖W‖²`` for the weights each lower ``precision`` variant of ``unit`` really uses."""
     w = _evaluate(unit.op.input(1).get_source_output())
-    if precision is Precision.INT8:
-        if unit.q_op is None:
-            return 0.0
-        wp = _evaluate(unit.q_op.input(1).get_source_output())
-    elif precision is Precision.BF16:
-        wp = _round_to_bf16(w)
-    elif precision is Precision.FP16:
-        wp = w.astype(np.float16).astype(np.float32)
-    else:
-        return 0.0
-    return float(np.sum((wp.astype(np.float64) - w) ** 2) / max(np.sum(w.astype(np.float64) ** 2), 1e-30))
+    norm = max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
+    errors: dict[Precision, float] = {}
+    for p in precisions:
+        if p is Precision.INT8:
+            if unit.q_op is None:
+                continue
+            wp = _evaluate(unit.q_op.input(1).get_source_output())
+        elif p is Precision.BF16:
+            wp = _round_to_bf16(w)
+        elif p is Precision.FP16:
+            wp = w.astype(np.float16).astype(np.float32)
+        else:
+            continue
+        errors[p] = float(np.sum((wp.astype(np.float64) - w) ** 2) / norm)
+    return errors
 
 
 def act_range(unit: RoutableOp) -> tuple[float, float, int] | None:
