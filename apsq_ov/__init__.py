@@ -25,6 +25,7 @@ from apsq_ov.errors import (
 )
 from apsq_ov.package import Package
 from apsq_ov.precision import Precision
+from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.runtime import (
     AdaptiveAsyncInferQueue,
     AdaptiveCompiledModel,
@@ -51,6 +52,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DeviceError",
+    "DeviceProfile",
     "ModelError",
     "Package",
     "PackageError",
@@ -59,4 +61,5 @@ __all__ = [
     "UnsupportedPrecisionError",
     "compile_model",
     "embedded_model",
+    "load_profile",
 ]

@@ -27,12 +27,14 @@ from apsq_ov.inputs import InputSpec
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "apsq.json"
 MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"
 RT_INFO_KEY = ["apsq", "manifest"]
 ROUTE_OUTPUT = "apsq_route"
+LEVEL_STATE = "apsq/level"
+"""State variable holding the index of the body a request runs (a level of the dial, or the full body)."""
 """The adaptive IR's extra output: the precision code each routed op took, in manifest order."""
 
 
@@ -61,6 +63,8 @@ class OpRecord:
     quality: dict[Precision, dict[str, float]] = field(default_factory=dict)
     int8_absmax: float | None = None
     input_absmax: float | None = None
+    macs: float = 0.0
+    io_bytes: float = 0.0
 
     @property
     def score(self) -> float:
@@ -78,6 +82,7 @@ class OpRecord:
             "quality_loss": {p.value: dict(v) for p, v in self.quality.items()},
             "thresholds": {"int8_absmax": self.int8_absmax},
             "calibration": {"input_absmax": self.input_absmax},
+            "cost": {"macs": self.macs, "io_bytes": self.io_bytes},
         }
 
     @classmethod
@@ -93,6 +98,60 @@ class OpRecord:
             quality={Precision.parse(p): dict(v) for p, v in d.get("quality_loss", {}).items()},
             int8_absmax=d.get("thresholds", {}).get("int8_absmax"),
             input_absmax=d.get("calibration", {}).get("input_absmax"),
+            macs=float(d.get("cost", {}).get("macs", 0.0)),
+            io_bytes=float(d.get("cost", {}).get("io_bytes", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class OpChoice:
+    """One op's place in a level body: static at ``fast`` when ``safe is fast``; else routed per input,
+    ``fast`` (INT8) unless the op input leaves the calibrated INT8 range (× ``limit``), then ``safe``."""
+
+    fast: Precision
+    safe: Precision
+    limit: float = 1.0
+
+    @property
+    def routed(self) -> bool:
+        return self.fast is not self.safe
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of the dial: the body a request with ``max_drop ≥ max_drop`` (and below the next level) runs."""
+
+    max_drop: float
+    choices: dict[str, OpChoice]
+    predicted_ms: float
+    predicted_drop: float
+    solver: str
+
+    @property
+    def routed(self) -> list[str]:
+        return [n for n, c in self.choices.items() if c.routed]
+
+    def to_json(self) -> dict:
+        return {
+            "max_drop": self.max_drop,
+            "predicted_ms": self.predicted_ms,
+            "predicted_drop": self.predicted_drop,
+            "solver": self.solver,
+            "routed": self.routed,
+            "ops": {n: {"fast": c.fast.value, "safe": c.safe.value, "limit": c.limit} for n, c in self.choices.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Level:
+        return cls(
+            max_drop=float(d["max_drop"]),
+            choices={
+                n: OpChoice(Precision.parse(c["fast"]), Precision.parse(c["safe"]), float(c.get("limit", 1.0)))
+                for n, c in d["ops"].items()
+            },
+            predicted_ms=float(d["predicted_ms"]),
+            predicted_drop=float(d["predicted_drop"]),
+            solver=str(d.get("solver", "")),
         )
 
 
@@ -110,6 +169,9 @@ class Manifest:
     ops: list[OpRecord]
     sensitivity: dict[str, Any]
     calibration: dict[str, Any]
+    levels: list[Level] = field(default_factory=list)
+    default_level: int = 0
+    selection: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
@@ -140,6 +202,9 @@ class Manifest:
             "sensitivity": self.sensitivity,
             "calibration": self.calibration,
             "ops": [op.to_json() for op in self.ops],
+            "selection": self.selection,
+            "default_level": self.default_level,
+            "levels": [level.to_json() for level in self.levels],
         }
         if with_files:
             d["files"] = self.files
@@ -167,6 +232,9 @@ class Manifest:
                 ops=[OpRecord.from_json(o) for o in d["ops"]],
                 sensitivity=dict(d["sensitivity"]),
                 calibration=dict(d["calibration"]),
+                levels=[Level.from_json(x) for x in d["levels"]],
+                default_level=int(d["default_level"]),
+                selection=dict(d["selection"]),
                 files=dict(d.get("files", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:

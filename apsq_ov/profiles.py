@@ -1,12 +1,21 @@
 """Device Precision Profiles: per device, which precisions run natively and what each costs per
-operator type. Read by calibration (which variants to build) and by the routing policy (which
-variant is the fastest). Shipped profiles live in ``device_profiles/`` (``apsq_ov.device_profiles``).
+operator type and size, every figure with its provenance (``measured`` / ``published`` /
+``estimate``). Read by calibration (which variants to build, the per-op cost model of the
+selection) and by the routing policy. Shipped profiles live in ``device_profiles/``
+(``apsq_ov.device_profiles``); ``apsq-ov profile --device D -o FILE`` measures one
+(:mod:`apsq_ov.profiler`). The JSON form is ``apsq_ov/schemas/profile.schema.json``.
+
+Cost model: an op type × precision holds benchmark *points* (MACs, latency). The latency of an op
+with ``m`` MACs is interpolated on the per-MAC latency in log-log between the two nearest points
+(constant per-MAC latency beyond the ends). One routing ``If`` costs
+``if_base_ms + if_per_mb_ms × MB copied`` (the op's input and output).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,127 +23,223 @@ from typing import Any
 from apsq_ov.errors import ProfileError
 from apsq_ov.precision import Precision
 
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2
 _FALLBACK_OP_TYPE = "Convolution"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One number and where it comes from (``provenance["kind"]``: measured / published / estimate)."""
+
+    value: float
+    provenance: dict[str, str]
+
+    @property
+    def kind(self) -> str:
+        return self.provenance["kind"]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One benchmarked size of an op type at one precision."""
+
+    shape: str
+    macs: float
+    latency_ms: Figure
+    throughput_fps: Figure | None = None
+    energy_mj: Figure | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceProfile:
-    """A device's Precision Profile.
+    """A device's Precision Profile (build it with :meth:`from_json` or :func:`load_profile`).
 
     :param device: OpenVINO device name (``CPU``, ``GPU``, ``GPU.1`` …).
     :param native_precisions: precisions the device runs natively.
     :param default_precisions: variants calibration builds when the user does not say.
-    :param relative_latency: ``{op type: {precision: latency relative to fp32}}``.
-    :param route_overhead_ms: measured or published cost of one routed operator (an ``If``).
+    :param points: ``{op type: {precision: (Point, …)}}`` sorted by MACs.
+    :param if_base_ms, if_per_mb_ms: cost of one routing ``If``.
     :param compile_config: OpenVINO properties apsq-ov compiles with on this device.
     """
 
     device: str
     name: str
-    provenance: str
+    identity: dict[str, str]
+    int8_hardware: str
     native_precisions: tuple[Precision, ...]
     default_precisions: tuple[Precision, ...]
-    relative_latency: dict[str, dict[Precision, float]]
-    route_overhead_ms: float
-    compile_config: dict[str, str] = field(default_factory=dict)
+    points: dict[str, dict[Precision, tuple[Point, ...]]]
+    if_base_ms: Figure
+    if_per_mb_ms: Figure
+    compile_config: dict[str, str]
+    raw: dict[str, Any]
     source: str = ""
 
-    def __post_init__(self) -> None:
-        if Precision.FP32 not in self.default_precisions:
-            raise ProfileError(f"profile {self.source or self.device}: default_precisions must include fp32")
-        for op_type, row in self.relative_latency.items():
-            if Precision.FP32 not in row:
-                raise ProfileError(f"profile {self.source or self.device}: op type {op_type} has no fp32 latency")
+    # -- the cost model ------------------------------------------------------------------------
+    def _row(self, op_type: str) -> dict[Precision, tuple[Point, ...]]:
+        return self.points.get(op_type) or self.points.get(_FALLBACK_OP_TYPE) or next(iter(self.points.values()))
 
-    def cost(self, op_type: str, precision: Precision) -> float:
-        """Latency of ``op_type`` at ``precision`` relative to fp32 (1.0); inf if the profile has no figure."""
-        row = self.relative_latency.get(op_type) or self.relative_latency.get(_FALLBACK_OP_TYPE, {})
-        return row.get(precision, float("inf"))
+    def typical_macs(self, op_type: str) -> float:
+        """Geometric middle of the fp32 points' sizes: the size :meth:`cost` compares at."""
+        pts = self._row(op_type)[Precision.FP32]
+        return math.sqrt(pts[0].macs * pts[-1].macs)
 
-    def faster_than_fp32(self, op_type: str, offered: tuple[Precision, ...]) -> list[Precision]:
-        """The offered precisions that this device runs faster than fp32 for ``op_type``, fastest first."""
-        base = self.cost(op_type, Precision.FP32)
-        faster = [p for p in offered if p is not Precision.FP32 and self.cost(op_type, p) < base]
-        return sorted(faster, key=lambda p: (self.cost(op_type, p), p.rank))
+    def latency_ms(self, op_type: str, precision: Precision, macs: float | None = None) -> float:
+        """Predicted latency of one ``op_type`` op with ``macs`` MACs at ``precision``; inf if the
+        profile has no figure for that precision."""
+        pts = self._row(op_type).get(precision)
+        if not pts:
+            return math.inf
+        m = float(macs) if macs else self.typical_macs(op_type)
+        if len(pts) == 1 or m <= pts[0].macs:
+            p = pts[0]
+            return p.latency_ms.value * m / p.macs
+        if m >= pts[-1].macs:
+            p = pts[-1]
+            return p.latency_ms.value * m / p.macs
+        for lo, hi in zip(pts, pts[1:], strict=False):
+            if lo.macs <= m <= hi.macs:
+                t = (math.log(m) - math.log(lo.macs)) / max(math.log(hi.macs) - math.log(lo.macs), 1e-12)
+                per_lo = math.log(lo.latency_ms.value / lo.macs)
+                per_hi = math.log(hi.latency_ms.value / hi.macs)
+                return m * math.exp(per_lo + t * (per_hi - per_lo))
+        raise AssertionError("unreachable: points are sorted")
 
+    def cost(self, op_type: str, precision: Precision, macs: float | None = None) -> float:
+        """Latency of ``op_type`` at ``precision`` relative to fp32 (1.0) at the same size; inf if unknown."""
+        base = self.latency_ms(op_type, Precision.FP32, macs)
+        return self.latency_ms(op_type, precision, macs) / base if base > 0 else math.inf
+
+    def faster_than_fp32(
+        self, op_type: str, offered: tuple[Precision, ...], macs: float | None = None
+    ) -> list[Precision]:
+        """The offered precisions this device runs faster than fp32 for ``op_type`` (at ``macs``), fastest first.
+        A precision the profile shows no gain for is never in the list: it is never chosen for speed."""
+        base = self.latency_ms(op_type, Precision.FP32, macs)
+        faster = [p for p in offered if p is not Precision.FP32 and self.latency_ms(op_type, p, macs) < base]
+        return sorted(faster, key=lambda p: (self.latency_ms(op_type, p, macs), p.rank))
+
+    def route_ms(self, copied_bytes: float) -> float:
+        """Predicted cost of one routing ``If`` that copies ``copied_bytes`` in and out."""
+        return self.if_base_ms.value + self.if_per_mb_ms.value * copied_bytes / 2**20
+
+    @property
+    def route_overhead_ms(self) -> float:
+        """The If cost at 1 MB copied (a summary figure for tables)."""
+        return self.route_ms(2**20)
+
+    # -- JSON ------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        """The profile as written in a package manifest."""
-        return {
-            "schema_version": PROFILE_SCHEMA_VERSION,
-            "device": self.device,
-            "name": self.name,
-            "provenance": self.provenance,
-            "native_precisions": [p.value for p in self.native_precisions],
-            "default_precisions": [p.value for p in self.default_precisions],
-            "compile_config": dict(self.compile_config),
-            "route_overhead_ms": self.route_overhead_ms,
-            "op_types": {
-                t: {p.value: {"relative_latency": v} for p, v in row.items()}
-                for t, row in self.relative_latency.items()
-            },
-        }
+        """The profile exactly as read (it is also what a package manifest embeds)."""
+        return json.loads(json.dumps(self.raw))
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: str = "") -> DeviceProfile:
-        """Validate and build a profile from its JSON form.
+    def from_json(cls, data: Any, source: str = "") -> DeviceProfile:
+        """Validate ``data`` against the profile schema and build the profile.
 
-        :raises ProfileError: naming the source and the bad field.
+        :raises ProfileError: naming the source and the JSON path of the bad field.
         """
+        import jsonschema
+
         where = source or "profile"
-        if not isinstance(data, dict):
-            raise ProfileError(f"{where}: expected a JSON object")
-        if data.get("schema_version") != PROFILE_SCHEMA_VERSION:
+        if isinstance(data, dict) and data.get("schema_version") != PROFILE_SCHEMA_VERSION:
             raise ProfileError(
                 f"{where}: schema_version {data.get('schema_version')!r}, this apsq-ov reads {PROFILE_SCHEMA_VERSION}"
             )
-        try:
-            rel = {
-                str(t): {Precision.parse(p): float(v["relative_latency"]) for p, v in row.items()}
-                for t, row in data["op_types"].items()
+        validator = jsonschema.Draft202012Validator(_schema())
+        errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.path))))
+        if errors:
+            err = jsonschema.exceptions.best_match(errors) or errors[0]
+            path = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+            raise ProfileError(f"{where}: field {path}: {_short(err.message)}")
+        points: dict[str, dict[Precision, tuple[Point, ...]]] = {}
+        for op_type, row in data["op_types"].items():
+            points[op_type] = {
+                Precision.parse(p): tuple(sorted((_point(x) for x in pts), key=lambda q: q.macs))
+                for p, pts in row.items()
             }
-            return cls(
-                device=str(data["device"]),
-                name=str(data.get("name", data["device"])),
-                provenance=str(data.get("provenance", "")),
-                native_precisions=tuple(Precision.parse(p) for p in data["native_precisions"]),
-                default_precisions=tuple(Precision.parse(p) for p in data["default_precisions"]),
-                relative_latency=rel,
-                route_overhead_ms=float(data.get("route_overhead_ms", 0.0)),
-                compile_config={str(k): str(v) for k, v in data.get("compile_config", {}).items()},
-                source=source,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ProfileError(f"{where}: malformed profile ({type(exc).__name__}: {exc})") from exc
+        native = tuple(Precision.parse(p) for p in data["native_precisions"])
+        default = tuple(Precision.parse(p) for p in data["default_precisions"])
+        if Precision.FP32 not in default:
+            raise ProfileError(f"{where}: field default_precisions: must include fp32")
+        device = data["device"]
+        return cls(
+            device=str(device["plugin"]),
+            name=str(device["name"]),
+            identity=dict(device["identity"]),
+            int8_hardware=str(device.get("int8_hardware", "unknown")),
+            native_precisions=native,
+            default_precisions=default,
+            points=points,
+            if_base_ms=_figure(data["routing"]["if_base_ms"]),
+            if_per_mb_ms=_figure(data["routing"]["if_per_mb_ms"]),
+            compile_config={str(k): str(v) for k, v in data["compile_config"].items()},
+            raw=json.loads(json.dumps(data)),
+            source=source,
+        )
+
+
+def _short(message: str, limit: int = 160) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def _figure(d: dict[str, Any]) -> Figure:
+    return Figure(float(d["value"]), dict(d["provenance"]))
+
+
+def _point(d: dict[str, Any]) -> Point:
+    return Point(
+        shape=str(d["shape"]),
+        macs=float(d["macs"]),
+        latency_ms=_figure(d["latency_ms"]),
+        throughput_fps=_figure(d["throughput_fps"]) if "throughput_fps" in d else None,
+        energy_mj=_figure(d["energy_mj"]) if "energy_mj" in d else None,
+    )
+
+
+_SCHEMA: dict[str, Any] | None = None
+_DEFAULT_PROFILE = {"AUTO": "CPU", "GPU": "GPU.gen12-iris-xe"}
+"""Which shipped profile a bare device name uses (``--profile`` picks another, e.g. ``GPU.gen11``)."""
+
+
+def _schema() -> dict[str, Any]:
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = json.loads((resources.files("apsq_ov") / "schemas" / "profile.schema.json").read_text())
+    return _SCHEMA
 
 
 def shipped_profiles() -> list[str]:
-    """Device names with a profile shipped in ``apsq_ov.device_profiles``."""
+    """Names of the profiles shipped in ``apsq_ov.device_profiles`` (``CPU``, ``GPU``, ``GPU.gen11`` …)."""
     root = resources.files("apsq_ov.device_profiles")
     return sorted(p.name[: -len(".json")] for p in root.iterdir() if p.name.endswith(".json"))
 
 
 def load_profile(device: str = "CPU", path: str | Path | None = None) -> DeviceProfile:
-    """Load a profile from ``path``, or the shipped one for ``device`` (``GPU.1`` uses ``GPU``).
+    """Load a profile from ``path`` (a file, or the name of a shipped profile such as ``GPU.gen11``),
+    or the shipped one for ``device`` (``GPU.1`` uses ``GPU``; ``AUTO`` uses ``CPU``).
 
-    :raises ProfileError: if the file is missing, not JSON, or malformed.
+    :raises ProfileError: if the file is missing, not JSON, or malformed (naming the field).
     """
+    if path is not None and not Path(path).is_file() and str(path) in shipped_profiles():
+        device, path = str(path), None
     if path is not None:
         p = Path(path)
         try:
             text = p.read_text()
         except OSError as exc:
-            raise ProfileError(f"cannot read profile {p}: {exc.strerror or exc}") from exc
+            raise ProfileError(
+                f"cannot read profile {p}: {exc.strerror or exc} (shipped profiles: {', '.join(shipped_profiles())})"
+            ) from exc
         source = str(p)
     else:
-        base = device.split(".")[0].upper()
-        if base == "AUTO":
-            base = "CPU"
-        res = resources.files("apsq_ov.device_profiles") / f"{base}.json"
+        name = device if device in shipped_profiles() else device.split(".")[0].upper()
+        name = _DEFAULT_PROFILE.get(name, name)
+        res = resources.files("apsq_ov.device_profiles") / f"{name}.json"
         if not res.is_file():
             raise ProfileError(f"no shipped profile for device {device!r}; shipped: {', '.join(shipped_profiles())}")
         text = res.read_text()
-        source = f"device_profiles/{base}.json"
+        source = f"device_profiles/{name}.json"
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from apsq_ov.errors import ConfigError, UnsupportedPrecisionError
-from apsq_ov.package import OpRecord
+from apsq_ov.package import Level, OpRecord
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile
 
@@ -137,3 +137,12 @@ def _drop(op: OpRecord, precision: Precision) -> float:
     if precision is Precision.FP32:
         return 0.0
     return max(0.0, op.drops.get(precision, op.score))
+
+
+def level_for(levels: Sequence[Level], max_drop: float) -> int:
+    """Index of the level a request with ``max_drop`` runs: the largest level budget ≤ ``max_drop``."""
+    best = 0
+    for i, level in enumerate(levels):
+        if level.max_drop <= max_drop + 1e-12:
+            best = i
+    return best

@@ -26,9 +26,9 @@ import openvino as ov
 
 from apsq_ov.errors import DataError, DeviceError
 from apsq_ov.inputs import InputSpec, request_arrays
-from apsq_ov.package import ROUTE_OUTPUT, Manifest, Package
+from apsq_ov.package import LEVEL_STATE, ROUTE_OUTPUT, Manifest, Package
 from apsq_ov.precision import Precision
-from apsq_ov.routing import Route, plan_routes
+from apsq_ov.routing import Route, check_max_drop, level_for, plan_routes
 
 
 @dataclass
@@ -55,6 +55,16 @@ class AdaptiveResult:
         return {n: Precision.from_code(int(c)) for n, c in zip(self.route_ops, self.route, strict=True)}
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a request runs: ``level`` (index of a level body, or ``len(levels)`` for the fully routed
+    body) and, for the full body, every routed op's mode and range limit (by op index)."""
+
+    level: int
+    routes: dict[int, Route]
+    escalate: float = 1.0
+
+
 def _policy_key(max_drop: Any, precision: Any, precision_map: Mapping[str, Any] | None) -> tuple:
     pm = tuple(sorted((k, str(v)) for k, v in precision_map.items())) if precision_map else ()
     return (max_drop, None if precision is None else str(precision), pm)
@@ -71,7 +81,7 @@ class AdaptiveCompiledModel:
         self._route_index = names.index(ROUTE_OUTPUT)
         self._output_names = [n or f"output{i}" for i, n in enumerate(names) if i != self._route_index]
         self._output_ports = [i for i in range(len(names)) if i != self._route_index]
-        self._plans: dict[tuple, dict[int, Route]] = {}
+        self._plans: dict[tuple, Plan] = {}
 
     @property
     def route_ops(self) -> list[str]:
@@ -85,14 +95,24 @@ class AdaptiveCompiledModel:
     def inputs(self) -> list[InputSpec]:
         return self.manifest.inputs
 
+    @property
+    def full_level(self) -> int:
+        """Level index of the fully routed body (pins and forced precisions run there)."""
+        return len(self.manifest.levels)
+
     def plan(
         self,
         *,
         max_drop: float | None = None,
         precision: Precision | str | None = None,
         precision_map: Mapping[str, Precision | str] | None = None,
-    ) -> dict[int, Route]:
-        """The state every request gets for this policy (cached: the hot path pays a dict lookup)."""
+    ) -> Plan:
+        """The state every request gets for this policy (cached: the hot path pays a dict lookup).
+
+        ``max_drop`` selects a level of the dial: the level body with the largest budget ≤ ``max_drop``
+        (static ops, a few per-input routed ones). ``precision`` / ``precision_map`` run the fully
+        routed body, where every op follows its own state.
+        """
         return self._plan(_policy_key(max_drop, precision, precision_map), max_drop, precision, precision_map)
 
     def _plan(
@@ -101,18 +121,23 @@ class AdaptiveCompiledModel:
         max_drop: float | None,
         precision: Precision | str | None,
         precision_map: Mapping[str, Precision | str] | None,
-    ) -> dict[int, Route]:
+    ) -> Plan:
         plan = self._plans.get(key)
         if plan is None:
-            routes = plan_routes(
-                self.manifest.ops,
-                self.manifest.profile,
-                max_drop=max_drop,
-                precision=precision,
-                precision_map=precision_map,
-                default_max_drop=self.manifest.default_max_drop,
-            )
-            plan = {op.index: routes[op.name] for op in self.manifest.ops}
+            m = self.manifest
+            if precision is None and not precision_map and m.levels:
+                budget = check_max_drop(m.default_max_drop if max_drop is None else max_drop)
+                plan = Plan(level_for(m.levels, budget), {})
+            else:
+                routes = plan_routes(
+                    m.ops,
+                    m.profile,
+                    max_drop=max_drop,
+                    precision=precision,
+                    precision_map=precision_map,
+                    default_max_drop=m.default_max_drop,
+                )
+                plan = Plan(self.full_level, {op.index: routes[op.name] for op in m.ops})
             self._plans[key] = plan
         return plan
 
@@ -131,6 +156,7 @@ class AdaptiveInferRequest:
         self.model = model
         self.request = request
         states = {s.name: s for s in request.query_state()}
+        self._level_state = states.get(LEVEL_STATE)  # absent in calibration's measurement IR
         self._mode_states = {op.index: states[f"apsq/mode/{op.index}"] for op in model.manifest.ops}
         # Ops without an INT8 variant have no range check, hence no limit state.
         self._limit_states = {op.index: states[f"apsq/limit/{op.index}"] for op in model.manifest.ops
@@ -144,12 +170,14 @@ class AdaptiveInferRequest:
         max_drop: float | None = None,
         precision: Precision | str | None = None,
         precision_map: Mapping[str, Precision | str] | None = None,
-    ) -> dict[int, Route]:
+    ) -> Plan:
         """Write the routing state for this policy into the request (skipped when unchanged)."""
         key = _policy_key(max_drop, precision, precision_map)
         plan = self.model._plan(key, max_drop, precision, precision_map)
         if key != self._applied:
-            for index, route in plan.items():
+            if self._level_state is not None:
+                self._level_state.state = ov.Tensor(np.array(plan.level, dtype=np.int32))
+            for index, route in plan.routes.items():
                 self._mode_states[index].state = ov.Tensor(np.array(route.mode.code, dtype=np.int32))
                 if index in self._limit_states:
                     limit = min(route.range_limit, 3.0e38)
@@ -166,8 +194,8 @@ class AdaptiveInferRequest:
     ) -> list[np.ndarray]:
         arrays = request_arrays(inputs, self.model.inputs)
         self._nonfinite = any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
-        if self._nonfinite:  # the range check cannot see NaN (comparisons are false): route it to fp32 explicitly
-            self.set_policy(precision=Precision.FP32)
+        if self._nonfinite:  # the range check cannot see NaN (comparisons are false): run the fp32 level
+            self.set_policy(max_drop=0.0)
         else:
             self.set_policy(max_drop=max_drop, precision=precision, precision_map=precision_map)
         return arrays

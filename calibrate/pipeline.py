@@ -32,17 +32,18 @@ from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, stat
 from apsq_ov.package import Manifest, OpRecord, Package, write_package
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import load_profile
-from apsq_ov.routing import check_max_drop, plan_routes
+from apsq_ov.routing import check_max_drop, level_for
 from apsq_ov.runtime import AdaptiveInferRequest, compile_adaptive
 
+from .selection import OBJECTIVE, OpCost, default_budgets, op_size, select_levels
 from .sensitivity import OpQuantInfo, SensitivityMetric, score_ops
 from .variants import (
+    RoutableOp,
     RouteDefault,
     act_range,
     build_adaptive_model,
+    build_package_model,
     find_routable_ops,
-    limit_variable_id,
-    mode_variable_id,
     weight_errors,
 )
 
@@ -50,7 +51,7 @@ Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: the CLI turns it into rich progress bars."""
 
 DROP_METRIC = "1 - top-1 agreement with FP32 (argmax over the last axis of the first output), held-out split"
-_BUILDABLE = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8)
+_BUILDABLE = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8, Precision.INT4)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +66,8 @@ class CalibrationConfig:
     :param sensitivity: registered sensitivity metric.
     :param sensitivity_samples: samples the finite-difference estimator runs on.
     :param drop_samples: samples each isolated drop is measured on.
+    :param levels: the max-drop levels of the dial (one level body each); ``None`` → 0, ¼, ½, 1, 2, 4 × max_drop, 1.
+    :param latency_budget_ms: optional cap on each level's predicted latency (profile cost model).
     """
 
     device: str = "CPU"
@@ -76,9 +79,15 @@ class CalibrationConfig:
     sensitivity_samples: int = 64
     drop_samples: int = 200
     seed: int = 0
+    levels: tuple[float, ...] | None = None
+    latency_budget_ms: float | None = None
 
     def __post_init__(self) -> None:
         check_max_drop(self.max_drop)
+        for level in self.levels or ():
+            check_max_drop(level)
+        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
+            raise ConfigError(f"latency budget must be > 0 ms, got {self.latency_budget_ms}")
         for name in ("subset_size", "sensitivity_samples", "drop_samples"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -178,13 +187,19 @@ def calibrate_model(
     q_model = None
     if Precision.INT8 in precisions:
         q_model = _nncf_quantize(model, batches(calib_idx), progress)
-    units = find_routable_ops(model, q_model)
+    q4_model = _nncf_compress_int4(model, progress) if Precision.INT4 in precisions else None
+    units = find_routable_ops(model, q_model, q4_model)
     if not units:
         raise ModelError("the model has no Convolution, GroupConvolution or MatMul with constant weights to route")
 
     variants: dict[str, tuple[Precision, ...]] = {}
     for u in units:
-        offered = [p for p in precisions if p is not Precision.INT8 or u.act_fq is not None]
+        offered = [
+            p
+            for p in precisions
+            if (p is not Precision.INT8 or u.act_fq is not None)
+            and (p is not Precision.INT4 or u.q4_weights is not None)
+        ]
         variants[u.name] = tuple(offered)
     infos = {
         u.name: OpQuantInfo(
@@ -212,7 +227,10 @@ def calibrate_model(
         )
         for u in units
     ]
+    for rec, u in zip(records, units, strict=True):
+        rec.macs, rec.io_bytes = _size(u)
     routed = [r for r in records if len(r.variants) > 1]
+    by_name = {r.name for r in routed}
     if not routed:
         raise CalibrationError(f"no op got a variant besides fp32 for precisions {[p.value for p in precisions]}")
     fp32_model = model.clone()  # the probe needs the FP32 graph; the build rewrites `model` in place
@@ -275,20 +293,79 @@ def calibrate_model(
     labels = None
     if samples.labels is not None:
         labels = [samples.labels[int(i) * batch : (int(i) + 1) * batch] for i in drop_idx]
+    harm: dict[tuple[str, Precision], np.ndarray] = {}
     ground_truth = isolated_losses(
         request,
         manifest.ops,
         batches(drop_idx),
         labels,
         (lambda d, t: progress("isolated drops", d, t)) if progress else None,
+        per_sample=harm,
     )
     for op in manifest.ops:
         for p, loss in ground_truth[op.name].items():
             op.quality[p] = loss
             op.drops[p] = loss["top1"]
-    routes = plan_routes(manifest.ops, profile, max_drop=config.max_drop)
-    _set_defaults(model, manifest, {n: RouteDefault(r.mode, r.range_limit) for n, r in routes.items()})
-    return model, manifest
+    # Selection: which variant each op runs at each level of the dial, which ops are routed per input.
+    escalated = _escalations(fp32_model, [u for u in units if u.name in by_name], batches(drop_idx))
+    costs = [
+        OpCost(
+            name=op.name,
+            type=op.type,
+            macs=op.macs,
+            io_bytes=op.io_bytes,
+            offered=op.variants,
+            harm={p: harm[(op.name, p)] for p in op.variants if p is not Precision.FP32},
+            escalated=escalated.get(op.name),
+        )
+        for op in manifest.ops
+    ]
+    budgets = config.levels or tuple(default_budgets(config.max_drop))
+    levels = select_levels(costs, profile, budgets, latency_budget_ms=config.latency_budget_ms)
+    manifest.levels = levels
+    manifest.default_level = level_for(levels, config.max_drop)
+    manifest.selection = {
+        "objective": OBJECTIVE,
+        "latency_budget_ms": config.latency_budget_ms,
+        "levels": [lv.max_drop for lv in levels],
+        "escalation_rate": {n: float(np.mean(e)) for n, e in escalated.items()},
+    }
+    if progress:
+        progress("build package IR", 0, 1)
+    package_model = build_package_model(fp32_model, q_model, variants, [lv.choices for lv in levels],
+                                        manifest.default_level, q4_model=q4_model)  # fmt: skip
+    if progress:
+        progress("build package IR", 1, 1)
+    return package_model, manifest
+
+
+def _size(unit: RoutableOp) -> tuple[float, float]:
+    """MACs of the op and the bytes a routing If copies for it (input and output, fp32)."""
+    op = unit.op
+    shapes = [list(op.get_input_shape(0)), list(op.get_input_shape(1)), list(op.get_output_shape(0))]
+    io = 4.0 * (math.prod(shapes[0]) + math.prod(shapes[2]))
+    return op_size(unit.type, *shapes), io
+
+
+def _escalations(fp32_model: ov.Model, units: list[RoutableOp], data: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per sample and INT8 op: does the op input (FP32 path) leave the calibrated INT8 range? One FP32 pass
+    of a copy of the model with each op input's abs-max as an extra output."""
+    checked = [u for u in units if u.int8_absmax is not None]
+    if not checked:
+        return {}
+    probe = fp32_model.clone()
+    by_name = {n.get_friendly_name(): n for n in probe.get_ordered_ops()}
+    extra = []
+    for u in checked:
+        x = by_name[u.name].input(0).get_source_output()
+        axes = ops.constant(np.arange(len(x.get_partial_shape()), dtype=np.int64))
+        extra.append(ops.result(ops.reduce_max(ops.abs(x), axes, False)))
+    probe.add_results(extra)
+    compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    req = compiled.create_infer_request()
+    n_out = len(fp32_model.outputs)
+    seen = np.array([[float(req.infer(x)[n_out + j]) for j in range(len(checked))] for x in data])
+    return {u.name: seen[:, j] > u.int8_absmax for j, u in enumerate(checked)}
 
 
 def _nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Progress | None) -> ov.Model:
@@ -304,6 +381,25 @@ def _nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Prog
     if progress:
         progress("nncf.quantize", 1, 1)
     return q
+
+
+def _nncf_compress_int4(model: ov.Model, progress: Progress | None) -> ov.Model:
+    """NNCF's INT4 weight-only compression (symmetric, per output channel) of every MatMul it takes:
+    the source of the INT4 variants. NNCF never compresses convolutions to INT4."""
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    if progress:
+        progress("nncf.compress_weights int4", 0, 1)
+    try:
+        q4 = nncf.compress_weights(
+            model.clone(), mode=nncf.CompressWeightsMode.INT4_SYM, ratio=1.0, group_size=-1, all_layers=True
+        )
+    except Exception as exc:  # NNCF raises many types; translate them all at this boundary
+        raise CalibrationError(f"nncf.compress_weights (int4) failed: {type(exc).__name__}: {exc}") from exc
+    if progress:
+        progress("nncf.compress_weights int4", 1, 1)
+    return q4
 
 
 def _probabilities(y: np.ndarray) -> np.ndarray:
@@ -351,9 +447,13 @@ def isolated_losses(
     data: list[list[np.ndarray]],
     labels: list[np.ndarray] | None,
     progress: Callable[[int, int], None] | None,
+    per_sample: dict[tuple[str, Precision], np.ndarray] | None = None,
 ) -> dict[str, dict[Precision, dict[str, float]]]:
     """Loss of every (op, lower precision) with that op alone lowered and every other op fp32
-    (:func:`quality_loss` against the all-fp32 route), by writing request state only."""
+    (:func:`quality_loss` against the all-fp32 route), by writing request state only.
+
+    :param per_sample: if given, filled with each job's per-sample top-1 disagreement (fraction of positions).
+    """
     jobs = [(op, p) for op in ops_ for p in op.variants if p is not Precision.FP32]
     total = len(data) * (1 + len(jobs))
     done = 0
@@ -372,20 +472,11 @@ def isolated_losses(
             if progress:
                 progress(done, total)
         losses[op.name][p] = quality_loss(outputs, reference, labels)
-    return losses
-
-
-def _set_defaults(model: ov.Model, manifest: Manifest, defaults: dict[str, RouteDefault]) -> None:
-    """Write the default policy into the ReadValue initialisers (what a plain compile_model runs)."""
-    by_id = {n.get_friendly_name(): n for n in model.get_ordered_ops() if n.get_type_name() == "ReadValue"}
-    for op in manifest.ops:
-        d = defaults[op.name]
-        by_id[mode_variable_id(op.index)].input(0).replace_source_output(ops.constant(np.int32(d.mode.code)).output(0))
-        if limit_variable_id(op.index) in by_id:
-            by_id[limit_variable_id(op.index)].input(0).replace_source_output(
-                ops.constant(np.float32(min(d.range_limit, 3.0e38))).output(0)
+        if per_sample is not None:
+            per_sample[(op.name, p)] = np.array(
+                [np.mean(top1_of(o) != top1_of(r)) for o, r in zip(outputs, reference, strict=True)]
             )
-    model.validate_nodes_and_infer_types()
+    return losses
 
 
 __all__ = ["CalibrationConfig", "calibrate", "calibrate_model", "read_model", "sample_order"]

@@ -21,7 +21,7 @@ All route codes leave the graph through one extra output, ``apsq_route``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +31,7 @@ from openvino import opset13 as ops
 from openvino.op.util import Variable, VariableInfo
 
 from apsq_ov.errors import CalibrationError
-from apsq_ov.package import ROUTE_OUTPUT
+from apsq_ov.package import LEVEL_STATE, ROUTE_OUTPUT, OpChoice
 from apsq_ov.precision import Precision
 
 ROUTABLE_TYPES = ("Convolution", "GroupConvolution", "MatMul")
@@ -77,6 +77,8 @@ class RoutableOp:
     q_op: ov.Node | None = None
     q_bias: ov.Node | None = None
     act_fq: ov.Node | None = None
+    q4_weights: ov.Output | None = None
+    """NNCF ``compress_weights`` INT4 weight sub-graph (MatMul only): the weight-only INT4 variant."""
 
     @property
     def out(self) -> ov.Output:
@@ -101,14 +103,18 @@ def _bias_of(node: ov.Node) -> ov.Node | None:
     return add if _is_constant_subgraph(other) else None
 
 
-def find_routable_ops(model: ov.Model, q_model: ov.Model | None = None) -> list[RoutableOp]:
+def find_routable_ops(
+    model: ov.Model, q_model: ov.Model | None = None, q4_model: ov.Model | None = None
+) -> list[RoutableOp]:
     """Find Convolution / GroupConvolution / MatMul ops with constant weights and static shapes.
 
     :param model: the FP32 model (static shapes).
     :param q_model: NNCF's quantized copy; ops whose input 0 it fake-quantizes get an INT8 variant.
+    :param q4_model: NNCF's INT4 weight-compressed copy; MatMuls whose weights it put in INT4 get an INT4 variant.
     :return: routable ops in topological order.
     """
     q_by_name = {n.get_friendly_name(): n for n in q_model.get_ordered_ops()} if q_model is not None else {}
+    q4_by_name = {n.get_friendly_name(): n for n in q4_model.get_ordered_ops()} if q4_model is not None else {}
     found: list[RoutableOp] = []
     for node in model.get_ordered_ops():
         if node.get_type_name() not in ROUTABLE_TYPES:
@@ -126,11 +132,35 @@ def find_routable_ops(model: ov.Model, q_model: ov.Model | None = None) -> list[
         q_op = q_by_name.get(unit.name)
         if q_op is not None and q_op.get_type_name() == unit.type:
             src = q_op.input(0).get_source_output().get_node()
-            if src.get_type_name() == "FakeQuantize":
+            # NNCF quantizes an FC MatMul's input before its Reshape: a per-tensor FakeQuantize commutes with it.
+            walked = False
+            while src.get_type_name() in _SHAPE_ONLY and _is_constant_subgraph(src.input(1).get_source_output()):
+                src, walked = src.input(0).get_source_output().get_node(), True
+            if src.get_type_name() == "FakeQuantize" and (not walked or _per_tensor(src)):
                 unit.q_op, unit.act_fq = q_op, src
                 unit.q_bias = q_by_name.get(bias.get_friendly_name()) if bias is not None else None
+        q4 = q4_by_name.get(unit.name)
+        if unit.type == "MatMul" and q4 is not None and _has_int4_constant(q4.input(1).get_source_output()):
+            unit.q4_weights = q4.input(1).get_source_output()
         found.append(unit)
     return found
+
+
+_SHAPE_ONLY = ("Reshape", "Squeeze", "Unsqueeze")
+
+
+def _has_int4_constant(output: ov.Output) -> bool:
+    stack = [output.get_node()]
+    while stack:
+        node = stack.pop()
+        if node.get_type_name() == "Constant" and node.get_output_element_type(0) in (ov.Type.i4, ov.Type.u4):
+            return True
+        stack.extend(i.get_source_output().get_node() for i in node.inputs())
+    return False
+
+
+def _per_tensor(fq: ov.Node) -> bool:
+    return all(int(np.prod(fq.input(i).get_partial_shape().to_shape())) == 1 for i in range(1, 5))
 
 
 def _make_op(template: ov.Node, data: ov.Output, weights: ov.Output) -> ov.Node:
@@ -192,19 +222,26 @@ def variant_output(unit: RoutableOp, precision: Precision, x: ov.Output) -> ov.O
             q_add = unit.q_bias if unit.q_bias is not None else unit.bias
             producer = unit.q_op if unit.q_bias is not None else unit.op
             y = ops.add(y, _bias_input(q_add, producer)).output(0)
+    elif precision is Precision.INT4:
+        if unit.q4_weights is None:
+            raise CalibrationError(f"op={unit.name}: NNCF did not compress these weights to INT4, no int4 variant")
+        y = _make_op(unit.op, x, unit.q4_weights).output(0)  # weight-only: f32 activations, int4 weights
+        if unit.bias is not None:
+            y = ops.add(y, _bias_input(unit.bias, unit.op)).output(0)
     else:
         raise CalibrationError(f"op={unit.name}: no variant builder for precision {precision}")
     return y
 
 
-def _if_chain(x: ov.Output, code: ov.Output, unit: RoutableOp, variants: Sequence[Precision]) -> ov.Output:
-    """``If(code == v0, body(v0), If(code == v1, body(v1), … body(fp32)))`` with fp32 as the final else."""
-    chosen, rest = variants[0], variants[1:]
+def _if_chain(x: ov.Output, code: ov.Output, unit: RoutableOp, chain: Sequence[Precision]) -> ov.Output:
+    """``If(code == c0, body(c0), If(code == c1, body(c1), … body(c_last)))``: ``chain[:-1]`` are tested
+    in order, ``chain[-1]`` is the final else."""
+    chosen, rest = chain[0], chain[1:]
     node = opset8.if_op(ops.equal(code, ops.constant(np.int32(chosen.code))).output(0))
     then_body = _body(unit, chosen)
     node.set_then_body(then_body)
-    if not rest:  # two-way: then = chosen, else = fp32
-        else_body = _body(unit, Precision.FP32)
+    if len(rest) == 1:  # two-way: then = chosen, else = the last
+        else_body = _body(unit, rest[0])
         node.set_else_body(else_body)
         node.set_input(x, then_body.get_parameters()[0], else_body.get_parameters()[0])
     else:
@@ -222,6 +259,56 @@ def _if_chain(x: ov.Output, code: ov.Output, unit: RoutableOp, variants: Sequenc
     return out
 
 
+def _replace(unit: RoutableOp, new: ov.Output) -> None:
+    for target in list(unit.out.get_target_inputs()):
+        target.replace_source_output(new)
+    for tensor_name in unit.out.get_names():
+        new.add_names({tensor_name})
+
+
+def _escalation_code(
+    unit: RoutableOp, x: ov.Output, limit: ov.Output, wanted: ov.Output, fallback: Precision
+) -> ov.Output:
+    """``fallback`` when the op input's abs-max exceeds ``limit ×`` the calibrated INT8 abs-max and
+    ``wanted`` is INT8 (INT8 would clip); else ``wanted``."""
+    absmax = unit.int8_absmax
+    assert absmax is not None
+    rank = len(x.get_partial_shape())
+    seen = ops.reduce_max(ops.abs(x), ops.constant(np.arange(rank, dtype=np.int64)), False)
+    outside = ops.greater(seen, ops.multiply(limit, ops.constant(np.float32(absmax))))
+    escalate = ops.logical_and(outside, ops.equal(wanted, ops.constant(np.int32(Precision.INT8.code))))
+    return ops.select(escalate, ops.constant(np.int32(fallback.code)), wanted).output(0)
+
+
+def _route_every_op(
+    units: Sequence[RoutableOp],
+    variants: dict[str, tuple[Precision, ...]],
+    mode_of: Callable[[RoutableOp], ov.Output],
+    limit_of: Callable[[RoutableOp], ov.Output | None],
+) -> list[ov.Output]:
+    """Put every unit with more than one variant behind its If chain, its code from ``mode_of`` (and the
+    range check against ``limit_of`` for ops with an INT8 variant). :return: the route codes."""
+    codes: list[ov.Output] = []
+    for unit in units:
+        offered = variants[unit.name]
+        if len(offered) < 2:
+            continue
+        x = unit.op.input(0).get_source_output()
+        code = mode_of(unit)
+        limit = limit_of(unit) if Precision.INT8 in offered and unit.int8_absmax is not None else None
+        if limit is not None:
+            code = _escalation_code(unit, x, limit, code, Precision.FP32)
+        lower = [p for p in offered if p is not Precision.FP32]
+        _replace(unit, _if_chain(x, code, unit, [*lower, Precision.FP32]))
+        codes.append(code)
+    return codes
+
+
+def _route_vector(codes: Sequence[ov.Output]) -> ov.Output:
+    parts = [ops.unsqueeze(c, ops.constant(np.int64(0))).output(0) for c in codes]
+    return ops.concat(parts, 0).output(0) if len(parts) > 1 else parts[0]
+
+
 @dataclass(frozen=True)
 class RouteDefault:
     """Initial state of one routed op: the policy a plain ``core.compile_model`` runs."""
@@ -236,54 +323,183 @@ def build_adaptive_model(
     variants: dict[str, tuple[Precision, ...]],
     defaults: dict[str, RouteDefault],
 ) -> ov.Model:
-    """Replace each unit of ``model`` (in place) by its If chain, add state and the route output.
+    """The *fully routed* IR: every unit of ``model`` (rewritten in place) behind its If chain, each
+    op's mode and range limit in its own state variable. Calibration measures with it (lowering one
+    op is a state write) and it is the package's ``full`` body (pins, forced precisions).
 
     :param variants: per op name, the precisions to build (fp32 first); ops with only fp32 are left alone.
     :param defaults: per op name, the ReadValue initial values.
     :return: ``model``, now adaptive.
     """
-    codes: list[ov.Output] = []
     variables: list[Variable] = []
     sinks: list[ov.Node] = []
-    for unit in units:
-        offered = variants[unit.name]
-        if len(offered) < 2:
-            continue
-        x = unit.op.input(0).get_source_output()
-        default = defaults[unit.name]
-        mode, mode_var = _state(mode_variable_id(unit.index), np.int32(default.mode.code))
-        variables.append(mode_var)
-        sinks.append(ops.assign(mode, mode_var))
-        code = mode.output(0)
-        absmax = unit.int8_absmax
-        if Precision.INT8 in offered and absmax is not None:
-            # Only ops with an INT8 variant get a range limit: it is what INT8 would clip.
-            limit, limit_var = _state(limit_variable_id(unit.index), np.float32(min(default.range_limit, 3.0e38)))
-            variables.append(limit_var)
-            sinks.append(ops.assign(limit, limit_var))
-            rank = len(x.get_partial_shape())
-            seen = ops.reduce_max(ops.abs(x), ops.constant(np.arange(rank, dtype=np.int64)), False)
-            outside = ops.greater(seen, ops.multiply(limit, ops.constant(np.float32(absmax))))
-            escalate = ops.logical_and(outside, ops.equal(mode, ops.constant(np.int32(Precision.INT8.code))))
-            code = ops.select(escalate, ops.constant(np.int32(Precision.FP32.code)), mode).output(0)
-        lower = [p for p in offered if p is not Precision.FP32]
-        routed = _if_chain(x, code, unit, lower)
-        for target in list(unit.out.get_target_inputs()):
-            target.replace_source_output(routed)
-        for tensor_name in unit.out.get_names():
-            routed.add_names({tensor_name})
-        codes.append(ops.unsqueeze(code, ops.constant(np.int64(0))).output(0))
+
+    def state(variable_id: str, init: np.generic) -> ov.Output:
+        node, var = _state(variable_id, init)
+        variables.append(var)
+        sinks.append(ops.assign(node, var))
+        return node.output(0)
+
+    codes = _route_every_op(
+        units,
+        variants,
+        lambda u: state(mode_variable_id(u.index), np.int32(defaults[u.name].mode.code)),
+        lambda u: state(limit_variable_id(u.index), np.float32(min(defaults[u.name].range_limit, 3.0e38))),
+    )
     if not codes:
         raise CalibrationError("no operator got more than one variant: nothing to route")
-    route = ops.concat(codes, 0) if len(codes) > 1 else codes[0].get_node()
-    result = ops.result(route)
-    result.output(0).get_tensor().set_names({ROUTE_OUTPUT})
-    result.set_friendly_name(ROUTE_OUTPUT)
-    model.add_results([result])
+    _add_route_result(model, _route_vector(codes))
     model.add_variables(variables)
     model.add_sinks(sinks)
     model.validate_nodes_and_infer_types()
     return model
+
+
+def _add_route_result(model: ov.Model, route: ov.Output) -> None:
+    result = ops.result(route)
+    result.output(0).get_tensor().set_names({ROUTE_OUTPUT})
+    result.set_friendly_name(ROUTE_OUTPUT)
+    model.add_results([result])
+
+
+def build_package_model(
+    fp32_model: ov.Model,
+    q_model: ov.Model | None,
+    variants: dict[str, tuple[Precision, ...]],
+    levels: Sequence[dict[str, OpChoice]],
+    default_level: int,
+    q4_model: ov.Model | None = None,
+) -> ov.Model:
+    """The package IR: one top-level dispatch (a tree of ``If`` on the ``apsq/level`` state) over one
+    body per level of the dial plus the fully routed body.
+
+    A *level body* is a copy of the model in which every op runs statically at the precision the
+    selection chose for that level (no If, so OpenVINO fuses and compiles it as a plain model),
+    except the few ops the selection routes per input. The *full body* (level index
+    ``len(levels)``) routes every op from the ``apsq/mode/<i>`` / ``apsq/limit/<i>`` state: precision
+    pins and forced precisions run there. Every body returns the model's outputs and ``apsq_route``.
+
+    :param fp32_model: the FP32 model (static shapes); it is copied, never modified.
+    :param levels: per level, ``{op name: OpChoice}`` for every op with more than one variant.
+    """
+    names = [n for n, v in variants.items() if len(v) > 1]
+    base = {u.name: u for u in find_routable_ops(fp32_model, q_model, q4_model)}
+    # State a body can read. Only state some body uses exists: an If input no body reads is removed
+    # at compile time, and the CPU plugin rejects a ReadValue left with no consumer but its Assign.
+    limited = [n for n in names if Precision.INT8 in variants[n] and base[n].int8_absmax is not None]
+    escalates = any(level[n].routed for level in levels for n in names)
+    inputs = fp32_model.get_parameters()
+    n_out = len(fp32_model.outputs)
+
+    def signature() -> tuple[list[ov.Node], dict[str, ov.Node], dict[str, ov.Node]]:
+        esc = [ops.parameter([], np.float32, name="escalate")] if escalates else []
+        modes = {n: ops.parameter([], np.int32, name=mode_variable_id(base[n].index)) for n in names}
+        limits = {n: ops.parameter([], np.float32, name=limit_variable_id(base[n].index)) for n in limited}
+        return esc, modes, limits
+
+    bodies: list[ov.Model] = []
+    for k, level in enumerate(levels):
+        clone = fp32_model.clone()
+        units = {u.name: u for u in find_routable_ops(clone, q_model, q4_model)}
+        esc, modes, limits = signature()
+        codes: list[ov.Output] = []
+        for n in names:
+            unit, choice = units[n], level[n]
+            x = unit.op.input(0).get_source_output()
+            if choice.routed:
+                limit = ops.multiply(esc[0], ops.constant(np.float32(choice.limit))).output(0)
+                wanted = ops.constant(np.int32(choice.fast.code)).output(0)
+                code = _escalation_code(unit, x, limit, wanted, choice.safe)
+                _replace(unit, _if_chain(x, code, unit, [choice.fast, choice.safe]))
+                codes.append(code)
+            else:
+                if choice.fast is not Precision.FP32:
+                    _replace(unit, variant_output(unit, choice.fast, x))
+                codes.append(ops.constant(np.int32(choice.fast.code)).output(0))
+        bodies.append(_body_model(clone, codes, [*esc, *modes.values(), *limits.values()], f"apsq/level/{k}"))
+    clone = fp32_model.clone()
+    esc, modes, limits = signature()
+    codes = _route_every_op(
+        find_routable_ops(clone, q_model, q4_model),
+        variants,
+        lambda u: modes[u.name].output(0),
+        lambda u: limits[u.name].output(0) if u.name in limits else None,
+    )
+    bodies.append(_body_model(clone, codes, [*esc, *modes.values(), *limits.values()], "apsq/full"))
+
+    # The top level: the model's inputs, the state, and the dispatch tree.
+    top_inputs = [
+        ops.parameter(p.get_partial_shape(), p.get_element_type(), name=p.get_friendly_name()) for p in inputs
+    ]
+    for new, old in zip(top_inputs, inputs, strict=True):
+        new.output(0).get_tensor().set_names(set(old.output(0).get_names()))
+    variables: list[Variable] = []
+    sinks: list[ov.Node] = []
+
+    def state(variable_id: str, init: np.generic) -> ov.Output:
+        node, var = _state(variable_id, init)
+        variables.append(var)
+        sinks.append(ops.assign(node, var))
+        return node.output(0)
+
+    level_code = state(LEVEL_STATE, np.int32(default_level))
+    values = [p.output(0) for p in top_inputs]
+    if escalates:
+        values.append(state(ESCALATE_VARIABLE, np.float32(1.0)))
+    values += [state(mode_variable_id(base[n].index), np.int32(Precision.FP32.code)) for n in names]
+    values += [state(limit_variable_id(base[n].index), np.float32(3.0e38)) for n in limited]
+    outs = _dispatch(values, level_code, bodies, 0, len(bodies))
+    results = []
+    for i, out in enumerate(outs[:n_out]):
+        old = fp32_model.outputs[i]
+        out.get_tensor().set_names(set(old.get_names()))
+        results.append(ops.result(out))
+    top = ov.Model(results, top_inputs, fp32_model.get_friendly_name() or "apsq")
+    _add_route_result(top, outs[n_out])
+    top.add_variables(variables)
+    top.add_sinks(sinks)
+    top.validate_nodes_and_infer_types()
+    return top
+
+
+ESCALATE_VARIABLE = "apsq/escalate"
+"""State variable multiplying every level body's range limits (1.0; inf = never escalate)."""
+
+
+def _body_model(clone: ov.Model, codes: list[ov.Output], extra: list[ov.Node], name: str) -> ov.Model:
+    results = list(clone.get_results())
+    route = ops.result(_route_vector(codes))
+    route.set_friendly_name(f"{name}/route")  # names the body in the IR (body names are not serialized)
+    results.append(route)
+    return ov.Model(results, [*clone.get_parameters(), *extra], name)
+
+
+def _dispatch(
+    values: list[ov.Output], code: ov.Output, bodies: Sequence[ov.Model], lo: int, hi: int
+) -> list[ov.Output]:
+    """Outputs of ``bodies[code]`` (``lo ≤ code < hi``), through a balanced tree of ``If``: depth
+    ⌈log2(bodies)⌉, each level copying only the model inputs, a few scalars and the outputs."""
+    mid = (lo + hi) // 2
+    node = opset8.if_op(ops.less(code, ops.constant(np.int32(mid))).output(0))
+    then_body = _subtree(values, bodies, lo, mid)
+    else_body = _subtree(values, bodies, mid, hi)
+    node.set_then_body(then_body)
+    node.set_else_body(else_body)
+    tp, ep = then_body.get_parameters(), else_body.get_parameters()
+    for i, v in enumerate([*values, code]):
+        node.set_input(v, tp[i], ep[i])
+    return [node.set_output(t, e) for t, e in zip(then_body.get_results(), else_body.get_results(), strict=True)]
+
+
+def _subtree(values: list[ov.Output], bodies: Sequence[ov.Model], lo: int, hi: int) -> ov.Model:
+    if hi - lo == 1:
+        body = bodies[lo]
+        body.add_parameters([ops.parameter([], np.int32, name="level")])  # unused: bound on both sides
+        return body
+    params = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in values]
+    code = ops.parameter([], np.int32, name="level")
+    outs = _dispatch([p.output(0) for p in params], code.output(0), bodies, lo, hi)
+    return ov.Model([ops.result(o) for o in outs], [*params, code], f"apsq/levels/{lo}-{hi}")
 
 
 def _state(variable_id: str, init: np.generic) -> tuple[ov.Node, Variable]:
@@ -323,6 +539,10 @@ def weight_errors(unit: RoutableOp, precisions: Sequence[Precision]) -> dict[Pre
             if unit.q_op is None:
                 continue
             wp = _evaluate(unit.q_op.input(1).get_source_output())
+        elif p is Precision.INT4:
+            if unit.q4_weights is None:
+                continue
+            wp = _evaluate(unit.q4_weights)
         elif p is Precision.BF16:
             wp = _round_to_bf16(w)
         elif p is Precision.FP16:

@@ -63,10 +63,15 @@ def test_report_table_and_json(tiny_files):
     assert all(0.0 <= op["score"] <= 1.0 for op in data["ops"])
 
 
-def test_profile_shows_the_cpu_profile():
-    result = run("profile", "--device", "CPU")
+def test_profile_shows_shipped_profiles():
+    result = run("profile", "--shipped", "--device", "CPU")
     assert result.exit_code == 0
-    assert json.loads(result.stdout)["device"] == "CPU"
+    assert json.loads(result.stdout)["device"]["plugin"] == "CPU"
+    listed = run("profile", "--list")
+    assert listed.exit_code == 0
+    for name in ("CPU", "GPU.gen11", "GPU.gen12-iris-xe", "GPU.core-ultra-arc"):
+        assert name in listed.stdout
+    assert "device GPU is not available here" in one_line_error(run("profile", "--device", "GPU"))
 
 
 def test_max_drop_out_of_range_is_a_usage_error(tiny_files, tmp_path):
@@ -149,9 +154,25 @@ def test_device_not_present(tiny_files, tmp_path):
     np.save(tmp_path / "in.npy", conv_chain_data(1))
     result = run("infer", tiny_files["package"].path, "--input", tmp_path / "in.npy", "--device", "GPU")
     assert "device GPU is not available here" in one_line_error(result)
-    result = run(
-        "calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "p", "--device", "GPU"
-    )
+
+
+@pytest.mark.parametrize("profile", [None, "GPU.gen11"])
+def test_calibrate_for_a_gpu_this_machine_lacks(tiny_files, tmp_path, profile):
+    """A package for an iGPU is built offline from a shipped profile (measurements on the CPU); FP16
+    variants come from the GPU profile; Gen11 (no DP4A) gets no INT8; infer --device GPU fails cleanly."""
+    extra = ["--profile", profile] if profile else []
+    out = tmp_path / "gpu_pkg"
+    result = run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", out, "--device", "GPU",
+                 "--subset-size", "16", "--drop-samples", "8", "--sensitivity-samples", "8", *extra)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "apsq.json").read_text())
+    assert m["device"] == "GPU"
+    assert "fp16" in m["precisions"] and "bf16" not in m["precisions"]
+    assert ("int8" in m["precisions"]) is (profile is None)
+    chosen = {c["fast"] for level in m["levels"] for c in level["ops"].values()}
+    assert "bf16" not in chosen and (profile is None or "int8" not in chosen)
+    np.save(tmp_path / "in.npy", conv_chain_data(1))
+    result = run("infer", out, "--input", tmp_path / "in.npy", "--device", "GPU")
     assert "device GPU is not available here" in one_line_error(result)
 
 

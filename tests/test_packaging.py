@@ -15,7 +15,7 @@ IMPORT_CHECK = """
 import sys, apsq_ov, apsq_ov.calibrate
 from apsq_ov.profiles import load_profile, shipped_profiles
 assert apsq_ov.embedded_model().is_file(), apsq_ov.embedded_model()
-assert shipped_profiles() == ['CPU', 'GPU'], shipped_profiles()
+assert shipped_profiles() == ['CPU', 'GPU.core-ultra-arc', 'GPU.gen11', 'GPU.gen12-iris-xe'], shipped_profiles()
 assert load_profile('CPU').device == 'CPU'
 assert not {'nncf', 'typer', 'rich'} & set(sys.modules), 'import apsq_ov must stay lean'
 print(apsq_ov.calibrate.__file__)

@@ -97,10 +97,14 @@ def test_shipped_profiles_load_and_rank_int8_fastest_on_cpu():
 def test_malformed_profile_names_the_file(tmp_path):
     bad = tmp_path / "p.json"
     bad.write_text('{"schema_version": 1, "device": "CPU"}')
-    with pytest.raises(ProfileError, match="p.json: malformed profile"):
+    with pytest.raises(ProfileError, match="p.json: schema_version 1, this apsq-ov reads 2"):
+        load_profile(path=bad)
+    bad.write_text('{"schema_version": 2, "device": {"plugin": "CPU"}}')
+    with pytest.raises(ProfileError, match="p.json: field"):
         load_profile(path=bad)
     with pytest.raises(ProfileError, match="no shipped profile for device 'NPU'"):
         load_profile("NPU")
-    with pytest.raises(ProfileError, match="must include fp32"):
-        DeviceProfile(device="X", name="x", provenance="", native_precisions=(), default_precisions=(Precision.INT8,),
-                      relative_latency={}, route_overhead_ms=0.0)  # fmt: skip
+    data = CPU.to_json()
+    data["default_precisions"] = ["int8"]
+    with pytest.raises(ProfileError, match="default_precisions: must include fp32"):
+        DeviceProfile.from_json(data)

@@ -46,15 +46,37 @@ def _runtime_precision(body: ov.Model, op_type: str) -> str:
     raise AssertionError(f"no {op_type} in the compiled body")
 
 
-def test_one_if_chain_and_two_variables_per_routed_op(tiny_files):
+def _bodies(model: ov.Model) -> dict[str, ov.Model]:
+    """Every model reachable through If bodies, by name (``apsq/level/<k>``, ``apsq/full`` …)."""
+    found: dict[str, ov.Model] = {}
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        for node in _ifs(m):
+            for body in (node.get_then_body(), node.get_else_body()):
+                for r in body.get_results():
+                    if r.get_friendly_name().endswith("/route"):  # a level or full body names its route Result
+                        found.setdefault(r.get_friendly_name()[: -len("/route")], body)
+                stack.append(body)
+    return found
+
+
+def test_dispatch_over_level_bodies_and_one_full_body(tiny_files):
     pkg = tiny_files["package"]
     model = pkg.read_model()
     n_ops = len(pkg.manifest.ops)
     assert n_ops == 3
-    assert len(_ifs(model)) == n_ops  # one chain per op at top level
-    assert _all_ifs(model) == 2 * n_ops  # fp32/bf16/int8 = two nested Ifs per op
-    ids = sorted(v.get_info().variable_id for v in model.get_variables())
-    assert ids == sorted([f"apsq/mode/{i}" for i in range(3)] + [f"apsq/limit/{i}" for i in range(3)])
+    bodies = _bodies(model)
+    levels = [f"apsq/level/{k}" for k in range(len(pkg.manifest.levels))]
+    assert set(levels) | {"apsq/full"} <= set(bodies)
+    full = bodies["apsq/full"]
+    assert len(_ifs(full)) == n_ops  # one chain per op at the full body's top level
+    assert _all_ifs(full) == 2 * n_ops  # fp32/bf16/int8 = two nested Ifs per op
+    for k, level in enumerate(pkg.manifest.levels):  # a level body has an If exactly for its routed ops
+        assert len(_ifs(bodies[levels[k]])) == len(level.routed)
+    assert not _ifs(bodies[levels[0]])  # level 0 (max_drop 0) is the plain FP32 model
+    ids = {v.get_info().variable_id for v in model.get_variables()}
+    assert {"apsq/level"} | {f"apsq/mode/{i}" for i in range(3)} | {f"apsq/limit/{i}" for i in range(3)} <= ids
     assert "apsq_route" in {o.get_any_name() for o in model.outputs}
     assert model.get_rt_info(["apsq", "manifest"]).astype(str).startswith("{")
 
@@ -65,8 +87,8 @@ def test_one_if_chain_and_two_variables_per_routed_op(tiny_files):
     ids=["fp32-branch", "bf16-branch", "int8-branch"],
 )
 def test_branch_runs_kernels_of_its_precision(tiny_files, precision, expected):
-    model = tiny_files["package"].read_model()
-    conv_if = next(n for n in _ifs(model) if n.get_friendly_name().startswith("conv2/"))
+    full = _bodies(tiny_files["package"].read_model())["apsq/full"]
+    conv_if = next(n for n in _ifs(full) if n.get_friendly_name().startswith("conv2/"))
     body = _body_for(conv_if, precision)
     assert _runtime_precision(body, "Convolution").lower() in expected
 
@@ -82,12 +104,23 @@ def test_route_follows_state(tiny_files):
     assert [Precision.from_code(c) for c in res.route] == [Precision.FP32, Precision.INT8, Precision.FP32]
 
 
+def test_each_level_runs_its_selected_precisions(tiny_files):
+    """max_drop picks a level; the route reports exactly the level's static choices (in-range input)."""
+    pkg = tiny_files["package"]
+    compiled = compile_model(pkg.path)
+    x = conv_chain_data(1, seed=5) * 0.1  # well inside every calibrated range: routed ops stay fast
+    for level in pkg.manifest.levels:
+        res = compiled(x, max_drop=level.max_drop)
+        want = [level.choices[op.name].fast for op in pkg.manifest.ops]
+        assert list(res.route_precisions().values()) == want
+
+
 def test_route_follows_input_statistics_and_limit_state(tiny_files):
     """Inputs beyond the calibrated INT8 range go to fp32; raising the limit state keeps them INT8."""
     pkg = tiny_files["package"]
     compiled = compile_model(pkg.path)
     request = compiled.create_infer_request()
-    request.set_policy(max_drop=0.5)  # int8 with range_limit 1.0 where the budget allows
+    request.set_policy(precision="fp32")  # the fully routed body
     conv1 = pkg.manifest.ops[0]
     limit_state = next(s for s in request.request.query_state() if s.name == "apsq/limit/0")
     mode_state = next(s for s in request.request.query_state() if s.name == "apsq/mode/0")

@@ -1,0 +1,196 @@
+"""Hardware-aware precision selection: which variant each op runs at each level of the dial, and
+which ops are worth routing per input at all.
+
+Where it sits in the data flow: after the isolated drops are measured (``calibrate.pipeline``),
+before the package IR is built (:func:`calibrate.variants.build_package_model`). Inputs: per op its
+measured per-sample harm of each lower variant (top-1 disagreement with FP32 when only that op is
+lowered, on the held-out split), which held-out inputs leave its calibrated INT8 range, its size
+(MACs, bytes an ``If`` copies) and the device profile's cost model.
+
+The problem, per level with drop budget ``B`` (a multiple-choice knapsack, solved exactly as an
+integer linear program with :func:`scipy.optimize.milp`, as HAWQ-V3 did for the static case)::
+
+    minimise   Σ_i Σ_o  latency(i, o) · x[i, o]          (expected latency over the calibration inputs)
+    subject to Σ_o x[i, o] = 1                          (one option per op)
+               Σ_i Σ_o drop(i, o) · x[i, o] ≤ B         (isolated drops assumed additive)
+               Σ_i Σ_o latency(i, o) · x[i, o] ≤ L      (only with --latency-budget)
+               x[i, o] = 0 for options more precise than the op's option at the previous level
+               x binary
+
+Options of an op: *static* at each precision the profile runs faster than fp32 (and fp32), or
+*routed*: INT8 unless the input leaves the calibrated INT8 range, then a safer variant ``s``. A
+routed option's latency is ``(1-e)·lat(int8) + e·lat(s) + route_ms`` with ``e`` the fraction of
+calibration inputs escalated, its drop ``mean(escalated ? harm_s : harm_int8)`` per sample. An op
+whose choice never changes over the calibration inputs (``e`` is 0 or 1) gets no routed option: it
+is compiled statically. Precisions the profile shows no gain for are never options (never chosen
+for speed). Level budget 0 is FP32 everywhere; budget 1 is each op's fastest variant, static.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from apsq_ov.package import Level, OpChoice
+from apsq_ov.precision import Precision
+from apsq_ov.profiles import DeviceProfile
+
+OBJECTIVE = (
+    "per level: minimise the sum over ops of expected latency (profile cost model at each op's MACs, plus "
+    "route_ms for routed ops, weighted by the calibration inputs' escalation rate) subject to the sum of "
+    "measured isolated held-out drops <= the level's max_drop (and <= --latency-budget when given); "
+    "exact ILP (scipy.optimize.milp); each level may only lower ops relative to the previous level"
+)
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """What the selection knows about one op."""
+
+    name: str
+    type: str
+    macs: float
+    io_bytes: float
+    offered: tuple[Precision, ...]
+    harm: Mapping[Precision, np.ndarray]
+    """per-sample harm of each lower precision (only this op lowered), on the held-out split"""
+    escalated: np.ndarray | None = None
+    """per held-out sample: the op input leaves the calibrated INT8 range (None: no INT8 variant)"""
+
+
+@dataclass(frozen=True)
+class Option:
+    choice: OpChoice
+    latency_ms: float
+    drop: float
+    escalation: float = 0.0
+
+
+def options(op: OpCost, profile: DeviceProfile) -> list[Option]:
+    """Every option the selection may pick for ``op`` (fp32 static first)."""
+    lat = {p: profile.latency_ms(op.type, p, op.macs) for p in op.offered}
+    # A coarser precision is a candidate only if it is faster than every more precise one: on a device
+    # without INT8 hardware (Gen11 iGPU) INT8 loses to FP16 and is never chosen for speed.
+    candidates = [Precision.FP32]
+    for p in sorted(profile.faster_than_fp32(op.type, op.offered, op.macs), key=lambda q: q.rank):
+        if all(lat[p] < lat[q] for q in candidates if q.rank < p.rank):
+            candidates.append(p)
+    drop = {p: (0.0 if p is Precision.FP32 else float(np.mean(op.harm[p]))) for p in candidates}
+    out = [Option(OpChoice(p, p), lat[p], drop[p]) for p in candidates]
+    if Precision.INT8 in candidates and op.escalated is not None:
+        e = float(np.mean(op.escalated))
+        if 0.0 < e < 1.0:  # the choice changes across inputs: routing can pay
+            for safe in candidates:
+                if safe.rank >= Precision.INT8.rank:
+                    continue
+                harm_safe = np.zeros_like(op.harm[Precision.INT8]) if safe is Precision.FP32 else op.harm[safe]
+                d = float(np.mean(np.where(op.escalated, harm_safe, op.harm[Precision.INT8])))
+                t = (1 - e) * lat[Precision.INT8] + e * lat[safe] + profile.route_ms(op.io_bytes)
+                out.append(Option(OpChoice(Precision.INT8, safe), t, d, e))
+    return out
+
+
+def _not_more_precise(o: OpChoice, floor: OpChoice) -> bool:
+    return o.fast.rank >= floor.fast.rank and o.safe.rank >= floor.safe.rank
+
+
+def solve_level(
+    ops: Sequence[OpCost],
+    opts: Mapping[str, list[Option]],
+    budget: float,
+    *,
+    latency_budget_ms: float | None = None,
+    floor: Mapping[str, OpChoice] | None = None,
+) -> Level:
+    """The cheapest options whose summed drop fits ``budget`` (see the module docstring)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    allowed = {
+        op.name: [o for o in opts[op.name] if floor is None or _not_more_precise(o.choice, floor[op.name])]
+        for op in ops
+    }
+    flat = [(op.name, o) for op in ops for o in allowed[op.name]]
+    n = len(flat)
+    lat = np.array([o.latency_ms for _, o in flat])
+    drop = np.array([o.drop for _, o in flat])
+    one = np.zeros((len(ops), n))
+    col = 0
+    for i, op in enumerate(ops):
+        k = len(allowed[op.name])
+        one[i, col : col + k] = 1.0
+        col += k
+    cons = [LinearConstraint(one, 1.0, 1.0)]
+    bounds, integrality = Bounds(0, 1), np.ones(n)
+
+    def run(objective: np.ndarray, extra: list[LinearConstraint]) -> np.ndarray | None:
+        res = milp(objective, constraints=cons + extra, integrality=integrality, bounds=bounds)
+        return None if res.x is None else np.round(res.x).astype(bool)
+
+    lat_cons = [LinearConstraint(lat[None, :], -np.inf, latency_budget_ms)] if latency_budget_ms else []
+    x = run(lat, [LinearConstraint(drop[None, :], -np.inf, budget + 1e-12), *lat_cons])
+    solver = "milp: min latency s.t. drop <= max_drop" + (" and latency <= budget" if lat_cons else "")
+    if x is None and lat_cons:
+        x = run(drop, lat_cons)
+        solver = "milp: min drop s.t. latency <= budget (max_drop not reachable within the latency budget)"
+    if x is None:  # the floor alone exceeds the budget: stay at the floor (more budget never adds precision)
+        x = np.array([o.choice == floor[name] if floor else o.choice.fast is Precision.FP32 for name, o in flat])
+        solver = "infeasible: previous level kept"
+    chosen = {name: o for (name, o), take in zip(flat, x, strict=True) if take}
+    return Level(
+        max_drop=budget,
+        choices={name: o.choice for name, o in chosen.items()},
+        predicted_ms=float(sum(o.latency_ms for o in chosen.values())),
+        predicted_drop=float(sum(o.drop for o in chosen.values())),
+        solver=solver,
+    )
+
+
+def select_levels(
+    ops: Sequence[OpCost],
+    profile: DeviceProfile,
+    budgets: Sequence[float],
+    *,
+    latency_budget_ms: float | None = None,
+) -> list[Level]:
+    """One :class:`Level` per budget (sorted ascending; 0 and 1 always included)."""
+    opts = {op.name: options(op, profile) for op in ops}
+    levels: list[Level] = []
+    for b in sorted({0.0, 1.0, *(float(x) for x in budgets)}):
+        if b == 0.0:
+            fp32 = {op.name: opts[op.name][0] for op in ops}
+            levels.append(_fixed(0.0, fp32, "max_drop 0: fp32 everywhere"))
+        elif b >= 1.0:
+            fastest = {op.name: min((o for o in opts[op.name] if not o.choice.routed), key=lambda o: o.latency_ms)
+                       for op in ops}  # fmt: skip
+            levels.append(_fixed(1.0, fastest, "max_drop 1: each op's fastest variant per the profile"))
+        else:
+            levels.append(solve_level(ops, opts, b, latency_budget_ms=latency_budget_ms, floor=levels[-1].choices))
+    return levels
+
+
+def _fixed(budget: float, chosen: Mapping[str, Option], solver: str) -> Level:
+    return Level(
+        max_drop=budget,
+        choices={n: o.choice for n, o in chosen.items()},
+        predicted_ms=float(sum(o.latency_ms for o in chosen.values())),
+        predicted_drop=float(sum(o.drop for o in chosen.values())),
+        solver=solver,
+    )
+
+
+def default_budgets(max_drop: float) -> list[float]:
+    """The dial's levels when the user does not give ``--levels``: 0, ¼·, ½·, 1·, 2·, 4·max_drop, 1."""
+    return sorted({0.0, 1.0, *(min(1.0, f * max_drop) for f in (0.25, 0.5, 1.0, 2.0, 4.0) if max_drop > 0)})
+
+
+def op_size(op_type: str, in_shape: Sequence[int], w_shape: Sequence[int], out_shape: Sequence[int]) -> float:
+    """Multiply-accumulates of one Convolution / GroupConvolution / MatMul."""
+    out = float(math.prod(out_shape))
+    if op_type == "Convolution":
+        return out * math.prod(w_shape[1:])
+    if op_type == "GroupConvolution":
+        return out * math.prod(w_shape[2:])
+    return out * float(in_shape[-1])  # MatMul: each output element is a K-long dot product

@@ -1,0 +1,212 @@
+"""Hardware-aware selection: the ILP per level, which ops get routed, device-aware candidates, and the
+package IR's level bodies on a real compiled graph (a tiny model built in code)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import nncf
+import numpy as np
+import openvino as ov
+import pytest
+
+from apsq_ov.calibrate.selection import OpCost, options, select_levels, solve_level
+from apsq_ov.calibrate.variants import ESCALATE_VARIABLE, build_package_model, find_routable_ops
+from apsq_ov.package import LEVEL_STATE, OpChoice
+from apsq_ov.precision import Precision
+from apsq_ov.profiles import DeviceProfile, load_profile
+from tests.models import conv_chain, conv_chain_data
+
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+P3 = (Precision.FP32, Precision.BF16, Precision.INT8)
+
+
+def _op(name: str, rng: np.random.Generator, n: int = 50, escalated: float | None = None, macs: float = 1e8) -> OpCost:
+    harm = {Precision.BF16: (rng.random(n) < rng.uniform(0, 0.02)).astype(float),
+            Precision.INT8: (rng.random(n) < rng.uniform(0, 0.1)).astype(float)}  # fmt: skip
+    esc = None if escalated is None else (np.arange(n) < escalated * n)
+    return OpCost(name, "Convolution", macs, 4e5, P3, harm, esc)
+
+
+def _profile(**routing: float) -> DeviceProfile:
+    data = load_profile("CPU").to_json()
+    for key, value in routing.items():
+        data["routing"][key]["value"] = value
+    return DeviceProfile.from_json(data)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ilp_is_optimal_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    profile = _profile(if_base_ms=0.01, if_per_mb_ms=0.1)
+    ops_ = [_op(f"op{i}", rng, escalated=rng.choice([0.0, 0.3, 1.0])) for i in range(4)]
+    opts = {op.name: options(op, profile) for op in ops_}
+    budget = float(rng.uniform(0.01, 0.1))
+    level = solve_level(ops_, opts, budget)
+    best = min(
+        sum(o.latency_ms for o in combo)
+        for combo in itertools.product(*(opts[op.name] for op in ops_))
+        if sum(o.drop for o in combo) <= budget + 1e-12
+    )
+    assert level.predicted_ms == pytest.approx(best, rel=1e-9)
+    assert level.predicted_drop <= budget + 1e-12
+
+
+def test_only_ops_whose_choice_changes_across_inputs_get_a_routed_option():
+    rng = np.random.default_rng(0)
+    profile = load_profile("CPU")
+    assert not any(o.choice.routed for o in options(_op("a", rng, escalated=0.0), profile))
+    assert not any(o.choice.routed for o in options(_op("b", rng, escalated=1.0), profile))
+    assert not any(o.choice.routed for o in options(_op("c", rng, escalated=None), profile))
+    routed = [o for o in options(_op("d", rng, escalated=0.25), profile) if o.choice.routed]
+    assert {o.choice.safe for o in routed} == {Precision.FP32, Precision.BF16}
+    assert all(o.escalation == pytest.approx(13 / 50) for o in routed)  # 13 of 50 inputs escalate
+
+
+def test_routing_is_chosen_when_it_pays_and_not_when_the_if_costs_too_much():
+    """An op whose INT8 harm falls exactly on the inputs that leave its range: routing it is free of
+    harm and faster than fp32; it is selected when the If is cheap, and not when the If costs more
+    than the op itself."""
+    n = 40
+    escalated = np.arange(n) < 10
+    op = OpCost("hostile", "Convolution", 1e8, 4e5, P3,
+                {Precision.BF16: np.ones(n), Precision.INT8: escalated.astype(float)}, escalated)  # fmt: skip
+    cheap = select_levels([op], _profile(if_base_ms=0.0, if_per_mb_ms=0.0), [0.01])
+    assert cheap[1].choices["hostile"] == OpChoice(Precision.INT8, Precision.FP32)
+    dear = select_levels([op], _profile(if_base_ms=100.0, if_per_mb_ms=0.0), [0.01])
+    assert dear[1].choices["hostile"] == OpChoice(Precision.FP32, Precision.FP32)
+
+
+def test_levels_are_nested_and_span_fp32_to_fastest():
+    rng = np.random.default_rng(3)
+    ops_ = [_op(f"op{i}", rng, escalated=0.3) for i in range(8)]
+    levels = select_levels(ops_, load_profile("CPU"), [0.005, 0.01, 0.02, 0.05])
+    assert [lv.max_drop for lv in levels] == [0.0, 0.005, 0.01, 0.02, 0.05, 1.0]
+    assert all(c == OpChoice(Precision.FP32, Precision.FP32) for c in levels[0].choices.values())
+    assert all(c == OpChoice(Precision.INT8, Precision.INT8) for c in levels[-1].choices.values())
+    for lo, hi in itertools.pairwise(levels):
+        for name, c in hi.choices.items():
+            floor = lo.choices[name]
+            assert c.fast.rank >= floor.fast.rank and c.safe.rank >= floor.safe.rank
+        assert hi.predicted_ms <= lo.predicted_ms + 1e-12
+
+
+def test_gen11_profile_never_selects_int8_for_speed():
+    """Gen11 iGPUs have no DP4A: INT8 is slower than FP16 there and is never a candidate."""
+    gen11 = load_profile(path="GPU.gen11")
+    assert gen11.int8_hardware == "none"
+    rng = np.random.default_rng(1)
+    offered = (Precision.FP32, Precision.FP16, Precision.INT8)
+    ops_ = [OpCost(f"op{i}", t, m, 4e5, offered,
+                   {Precision.FP16: np.zeros(50), Precision.INT8: np.zeros(50)},  # INT8 even harmless
+                   rng.random(50) < 0.3)
+            for i, (t, m) in enumerate([("Convolution", 1e8), ("GroupConvolution", 1e6), ("MatMul", 1e6)])]  # fmt: skip
+    for level in select_levels(ops_, gen11, [0.001, 0.01, 0.1]):
+        assert all(Precision.INT8 not in (c.fast, c.safe) for c in level.choices.values())
+    assert Precision.INT8 not in gen11.default_precisions
+
+
+def test_dp4a_and_xmx_igpu_profiles_prefer_int8_and_cite_sources():
+    assert load_profile("GPU").name == load_profile(path="GPU.gen12-iris-xe").name
+    for name in ("GPU.gen12-iris-xe", "GPU.core-ultra-arc"):
+        gpu = load_profile(path=name)
+        assert gpu.device == "GPU" and gpu.int8_hardware in ("DP4A", "XMX")
+        offered = (Precision.FP32, Precision.FP16, Precision.INT8)
+        assert gpu.faster_than_fp32("Convolution", offered)[0] is Precision.INT8
+        kinds = {pt.latency_ms.kind for row in gpu.points.values() for pts in row.values() for pt in pts}
+        assert kinds <= {"published", "estimate"}  # never "measured": there is no iGPU in this workplace
+        assert gpu.compile_config["INFERENCE_PRECISION_HINT"] == "f32"
+
+
+def test_int8_is_not_a_candidate_where_the_profile_shows_bf16_faster():
+    """Per op size: where the profile's INT8 point is slower than BF16 (small ops on this CPU, BlazeFace)
+    INT8 is never chosen for speed; at sizes where INT8 is faster it is."""
+    data = load_profile("CPU").to_json()
+    prov = {"kind": "estimate", "method": "test"}
+
+    def points(small_ms: float, big_ms: float) -> list[dict]:
+        return [{"shape": "small", "macs": 1e5, "latency_ms": {"value": small_ms, "provenance": prov}},
+                {"shape": "big", "macs": 1e8, "latency_ms": {"value": big_ms, "provenance": prov}}]  # fmt: skip
+
+    data["op_types"]["GroupConvolution"] = {"fp32": points(0.010, 10.0), "bf16": points(0.006, 5.0),
+                                            "int8": points(0.008, 2.5)}  # fmt: skip
+    profile = DeviceProfile.from_json(data)
+    zeros = {Precision.BF16: np.zeros(10), Precision.INT8: np.zeros(10)}
+    small_op = OpCost("dw_small", "GroupConvolution", 1e5, 1e4, P3, zeros, np.zeros(10, bool))
+    big_op = OpCost("dw_big", "GroupConvolution", 1e8, 1e6, P3, zeros, np.zeros(10, bool))
+    assert Precision.INT8 not in {o.choice.fast for o in options(small_op, profile)}
+    levels = select_levels([small_op, big_op], profile, [0.01])
+    assert levels[1].choices["dw_small"].fast is Precision.BF16
+    assert levels[1].choices["dw_big"].fast is Precision.INT8
+
+
+def test_malformed_profile_field_is_named(tmp_path):
+    data = load_profile("CPU").to_json()
+    data["op_types"]["Convolution"]["int8"][0]["latency_ms"]["provenance"] = {"kind": "measured"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(Exception, match=r"bad.json: field op_types/Convolution/int8/0/latency_ms/provenance"):
+        load_profile(path=bad)
+
+
+def test_level_body_routes_per_input_and_escalate_state_overrides():
+    """A level body with conv2 routed (INT8 unless its input leaves the calibrated range) and the other
+    ops static: in-range inputs take INT8, out-of-range ones fp32, and escalate=inf keeps INT8."""
+    model = conv_chain()
+    model.reshape([1, 3, 16, 16])
+    data = conv_chain_data(32)
+    q = nncf.quantize(model.clone(), nncf.Dataset([x[None] for x in data]), subset_size=32)
+    variants = {u.name: P3 for u in find_routable_ops(model, q)}
+    static = OpChoice(Precision.INT8, Precision.INT8)
+    level = {"conv1": OpChoice(Precision.FP32, Precision.FP32), "conv2": OpChoice(Precision.INT8, Precision.FP32),
+             "fc": static}  # fmt: skip
+    fp32 = {n: OpChoice(Precision.FP32, Precision.FP32) for n in variants}
+    pm = build_package_model(model, q, variants, [fp32, level], default_level=1)
+    compiled = ov.Core().compile_model(pm, "CPU", F32)
+    req = compiled.create_infer_request()
+    states = {s.name: s for s in req.query_state()}
+    x_in = data[:1] * 0.5
+    x_out = data[:1] * 50.0
+    assert list(req.infer([x_in])["apsq_route"]) == [Precision.FP32.code, Precision.INT8.code, Precision.INT8.code]
+    assert list(req.infer([x_out])["apsq_route"]) == [Precision.FP32.code, Precision.FP32.code, Precision.INT8.code]
+    states[ESCALATE_VARIABLE].state = ov.Tensor(np.array(3.0e38, np.float32))
+    assert req.infer([x_out])["apsq_route"][1] == Precision.INT8.code
+    states[LEVEL_STATE].state = ov.Tensor(np.array(0, np.int32))  # level 0: plain fp32, no If
+    plain = ov.Core().compile_model(model, "CPU", F32)
+    np.testing.assert_array_equal(req.infer([x_out])[0], plain([x_out])[0])
+
+
+def test_int4_weight_only_variant_for_matmuls_only(tmp_path):
+    """``--precisions ...,int4``: NNCF compress_weights gives MatMuls (never convolutions) an INT4
+    weight-only variant; pinning it changes only that op's route and its weights really are 4-bit."""
+    from apsq_ov.calibrate import CalibrationConfig, calibrate
+    from apsq_ov.runtime import compile_model
+    from tests.models import save
+
+    model = save(conv_chain(channels=32), tmp_path / "m.xml")
+    np.savez(tmp_path / "c.npz", x=conv_chain_data(32))
+    config = CalibrationConfig(subset_size=16, drop_samples=8, sensitivity_samples=8,
+                               precisions=(*P3, Precision.INT4))  # fmt: skip
+    pkg = calibrate(model, tmp_path / "c.npz", tmp_path / "pkg", config)
+    offered = {op.name: op.variants for op in pkg.manifest.ops}
+    assert Precision.INT4 in offered["fc"]
+    assert Precision.INT4 not in offered["conv1"] and Precision.INT4 not in offered["conv2"]
+    assert Precision.INT4 in pkg.manifest.op("fc").drops
+    compiled = compile_model(pkg.path)
+    x = conv_chain_data(1, seed=4)
+    base = compiled(x, precision="fp32")
+    pinned = compiled(x, precision="fp32", precision_map={"fc": "int4"})
+    assert [Precision.from_code(c) for c in pinned.route] == [Precision.FP32, Precision.FP32, Precision.INT4]
+    err = np.abs(pinned["logits"] - base["logits"]).max() / np.abs(base["logits"]).max()
+    assert 1e-4 < err < 0.5  # a real 4-bit weight error, not a copy of fp32 and not garbage
+    assert _has_int4(pkg.read_model())  # the IR holds the 4-bit weights
+
+
+def _has_int4(model: ov.Model) -> bool:
+    for node in model.get_ordered_ops():
+        if node.get_type_name() == "Constant" and node.get_output_element_type(0) in (ov.Type.i4, ov.Type.u4):
+            return True
+        if node.get_type_name() == "If" and (_has_int4(node.get_then_body()) or _has_int4(node.get_else_body())):
+            return True
+    return False
