@@ -416,6 +416,7 @@ def build_package_model(
                 if choice.fast is not Precision.FP32:
                     _replace(unit, variant_output(unit, choice.fast, x))
                 codes.append(ops.constant(np.int32(choice.fast.code)).output(0))
+        merge_low_float_regions(clone)
         bodies.append(_body_model(clone, codes, [*esc, *modes.values(), *limits.values()], f"apsq/level/{k}"))
     clone = fp32_model.clone()
     esc, modes, limits = signature()
@@ -464,6 +465,90 @@ def build_package_model(
 
 ESCALATE_VARIABLE = "apsq/escalate"
 """State variable multiplying every level body's range limits (1.0; inf = never escalate)."""
+
+
+_ELEMENTWISE = frozenset(
+    {"Clamp", "Relu", "PRelu", "Sigmoid", "Swish", "HSwish", "HSigmoid", "Gelu", "Tanh", "Elu", "Mish",
+     "Add", "Subtract", "Multiply", "Divide", "Maximum", "Minimum", "SquaredDifference", "Sqrt", "Exp",
+     "AvgPool", "MaxPool", "ReduceMean", "ReduceMax", "Concat", "Reshape", "Squeeze", "Unsqueeze", "Transpose"}
+)  # fmt: skip
+"""Ops a low-float region grows through: their result in bf16/f16 is what the device's own low-precision
+mode computes (the CPU plugin runs them in bf16 under a bf16 hint)."""
+
+
+def merge_low_float_regions(model: ov.Model) -> int:
+    """Grow runs of adjacent bf16/f16 ops into regions, in place.
+
+    A static low-float variant is ``Convert(x→bf16) → op → Convert(→f32)``; between two such ops the
+    activation functions, residual adds and pools run in f32 and every tensor is converted twice, which
+    on memory-bound layers (depthwise, 1×1) costs more than bf16 saves. This pass moves each
+    ``Convert(bf16→f32)`` below the elementwise ops it feeds (when all their float inputs are bf16 or
+    constant) and cancels ``Convert(→f32) → Convert(→bf16)`` pairs, so a run of bf16 ops converts only
+    at its edges, as the device's own bf16 mode does. :return: the number of rewrites.
+    """
+    low_types = (ov.Type.bf16, ov.Type.f16)
+    rewrites = 0
+    changed = True
+    while changed:
+        changed = False
+        for up in model.get_ordered_ops():
+            if up.get_type_name() != "Convert" or up.get_output_element_type(0) != ov.Type.f32:
+                continue
+            low = up.input(0).get_element_type()
+            if low not in low_types:
+                continue
+            for target in list(up.output(0).get_target_inputs()):
+                node = target.get_node()
+                kind = node.get_type_name()
+                if kind == "Convert" and node.get_output_element_type(0) == low:
+                    for t in list(node.output(0).get_target_inputs()):
+                        t.replace_source_output(up.input(0).get_source_output())
+                    changed = True
+                elif kind in _ELEMENTWISE and node.get_output_size() == 1 and _lowerable(node, low):
+                    _lower(node, low)
+                    changed = True
+                if changed:
+                    rewrites += 1
+                    break
+            if changed:
+                break
+    return rewrites
+
+
+def _lowerable(node: ov.Node, low: ov.Type) -> bool:
+    """Every float input is ``Convert(low→f32)`` or a constant, and the output is f32."""
+    if node.get_output_element_type(0) != ov.Type.f32:
+        return False
+    for inp in node.inputs():
+        src = inp.get_source_output()
+        if inp.get_element_type() != ov.Type.f32:
+            continue  # axes, shapes: integer inputs stay as they are
+        producer = src.get_node()
+        is_up = producer.get_type_name() == "Convert" and producer.input(0).get_element_type() == low
+        if not is_up and not _is_constant_subgraph(src):
+            return False
+    return True
+
+
+def _lower(node: ov.Node, low: ov.Type) -> None:
+    consumers = list(node.output(0).get_target_inputs())
+    names = node.output(0).get_names()
+    for inp in node.inputs():
+        if inp.get_element_type() != ov.Type.f32:
+            continue
+        src = inp.get_source_output()
+        producer = src.get_node()
+        if producer.get_type_name() == "Convert" and producer.input(0).get_element_type() == low:
+            inp.replace_source_output(producer.input(0).get_source_output())
+        else:
+            inp.replace_source_output(ops.convert(src, low).output(0))
+    node.validate_and_infer_types()
+    up = ops.convert(node.output(0), "f32")
+    for t in consumers:
+        t.replace_source_output(up.output(0))
+    if names:
+        node.output(0).get_tensor().set_names(set())
+        up.output(0).get_tensor().set_names(set(names))
 
 
 def _body_model(clone: ov.Model, codes: list[ov.Output], extra: list[ov.Node], name: str) -> ov.Model:
