@@ -111,6 +111,8 @@ class OpChoice:
     fast: Precision
     safe: Precision
     limit: float = 1.0
+    shared_with: str | None = None
+    """routed inside the If of this (upstream, adjacent) op: a run of ops that always agree shares one If"""
 
     @property
     def routed(self) -> bool:
@@ -138,7 +140,11 @@ class Level:
             "predicted_drop": self.predicted_drop,
             "solver": self.solver,
             "routed": self.routed,
-            "ops": {n: {"fast": c.fast.value, "safe": c.safe.value, "limit": c.limit} for n, c in self.choices.items()},
+            "ops": {
+                n: {"fast": c.fast.value, "safe": c.safe.value, "limit": c.limit}
+                | ({"shared_with": c.shared_with} if c.shared_with else {})
+                for n, c in self.choices.items()
+            },
         }
 
     @classmethod
@@ -146,7 +152,12 @@ class Level:
         return cls(
             max_drop=float(d["max_drop"]),
             choices={
-                n: OpChoice(Precision.parse(c["fast"]), Precision.parse(c["safe"]), float(c.get("limit", 1.0)))
+                n: OpChoice(
+                    Precision.parse(c["fast"]),
+                    Precision.parse(c["safe"]),
+                    float(c.get("limit", 1.0)),
+                    c.get("shared_with"),
+                )
                 for n, c in d["ops"].items()
             },
             predicted_ms=float(d["predicted_ms"]),

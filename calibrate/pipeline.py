@@ -44,6 +44,7 @@ from .variants import (
     build_adaptive_model,
     build_package_model,
     find_routable_ops,
+    linear_successors,
     weight_errors,
 )
 
@@ -321,7 +322,8 @@ def calibrate_model(
         for op in manifest.ops
     ]
     budgets = config.levels or tuple(default_budgets(config.max_drop))
-    levels = select_levels(costs, profile, budgets, latency_budget_ms=config.latency_budget_ms)
+    levels = select_levels(costs, profile, budgets, latency_budget_ms=config.latency_budget_ms,
+                           successors=linear_successors([u for u in units if u.name in by_name]))  # fmt: skip
     manifest.levels = levels
     manifest.default_level = level_for(levels, config.max_drop)
     manifest.selection = {

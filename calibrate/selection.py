@@ -148,14 +148,40 @@ def solve_level(
     )
 
 
+def share_runs(level: Level, ops: Sequence[OpCost], successors: Mapping[str, str], profile: DeviceProfile) -> Level:
+    """Let runs of adjacent routed ops that always agree share one If: B joins A's If when B directly
+    follows A (:func:`calibrate.variants.linear_successors`), both route the same variants, and the
+    calibration inputs escalate at A exactly when they escalate at B. Each joined op saves its If."""
+    by_name = {op.name: op for op in ops}
+    choices = dict(level.choices)
+    saved, shared = 0.0, 0
+    for a, b in successors.items():
+        ca, cb = choices.get(a), choices.get(b)
+        if ca is None or cb is None or not (ca.routed and cb.routed) or (ca.fast, ca.safe) != (cb.fast, cb.safe):
+            continue
+        ea, eb = by_name[a].escalated, by_name[b].escalated
+        if ea is None or eb is None or not np.array_equal(ea, eb):
+            continue
+        head = ca.shared_with or a
+        choices[b] = OpChoice(cb.fast, cb.safe, cb.limit, shared_with=head)
+        saved += profile.route_ms(by_name[b].io_bytes)
+        shared += 1
+    if not shared:
+        return level
+    solver = level.solver + "; runs share Ifs"
+    return Level(level.max_drop, choices, level.predicted_ms - saved, level.predicted_drop, solver)
+
+
 def select_levels(
     ops: Sequence[OpCost],
     profile: DeviceProfile,
     budgets: Sequence[float],
     *,
     latency_budget_ms: float | None = None,
+    successors: Mapping[str, str] | None = None,
 ) -> list[Level]:
-    """One :class:`Level` per budget (sorted ascending; 0 and 1 always included)."""
+    """One :class:`Level` per budget (sorted ascending; 0 and 1 always included); adjacent routed ops
+    that always agree share an If (``successors``, see :func:`share_runs`)."""
     opts = {op.name: options(op, profile) for op in ops}
     levels: list[Level] = []
     for b in sorted({0.0, 1.0, *(float(x) for x in budgets)}):
@@ -168,7 +194,7 @@ def select_levels(
             levels.append(_fixed(1.0, fastest, "max_drop 1: each op's fastest variant per the profile"))
         else:
             levels.append(solve_level(ops, opts, b, latency_budget_ms=latency_budget_ms, floor=levels[-1].choices))
-    return levels
+    return [share_runs(lv, ops, successors or {}, profile) for lv in levels]
 
 
 def _fixed(budget: float, chosen: Mapping[str, Option], solver: str) -> Level:

@@ -163,6 +163,31 @@ def _per_tensor(fq: ov.Node) -> bool:
     return all(int(np.prod(fq.input(i).get_partial_shape().to_shape())) == 1 for i in range(1, 5))
 
 
+def linear_successors(units: Sequence[RoutableOp]) -> dict[str, str]:
+    """``{A: B}`` for routable ops where A's output (after its bias) reaches B's input 0 through a chain
+    of single-consumer ops whose other inputs are constant (activations, scale-shifts): the runs a
+    single ``If`` can hold."""
+    by_node = {id(u.op): u for u in units}
+    out: dict[str, str] = {}
+    for u in units:
+        port = u.out
+        for _ in range(16):
+            targets = list(port.get_target_inputs())
+            if len(targets) != 1:
+                break
+            node = targets[0].get_node()
+            nxt = by_node.get(id(node))
+            if nxt is not None:
+                if targets[0].get_index() == 0:
+                    out[u.name] = nxt.name
+                break
+            others = [i for i in node.inputs() if i.get_index() != targets[0].get_index()]
+            if node.get_output_size() != 1 or not all(_is_constant_subgraph(i.get_source_output()) for i in others):
+                break
+            port = node.output(0)
+    return out
+
+
 def _make_op(template: ov.Node, data: ov.Output, weights: ov.Output) -> ov.Node:
     a = template.get_attributes()
     kind = template.get_type_name()
@@ -257,6 +282,56 @@ def _if_chain(x: ov.Output, code: ov.Output, unit: RoutableOp, chain: Sequence[P
     out = node.set_output(then_body.get_results()[0], else_body.get_results()[0])
     node.set_friendly_name(f"{unit.name}/apsq_if/{chosen.value}")
     return out
+
+
+def _run_of(name: str, level: dict[str, OpChoice]) -> list[str]:
+    """``name`` and the ops that share its If, in order."""
+    return [name] + [m for m, c in level.items() if c.shared_with == name]
+
+
+def _run_body(
+    fp32_model: ov.Model,
+    q_model: ov.Model | None,
+    q4_model: ov.Model | None,
+    run: Sequence[str],
+    precision: Precision,
+) -> ov.Model:
+    """A body holding the whole run (first op's input → last op's output) with every op of it at ``precision``:
+    cut from a fresh copy of the model (the Python API cannot clone single nodes)."""
+    clone = fp32_model.clone()
+    units = {u.name: u for u in find_routable_ops(clone, q_model, q4_model)}
+    first, last = units[run[0]], units[run[-1]]
+    x = ops.parameter(first.op.get_input_partial_shape(0), first.op.get_input_element_type(0), name="x")
+    for name in run:
+        unit = units[name]
+        src = x.output(0) if unit is first else unit.op.input(0).get_source_output()
+        new = variant_output(unit, precision, src)
+        if unit is last:
+            return ov.Model([ops.result(new)], [x], f"{run[0]}/{precision.value}")
+        _replace(unit, new)
+    raise AssertionError("unreachable")
+
+
+def _replace_run(
+    fp32_model: ov.Model,
+    q_model: ov.Model | None,
+    q4_model: ov.Model | None,
+    run: Sequence[RoutableOp],
+    x: ov.Output,
+    code: ov.Output,
+    choice: OpChoice,
+) -> None:
+    """Replace a run of adjacent ops by one ``If(code == fast, run at fast, run at safe)``."""
+    names = [u.name for u in run]
+    node = opset8.if_op(ops.equal(code, ops.constant(np.int32(choice.fast.code))).output(0))
+    then_body = _run_body(fp32_model, q_model, q4_model, names, choice.fast)
+    else_body = _run_body(fp32_model, q_model, q4_model, names, choice.safe)
+    node.set_then_body(then_body)
+    node.set_else_body(else_body)
+    node.set_input(x, then_body.get_parameters()[0], else_body.get_parameters()[0])
+    out = node.set_output(then_body.get_results()[0], else_body.get_results()[0])
+    node.set_friendly_name(f"{names[0]}/apsq_if/run{len(names)}/{choice.fast.value}")
+    _replace(run[-1], out)
 
 
 def _replace(unit: RoutableOp, new: ov.Output) -> None:
@@ -403,14 +478,23 @@ def build_package_model(
         units = {u.name: u for u in find_routable_ops(clone, q_model, q4_model)}
         esc, modes, limits = signature()
         codes: list[ov.Output] = []
+        group_code: dict[str, ov.Output] = {}
         for n in names:
             unit, choice = units[n], level[n]
             x = unit.op.input(0).get_source_output()
+            if choice.shared_with:  # inside the If of its run's first op (built with that op below)
+                codes.append(group_code[choice.shared_with])
+                continue
+            run = _run_of(n, level)
             if choice.routed:
                 limit = ops.multiply(esc[0], ops.constant(np.float32(choice.limit))).output(0)
                 wanted = ops.constant(np.int32(choice.fast.code)).output(0)
                 code = _escalation_code(unit, x, limit, wanted, choice.safe)
-                _replace(unit, _if_chain(x, code, unit, [choice.fast, choice.safe]))
+                if len(run) == 1:
+                    _replace(unit, _if_chain(x, code, unit, [choice.fast, choice.safe]))
+                else:
+                    _replace_run(fp32_model, q_model, q4_model, [units[m] for m in run], x, code, choice)
+                group_code[n] = code
                 codes.append(code)
             else:
                 if choice.fast is not Precision.FP32:

@@ -12,7 +12,7 @@ import openvino as ov
 import pytest
 
 from apsq_ov.calibrate.selection import OpCost, options, select_levels, solve_level
-from apsq_ov.calibrate.variants import ESCALATE_VARIABLE, build_package_model, find_routable_ops
+from apsq_ov.calibrate.variants import ESCALATE_VARIABLE, build_package_model, find_routable_ops, linear_successors
 from apsq_ov.package import LEVEL_STATE, OpChoice
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile, load_profile
@@ -210,3 +210,55 @@ def _has_int4(model: ov.Model) -> bool:
         if node.get_type_name() == "If" and (_has_int4(node.get_then_body()) or _has_int4(node.get_else_body())):
             return True
     return False
+
+
+def test_adjacent_routed_ops_that_always_agree_share_one_if():
+    """conv1 -> relu -> conv2 is a linear run; routed together with identical escalations, they share
+    one If whose body holds both ops (and the route reports both from the shared decision)."""
+    model = conv_chain()
+    model.reshape([1, 3, 16, 16])
+    data = conv_chain_data(32)
+    q = nncf.quantize(model.clone(), nncf.Dataset([x[None] for x in data]), subset_size=32)
+    units = find_routable_ops(model, q)
+    assert linear_successors(units) == {"conv1": "conv2", "conv2": "fc"}
+    n = 20
+    esc = np.arange(n) < 5
+    harm = {Precision.BF16: np.ones(n), Precision.INT8: esc.astype(float)}  # escalate to fp32, not bf16
+    costs = [OpCost(u.name, u.type, 1e8, 1e3, P3, harm, esc) for u in units if u.name != "fc"]
+    costs.append(OpCost("fc", "MatMul", 1e3, 1e2, P3, {Precision.BF16: np.zeros(n), Precision.INT8: np.zeros(n)},
+                        np.zeros(n, bool)))  # fmt: skip
+    levels = select_levels(costs, _profile(if_base_ms=0.0, if_per_mb_ms=0.0), [0.01],
+                           successors=linear_successors(units))  # fmt: skip
+    level = levels[1].choices
+    assert level["conv1"].routed and level["conv2"].shared_with == "conv1"
+    variants = {u.name: P3 for u in units}
+    pm = build_package_model(model, q, variants, [lv.choices for lv in levels], default_level=1)
+    compiled = ov.Core().compile_model(pm, "CPU", F32)
+    req = compiled.create_infer_request()
+    body = next(b for b in _level_bodies(pm) if b[0] == "apsq/level/1")[1]
+    ifs = [n for n in body.get_ordered_ops() if n.get_type_name() == "If"]
+    assert len(ifs) == 1 and "run2" in ifs[0].get_friendly_name()
+    assert sum(n.get_type_name() == "Convolution" for n in ifs[0].get_then_body().get_ordered_ops()) == 2
+    x_in, x_out = data[:1] * 0.5, data[:1] * 50.0
+    assert list(req.infer([x_in])["apsq_route"])[:2] == [Precision.INT8.code] * 2
+    assert list(req.infer([x_out])["apsq_route"])[:2] == [Precision.FP32.code] * 2
+    got = req.infer([x_out])[0].copy()
+    # the same route through the fully routed body (conv1, conv2 fp32; fc int8) gives the same logits
+    states = {s.name: s for s in req.query_state()}
+    states[LEVEL_STATE].state = ov.Tensor(np.array(len(levels), np.int32))
+    states["apsq/mode/2"].state = ov.Tensor(np.array(Precision.INT8.code, np.int32))
+    np.testing.assert_allclose(req.infer([x_out])[0], got, rtol=0, atol=1e-4)
+
+
+def _level_bodies(model: ov.Model) -> list[tuple[str, ov.Model]]:
+    found, stack = [], [model]
+    while stack:
+        m = stack.pop()
+        for node in m.get_ordered_ops():
+            if node.get_type_name() == "If":
+                for body in (node.get_then_body(), node.get_else_body()):
+                    for r in body.get_results():
+                        if r.get_friendly_name().endswith("/route"):
+                            found.append((r.get_friendly_name()[: -len("/route")], body))
+                    stack.append(body)
+    return found
