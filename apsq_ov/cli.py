@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import math
 import os
 import sys
 import tempfile
@@ -358,13 +357,18 @@ def report(
     ] = None,
 ) -> None:
     """Show each routed op: sensitivity components and score, measured isolated drop per precision
-    (on the held-out split), variants and default route."""
+    (on the held-out split), variants and its place in the default level; then every level of the dial."""
     from apsq_ov.package import Package
-    from apsq_ov.routing import plan_routes
 
     pkg = Package.load(package)
     m = pkg.manifest
-    routes = plan_routes(m.ops, m.profile, max_drop=m.default_max_drop)
+    default = m.levels[m.default_level].choices
+
+    def level_route(name: str) -> str:
+        c = default[name]
+        run = f" (shares {c.shared_with}'s If)" if c.shared_with else ""
+        return f"{c.fast.value}/{c.safe.value} routed{run}" if c.routed else f"{c.fast.value} static"
+
     rows = [
         {
             "index": op.index, "name": op.name, "type": op.type, "depth": op.depth,
@@ -373,8 +377,8 @@ def report(
             "drops": {p.value: v for p, v in op.drops.items()},
             "quality_loss": {p.value: v for p, v in op.quality.items()},
             "variants": [p.value for p in op.variants],
-            "default_route": routes[op.name].mode.value,
-            "range_limit": None if math.isinf(routes[op.name].range_limit) else routes[op.name].range_limit,
+            "default_route": level_route(op.name),
+            "macs": op.macs,
             "int8_absmax": op.int8_absmax, "input_absmax": op.input_absmax,
         }
         for op in m.ops
@@ -384,7 +388,8 @@ def report(
         _plot_score_vs_drop(rows, plot, title=f"{package.name}: {m.sensitivity.get('metric')}")
     if json_out:
         doc = {"package": str(package), "sensitivity": m.sensitivity, "calibration": m.calibration,
-               "spearman_score_vs_drop": spearman, "ops": rows}  # fmt: skip
+               "spearman_score_vs_drop": spearman, "ops": rows, "selection": m.selection,
+               "default_level": m.default_level, "levels": [lv.to_json() for lv in m.levels]}  # fmt: skip
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
         return
     lower = [p.value for p in m.precisions if p is not Precision.FP32]
@@ -407,6 +412,8 @@ def report(
         value = "n/a (fewer than 3 ops or all equal)" if rho is None else f"{rho:.3f}"
         out.print(f"Spearman rho(score, drop {p}) = {value}")
     out.print(f"score: {m.sensitivity.get('formula')}", highlight=False)
+    out.print(_levels_table(m))
+    out.print(f"selection: {m.selection.get('objective')}", highlight=False)
     if plot is not None:
         out.print(f"wrote {plot}")
 

@@ -34,6 +34,10 @@ MODEL_BIN = "model.bin"
 RT_INFO_KEY = ["apsq", "manifest"]
 ROUTE_OUTPUT = "apsq_route"
 LEVEL_STATE = "apsq/level"
+MODES_STATE = "apsq/modes"
+"""Package IR state read by the fully routed body: each routed op's precision code, in manifest order."""
+LIMITS_STATE = "apsq/limits"
+"""Package IR state: range limit of each op with an INT8 variant (manifest order, those ops only)."""
 """State variable holding the index of the body a request runs (a level of the dial, or the full body)."""
 """The adaptive IR's extra output: the precision code each routed op took, in manifest order."""
 

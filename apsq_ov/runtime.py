@@ -26,7 +26,7 @@ import openvino as ov
 
 from apsq_ov.errors import DataError, DeviceError
 from apsq_ov.inputs import InputSpec, request_arrays
-from apsq_ov.package import LEVEL_STATE, ROUTE_OUTPUT, Manifest, Package
+from apsq_ov.package import LEVEL_STATE, LIMITS_STATE, MODES_STATE, ROUTE_OUTPUT, Manifest, Package
 from apsq_ov.precision import Precision
 from apsq_ov.routing import Route, check_max_drop, level_for, plan_routes
 
@@ -156,10 +156,17 @@ class AdaptiveInferRequest:
         self.model = model
         self.request = request
         states = {s.name: s for s in request.query_state()}
+        ops_ = model.manifest.ops
         self._level_state = states.get(LEVEL_STATE)  # absent in calibration's measurement IR
-        self._mode_states = {op.index: states[f"apsq/mode/{op.index}"] for op in model.manifest.ops}
+        # A package IR holds the per-op state in two vectors; calibration's measurement IR in scalars.
+        self._modes_state = states.get(MODES_STATE)
+        self._limits_state = states.get(LIMITS_STATE)
+        self._limited = [op.index for op in ops_ if Precision.INT8 in op.variants and op.int8_absmax is not None]
+        self._mode_states = {
+            op.index: states[f"apsq/mode/{op.index}"] for op in ops_ if f"apsq/mode/{op.index}" in states
+        }
         # Ops without an INT8 variant have no range check, hence no limit state.
-        self._limit_states = {op.index: states[f"apsq/limit/{op.index}"] for op in model.manifest.ops
+        self._limit_states = {op.index: states[f"apsq/limit/{op.index}"] for op in ops_
                               if f"apsq/limit/{op.index}" in states}  # fmt: skip
         self._applied: tuple | None = None
         self._nonfinite = False
@@ -177,8 +184,16 @@ class AdaptiveInferRequest:
         if key != self._applied:
             if self._level_state is not None:
                 self._level_state.state = ov.Tensor(np.array(plan.level, dtype=np.int32))
+            if plan.routes and self._modes_state is not None:
+                order = [op.index for op in self.model.manifest.ops]
+                modes = [plan.routes[i].mode.code for i in order]
+                self._modes_state.state = ov.Tensor(np.array(modes, dtype=np.int32))
+                if self._limits_state is not None:
+                    limits = [min(plan.routes[i].range_limit, 3.0e38) for i in self._limited]
+                    self._limits_state.state = ov.Tensor(np.array(limits, dtype=np.float32))
             for index, route in plan.routes.items():
-                self._mode_states[index].state = ov.Tensor(np.array(route.mode.code, dtype=np.int32))
+                if index in self._mode_states:
+                    self._mode_states[index].state = ov.Tensor(np.array(route.mode.code, dtype=np.int32))
                 if index in self._limit_states:
                     limit = min(route.range_limit, 3.0e38)
                     self._limit_states[index].state = ov.Tensor(np.array(limit, dtype=np.float32))
@@ -219,7 +234,8 @@ class AdaptiveInferRequest:
         """
         arrays = self._prepare(inputs, max_drop, precision, precision_map)
         try:
-            self.request.infer(arrays)
+            # Sync: the arrays outlive the call, and get_result copies the outputs out: no copies here.
+            self.request.infer(arrays, share_inputs=True, share_outputs=True)
         except RuntimeError as exc:
             raise DataError(f"OpenVINO rejected the input: {str(exc).strip().splitlines()[-1]}") from exc
         return self.get_result()

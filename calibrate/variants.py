@@ -31,7 +31,7 @@ from openvino import opset13 as ops
 from openvino.op.util import Variable, VariableInfo
 
 from apsq_ov.errors import CalibrationError
-from apsq_ov.package import LEVEL_STATE, ROUTE_OUTPUT, OpChoice
+from apsq_ov.package import LEVEL_STATE, LIMITS_STATE, MODES_STATE, ROUTE_OUTPUT, OpChoice
 from apsq_ov.precision import Precision
 
 ROUTABLE_TYPES = ("Convolution", "GroupConvolution", "MatMul")
@@ -409,7 +409,7 @@ def build_adaptive_model(
     variables: list[Variable] = []
     sinks: list[ov.Node] = []
 
-    def state(variable_id: str, init: np.generic) -> ov.Output:
+    def state(variable_id: str, init: np.generic | np.ndarray) -> ov.Output:
         node, var = _state(variable_id, init)
         variables.append(var)
         sinks.append(ops.assign(node, var))
@@ -466,17 +466,14 @@ def build_package_model(
     inputs = fp32_model.get_parameters()
     n_out = len(fp32_model.outputs)
 
-    def signature() -> tuple[list[ov.Node], dict[str, ov.Node], dict[str, ov.Node]]:
-        esc = [ops.parameter([], np.float32, name="escalate")] if escalates else []
-        modes = {n: ops.parameter([], np.int32, name=mode_variable_id(base[n].index)) for n in names}
-        limits = {n: ops.parameter([], np.float32, name=limit_variable_id(base[n].index)) for n in limited}
-        return esc, modes, limits
+    def signature() -> list[ov.Node]:
+        return [ops.parameter([], np.float32, name="escalate")] if escalates else []
 
     bodies: list[ov.Model] = []
     for k, level in enumerate(levels):
         clone = fp32_model.clone()
         units = {u.name: u for u in find_routable_ops(clone, q_model, q4_model)}
-        esc, modes, limits = signature()
+        esc = signature()
         codes: list[ov.Output] = []
         group_code: dict[str, ov.Output] = {}
         for n in names:
@@ -501,16 +498,25 @@ def build_package_model(
                     _replace(unit, variant_output(unit, choice.fast, x))
                 codes.append(ops.constant(np.int32(choice.fast.code)).output(0))
         merge_low_float_regions(clone)
-        bodies.append(_body_model(clone, codes, [*esc, *modes.values(), *limits.values()], f"apsq/level/{k}"))
+        bodies.append(_body_model(clone, codes, esc, f"apsq/level/{k}"))
     clone = fp32_model.clone()
-    esc, modes, limits = signature()
+    # The full body reads the per-op state from two vectors (one ReadValue each: every state variable
+    # costs time on every inference, whichever body runs).
+    modes_vec = ops.parameter([len(names)], np.int32, name=MODES_STATE)
+    limits_vec = ops.parameter([max(len(limited), 1)], np.float32, name=LIMITS_STATE)
+    slot = {n: i for i, n in enumerate(names)}
+    lslot = {n: i for i, n in enumerate(limited)}
+    axis0 = ops.constant(np.int64(0))
     codes = _route_every_op(
         find_routable_ops(clone, q_model, q4_model),
         variants,
-        lambda u: modes[u.name].output(0),
-        lambda u: limits[u.name].output(0) if u.name in limits else None,
+        lambda u: ops.gather(modes_vec, ops.constant(np.int64(slot[u.name])), axis0).output(0),
+        lambda u: (
+            ops.gather(limits_vec, ops.constant(np.int64(lslot[u.name])), axis0).output(0) if u.name in lslot else None
+        ),
     )
-    bodies.append(_body_model(clone, codes, [*esc, *modes.values(), *limits.values()], "apsq/full"))
+    full_params = [modes_vec, limits_vec] if limited else [modes_vec]
+    full = _body_model(clone, codes, full_params, "apsq/full")
 
     # The top level: the model's inputs, the state, and the dispatch tree.
     top_inputs = [
@@ -521,19 +527,21 @@ def build_package_model(
     variables: list[Variable] = []
     sinks: list[ov.Node] = []
 
-    def state(variable_id: str, init: np.generic) -> ov.Output:
+    def state(variable_id: str, init: np.generic | np.ndarray) -> ov.Output:
         node, var = _state(variable_id, init)
         variables.append(var)
         sinks.append(ops.assign(node, var))
         return node.output(0)
 
     level_code = state(LEVEL_STATE, np.int32(default_level))
+    # Only the full body sees the per-op state: every If port costs time, so the levels' tree carries
+    # just the model inputs (and the escalate scalar), and the default level sits one If below the top.
     values = [p.output(0) for p in top_inputs]
-    if escalates:
-        values.append(state(ESCALATE_VARIABLE, np.float32(1.0)))
-    values += [state(mode_variable_id(base[n].index), np.int32(Precision.FP32.code)) for n in names]
-    values += [state(limit_variable_id(base[n].index), np.float32(3.0e38)) for n in limited]
-    outs = _dispatch(values, level_code, bodies, 0, len(bodies))
+    level_values = values + ([state(ESCALATE_VARIABLE, np.float32(1.0))] if escalates else [])
+    full_values = values + [state(MODES_STATE, np.full(len(names), Precision.FP32.code, np.int32))]
+    if limited:
+        full_values.append(state(LIMITS_STATE, np.full(len(limited), 3.0e38, np.float32)))
+    outs = _top_dispatch(level_values, full_values, level_code, bodies, full, default_level)
     results = []
     for i, out in enumerate(outs[:n_out]):
         old = fp32_model.outputs[i]
@@ -643,37 +651,87 @@ def _body_model(clone: ov.Model, codes: list[ov.Output], extra: list[ov.Node], n
     return ov.Model(results, [*clone.get_parameters(), *extra], name)
 
 
-def _dispatch(
-    values: list[ov.Output], code: ov.Output, bodies: Sequence[ov.Model], lo: int, hi: int
+def _top_dispatch(
+    level_values: list[ov.Output],
+    full_values: list[ov.Output],
+    code: ov.Output,
+    levels: Sequence[ov.Model],
+    full: ov.Model,
+    default_level: int,
 ) -> list[ov.Output]:
-    """Outputs of ``bodies[code]`` (``lo ≤ code < hi``), through a balanced tree of ``If``: depth
-    ⌈log2(bodies)⌉, each level copying only the model inputs, a few scalars and the outputs."""
-    mid = (lo + hi) // 2
-    node = opset8.if_op(ops.less(code, ops.constant(np.int32(mid))).output(0))
-    then_body = _subtree(values, bodies, lo, mid)
-    else_body = _subtree(values, bodies, mid, hi)
+    """``If(code == default, default level, If(code == full, full body, tree of the other levels))``.
+
+    Every If port costs time on each pass, so each branch is bound only to what it reads: level bodies
+    to the model inputs (and the escalate scalar), the full body to the inputs and the per-op state.
+    """
+    node = opset8.if_op(ops.equal(code, ops.constant(np.int32(default_level))).output(0))
+    then_body = levels[default_level]
+    others = [(k, body) for k, body in enumerate(levels) if k != default_level]
+    # else body: the full body or one of the other levels
+    pl = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in level_values]
+    n_inputs = _shared_inputs(level_values, full_values)  # the model inputs lead both lists
+    pf = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in full_values[n_inputs:]]
+    pc = ops.parameter([], np.int32, name="level")
+    fp = full.get_parameters()
+    assert others, "the dial always has levels 0 and 1"
+    inner = opset8.if_op(ops.greater_equal(pc, ops.constant(np.int32(len(levels)))).output(0))
+    rest = _subtree([p.output(0) for p in pl], pc.output(0), others)
+    inner.set_then_body(full)
+    inner.set_else_body(rest)  # both bodies before any input
+    rp = rest.get_parameters()
+    for i, q in enumerate(pl):
+        inner.set_input(q.output(0), fp[i] if i < n_inputs else None, rp[i])
+    for j, q in enumerate(pf):
+        inner.set_input(q.output(0), fp[n_inputs + j], None)
+    inner.set_input(pc.output(0), None, rp[-1])
+    outs = [inner.set_output(t, e) for t, e in zip(full.get_results(), rest.get_results(), strict=True)]
+    else_body = ov.Model([ops.result(o) for o in outs], [*pl, *pf, pc], "apsq/others")
     node.set_then_body(then_body)
     node.set_else_body(else_body)
-    tp, ep = then_body.get_parameters(), else_body.get_parameters()
-    for i, v in enumerate([*values, code]):
-        node.set_input(v, tp[i], ep[i])
+    tp = then_body.get_parameters()
+    for i, v in enumerate(level_values):
+        node.set_input(v, tp[i], pl[i])
+    for j, v in enumerate(full_values[n_inputs:]):
+        node.set_input(v, None, pf[j])
+    node.set_input(code, None, pc)
     return [node.set_output(t, e) for t, e in zip(then_body.get_results(), else_body.get_results(), strict=True)]
 
 
-def _subtree(values: list[ov.Output], bodies: Sequence[ov.Model], lo: int, hi: int) -> ov.Model:
-    if hi - lo == 1:
-        body = bodies[lo]
-        body.add_parameters([ops.parameter([], np.int32, name="level")])  # unused: bound on both sides
-        return body
+def _shared_inputs(level_values: list[ov.Output], full_values: list[ov.Output]) -> int:
+    """How many leading values both branches share (the model inputs)."""
+    n = 0
+    for a, b in zip(level_values, full_values, strict=False):
+        if a.get_node() is not b.get_node() or a.get_index() != b.get_index():
+            break
+        n += 1
+    return n
+
+
+def _subtree(values: list[ov.Output], code: ov.Output, bodies: Sequence[tuple[int, ov.Model]]) -> ov.Model:
+    """A model over parameters mirroring ``values`` plus the level code that runs ``bodies[code]``:
+    the body itself for one level, else a balanced tree of ``If(code < k)``."""
     params = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in values]
-    code = ops.parameter([], np.int32, name="level")
-    outs = _dispatch([p.output(0) for p in params], code.output(0), bodies, lo, hi)
-    return ov.Model([ops.result(o) for o in outs], [*params, code], f"apsq/levels/{lo}-{hi}")
+    level = ops.parameter([], np.int32, name="level")
+    if len(bodies) == 1:
+        body = bodies[0][1]
+        body.add_parameters([level])  # unused: keeps the signature of every subtree the same
+        return body
+    mid = len(bodies) // 2
+    node = opset8.if_op(ops.less(level, ops.constant(np.int32(bodies[mid][0]))).output(0))
+    then_body = _subtree(values, code, bodies[:mid])
+    else_body = _subtree(values, code, bodies[mid:])
+    node.set_then_body(then_body)
+    node.set_else_body(else_body)
+    tp, ep = then_body.get_parameters(), else_body.get_parameters()
+    for i, p in enumerate([*params, level]):
+        node.set_input(p.output(0), tp[i], ep[i])
+    outs = [node.set_output(t, e) for t, e in zip(then_body.get_results(), else_body.get_results(), strict=True)]
+    return ov.Model([ops.result(o) for o in outs], [*params, level], "apsq/levels")
 
 
-def _state(variable_id: str, init: np.generic) -> tuple[ov.Node, Variable]:
+def _state(variable_id: str, init: np.generic | np.ndarray) -> tuple[ov.Node, Variable]:
     info = VariableInfo()
-    info.data_shape = ov.PartialShape([])
+    info.data_shape = ov.PartialShape(list(np.shape(init)))
     info.data_type = ov.Type.i32 if init.dtype == np.int32 else ov.Type.f32
     info.variable_id = variable_id
     var = Variable(info)

@@ -246,7 +246,7 @@ def test_adjacent_routed_ops_that_always_agree_share_one_if():
     # the same route through the fully routed body (conv1, conv2 fp32; fc int8) gives the same logits
     states = {s.name: s for s in req.query_state()}
     states[LEVEL_STATE].state = ov.Tensor(np.array(len(levels), np.int32))
-    states["apsq/mode/2"].state = ov.Tensor(np.array(Precision.INT8.code, np.int32))
+    states["apsq/modes"].state = ov.Tensor(np.array([0, 0, Precision.INT8.code], np.int32))
     np.testing.assert_allclose(req.infer([x_out])[0], got, rtol=0, atol=1e-4)
 
 
