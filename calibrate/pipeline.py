@@ -308,6 +308,7 @@ def calibrate_model(
             op.quality[p] = loss
             op.drops[p] = loss["top1"]
     # Selection: which variant each op runs at each level of the dial, which ops are routed per input.
+    unit_by_name = {u.name: u for u in units}
     escalated = _escalations(fp32_model, [u for u in units if u.name in by_name], batches(drop_idx))
     costs = [
         OpCost(
@@ -318,6 +319,7 @@ def calibrate_model(
             offered=op.variants,
             harm={p: harm[(op.name, p)] for p in op.variants if p is not Precision.FP32},
             escalated=escalated.get(op.name),
+            out_bytes=4.0 * math.prod(unit_by_name[op.name].out.get_shape()),
         )
         for op in manifest.ops
     ]

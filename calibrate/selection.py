@@ -16,6 +16,8 @@ integer linear program with :func:`scipy.optimize.milp`, as HAWQ-V3 did for the 
                Σ_i Σ_o latency(i, o) · x[i, o] ≤ L      (only with --latency-budget)
                x[i, o] = 0 for options more precise than the op's option at the previous level
                x binary
+    (+ Σ_(a,b) t(a, b) · y[a, b] in the objective, y[a, b] ≥ X_a[p] − X_b[p] for every precision p:
+     adjacent ops a → b running different precisions pay one conversion pass over the tensor between them)
 
 Options of an op: *static* at each precision the profile runs faster than fp32 (and fp32), or
 *routed*: INT8 unless the input leaves the calibrated INT8 range, then a safer variant ``s``. A
@@ -59,6 +61,8 @@ class OpCost:
     """per-sample harm of each lower precision (only this op lowered), on the held-out split"""
     escalated: np.ndarray | None = None
     """per held-out sample: the op input leaves the calibrated INT8 range (None: no INT8 variant)"""
+    out_bytes: float = 0.0
+    """bytes of the op's output (fp32): what a precision change to the next op converts"""
 
 
 @dataclass(frozen=True)
@@ -104,33 +108,61 @@ def solve_level(
     *,
     latency_budget_ms: float | None = None,
     floor: Mapping[str, OpChoice] | None = None,
+    transitions: Mapping[tuple[str, str], float] | None = None,
+    static_only: bool = False,
 ) -> Level:
-    """The cheapest options whose summed drop fits ``budget`` (see the module docstring)."""
+    """The cheapest options whose summed drop fits ``budget`` (see the module docstring).
+
+    :param transitions: ``{(a, b): ms}`` for adjacent ops: the cost of converting the tensor between
+        them when they run at different precisions (paid once per precision change).
+    :param static_only: no routed options (the max_drop 1 level).
+    """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     allowed = {
-        op.name: [o for o in opts[op.name] if floor is None or _not_more_precise(o.choice, floor[op.name])]
+        op.name: [
+            o
+            for o in opts[op.name]
+            if (floor is None or _not_more_precise(o.choice, floor[op.name])) and not (static_only and o.choice.routed)
+        ]
         for op in ops
     }
     flat = [(op.name, o) for op in ops for o in allowed[op.name]]
-    n = len(flat)
-    lat = np.array([o.latency_ms for _, o in flat])
-    drop = np.array([o.drop for _, o in flat])
-    one = np.zeros((len(ops), n))
+    pairs = [(pair, ms) for pair, ms in (transitions or {}).items() if pair[0] in allowed and pair[1] in allowed]
+    n, m = len(flat), len(pairs)
+    lat = np.concatenate([[o.latency_ms for _, o in flat], [ms for _, ms in pairs]])
+    drop = np.concatenate([[o.drop for _, o in flat], np.zeros(m)])
+    one = np.zeros((len(ops), n + m))
     col = 0
     for i, op in enumerate(ops):
         k = len(allowed[op.name])
         one[i, col : col + k] = 1.0
         col += k
     cons = [LinearConstraint(one, 1.0, 1.0)]
-    bounds, integrality = Bounds(0, 1), np.ones(n)
+    # y[a,b] >= X_a[p] - X_b[p] for every precision p: y is 1 exactly when a and b run different precisions.
+    rows = []
+    for j, ((a, b), _) in enumerate(pairs):
+        for p in {o.choice.fast for _, o in flat}:
+            row = np.zeros(n + m)
+            row[n + j] = 1.0
+            for i, (name, o) in enumerate(flat):
+                if o.choice.fast is p and name == a:
+                    row[i] -= 1.0
+                elif o.choice.fast is p and name == b:
+                    row[i] += 1.0
+            rows.append(row)
+    if rows:
+        cons.append(LinearConstraint(np.array(rows), 0.0, np.inf))
+    bounds = Bounds(0, 1)
+    integrality = np.concatenate([np.ones(n), np.zeros(m)])
 
     def run(objective: np.ndarray, extra: list[LinearConstraint]) -> np.ndarray | None:
         res = milp(objective, constraints=cons + extra, integrality=integrality, bounds=bounds)
-        return None if res.x is None else np.round(res.x).astype(bool)
+        return None if res.x is None else np.round(res.x[:n]).astype(bool)
 
     lat_cons = [LinearConstraint(lat[None, :], -np.inf, latency_budget_ms)] if latency_budget_ms else []
-    x = run(lat, [LinearConstraint(drop[None, :], -np.inf, budget + 1e-12), *lat_cons])
+    drop_cons = [] if math.isinf(budget) else [LinearConstraint(drop[None, :], -np.inf, budget + 1e-12)]
+    x = run(lat, [*drop_cons, *lat_cons])
     solver = "milp: min latency s.t. drop <= max_drop" + (" and latency <= budget" if lat_cons else "")
     if x is None and lat_cons:
         x = run(drop, lat_cons)
@@ -139,10 +171,11 @@ def solve_level(
         x = np.array([o.choice == floor[name] if floor else o.choice.fast is Precision.FP32 for name, o in flat])
         solver = "infeasible: previous level kept"
     chosen = {name: o for (name, o), take in zip(flat, x, strict=True) if take}
+    changes = sum(ms for (a, b), ms in pairs if chosen[a].choice.fast is not chosen[b].choice.fast)
     return Level(
-        max_drop=budget,
+        max_drop=min(budget, 1.0),
         choices={name: o.choice for name, o in chosen.items()},
-        predicted_ms=float(sum(o.latency_ms for o in chosen.values())),
+        predicted_ms=float(sum(o.latency_ms for o in chosen.values()) + changes),
         predicted_drop=float(sum(o.drop for o in chosen.values())),
         solver=solver,
     )
@@ -183,17 +216,28 @@ def select_levels(
     """One :class:`Level` per budget (sorted ascending; 0 and 1 always included); adjacent routed ops
     that always agree share an If (``successors``, see :func:`share_runs`)."""
     opts = {op.name: options(op, profile) for op in ops}
+    by_name = {op.name: op for op in ops}
+    # A precision change between adjacent ops costs one conversion pass over the tensor between them
+    # (estimated with the profile's per-MB copy cost, which is measured around an If: a layout reorder).
+    transitions = {
+        (a, b): profile.if_per_mb_ms.value * by_name[a].out_bytes / 2**20
+        for a, b in (successors or {}).items()
+        if a in by_name and b in by_name
+    }
     levels: list[Level] = []
     for b in sorted({0.0, 1.0, *(float(x) for x in budgets)}):
         if b == 0.0:
             fp32 = {op.name: opts[op.name][0] for op in ops}
             levels.append(_fixed(0.0, fp32, "max_drop 0: fp32 everywhere"))
-        elif b >= 1.0:
-            fastest = {op.name: min((o for o in opts[op.name] if not o.choice.routed), key=lambda o: o.latency_ms)
-                       for op in ops}  # fmt: skip
-            levels.append(_fixed(1.0, fastest, "max_drop 1: each op's fastest variant per the profile"))
         else:
-            levels.append(solve_level(ops, opts, b, latency_budget_ms=latency_budget_ms, floor=levels[-1].choices))
+            unlimited = b >= 1.0
+            level = solve_level(ops, opts, math.inf if unlimited else b, latency_budget_ms=latency_budget_ms,
+                                floor=levels[-1].choices, transitions=transitions, static_only=unlimited)  # fmt: skip
+            if unlimited:
+                level = Level(1.0, level.choices, level.predicted_ms, level.predicted_drop,
+                              "max_drop 1: the fastest static variants per the profile (min latency incl. "
+                              "precision changes, no drop limit)")  # fmt: skip
+            levels.append(level)
     return [share_runs(lv, ops, successors or {}, profile) for lv in levels]
 
 
