@@ -275,6 +275,7 @@ def test_precision_changes_between_neighbours_are_priced():
         return [{"shape": "s", "macs": 1e6, "latency_ms": {"value": ms, "provenance": prov}}]
 
     data["op_types"]["GroupConvolution"] = {"fp32": points(1.0), "bf16": points(0.50), "int8": points(0.51)}
+    data["op_types"]["Convolution"] = {"fp32": points(1.0), "bf16": points(0.60), "int8": points(0.30)}
     data["routing"]["if_per_mb_ms"]["value"] = 1.0  # 1 ms per MB converted
     profile = DeviceProfile.from_json(data)
     zeros = {Precision.BF16: np.zeros(10), Precision.INT8: np.zeros(10)}
