@@ -48,6 +48,10 @@ OBJECTIVE = (
 )
 
 
+SAME_SPEED = 0.05
+"""Relative latency difference below which two precisions count as equally fast (profile noise)."""
+
+
 @dataclass(frozen=True)
 class OpCost:
     """What the selection knows about one op."""
@@ -76,11 +80,12 @@ class Option:
 def options(op: OpCost, profile: DeviceProfile) -> list[Option]:
     """Every option the selection may pick for ``op`` (fp32 static first)."""
     lat = {p: profile.latency_ms(op.type, p, op.macs) for p in op.offered}
-    # A coarser precision is a candidate only if it is faster than every more precise one: on a device
-    # without INT8 hardware (Gen11 iGPU) INT8 loses to FP16 and is never chosen for speed.
+    # A coarser precision is a candidate only if it is not slower than any more precise one (beyond
+    # SAME_SPEED, the profile's noise): on a device without INT8 hardware (Gen11 iGPU) INT8 loses 8-20%
+    # to FP16 and is never chosen for speed. Within the noise the ILP decides, pricing precision changes.
     candidates = [Precision.FP32]
     for p in sorted(profile.faster_than_fp32(op.type, op.offered, op.macs), key=lambda q: q.rank):
-        if all(lat[p] < lat[q] for q in candidates if q.rank < p.rank):
+        if all(lat[p] <= lat[q] * (1.0 + SAME_SPEED) for q in candidates if q.rank < p.rank):
             candidates.append(p)
     drop = {p: (0.0 if p is Precision.FP32 else float(np.mean(op.harm[p]))) for p in candidates}
     out = [Option(OpChoice(p, p), lat[p], drop[p]) for p in candidates]
