@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,13 @@ from openvino import opset13 as ops
 
 from apsq_ov.errors import CalibrationError, ConfigError, ModelError, UnsupportedPrecisionError
 from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, static_shapes
-from apsq_ov.package import Manifest, OpRecord, Package, write_package
+from apsq_ov.package import LEVEL_STATE, Level, Manifest, OpRecord, Package, write_package
 from apsq_ov.precision import Precision
-from apsq_ov.profiles import load_profile
+from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, level_for
 from apsq_ov.runtime import AdaptiveInferRequest, compile_adaptive
 
-from .selection import OBJECTIVE, OpCost, default_budgets, op_size, select_levels
+from .selection import OBJECTIVE, OpCost, default_budgets, op_size, options, select_levels
 from .sensitivity import OpQuantInfo, SensitivityMetric, score_ops
 from .variants import (
     RoutableOp,
@@ -326,6 +327,19 @@ def calibrate_model(
     budgets = config.levels or tuple(default_budgets(config.max_drop))
     levels = select_levels(costs, profile, budgets, latency_budget_ms=config.latency_budget_ms,
                            successors=linear_successors([u for u in units if u.name in by_name]))  # fmt: skip
+    fastest_check = None
+    if _runs_here(config.device, profile):
+        # The profile prices ops one by one; in a real network the device fuses runs of one precision
+        # (an INT8 conv writes u8 straight into the next INT8 op). Where the calibration device is the
+        # target, time the selected fastest level against every op at its coarsest candidate and keep
+        # the faster (both are "each op at a fastest variant"; the coarser one is never more precise).
+        if progress:
+            progress("time the fastest level", 0, 1)
+        levels[-1], fastest_check = _check_fastest(
+            levels[-1], costs, profile, fp32_model, q_model, q4_model, variants, batches(drop_idx[:1])[0]
+        )
+        if progress:
+            progress("time the fastest level", 1, 1)
     manifest.levels = levels
     manifest.default_level = level_for(levels, config.max_drop)
     manifest.selection = {
@@ -333,6 +347,7 @@ def calibrate_model(
         "latency_budget_ms": config.latency_budget_ms,
         "levels": [lv.max_drop for lv in levels],
         "escalation_rate": {n: float(np.mean(e)) for n, e in escalated.items()},
+        "fastest_level_check": fastest_check,
     }
     if progress:
         progress("build package IR", 0, 1)
@@ -341,6 +356,61 @@ def calibrate_model(
     if progress:
         progress("build package IR", 1, 1)
     return package_model, manifest
+
+
+def _runs_here(device: str, profile: DeviceProfile) -> bool:
+    """Is the package's target device this machine's (so on-device timing is meaningful)?"""
+    base = device.split(".")[0].upper()
+    return base in ("CPU", "AUTO") and profile.device.upper() == "CPU"
+
+
+def _check_fastest(
+    level: Level,
+    costs: list[OpCost],
+    profile: DeviceProfile,
+    fp32_model: ov.Model,
+    q_model: ov.Model | None,
+    q4_model: ov.Model | None,
+    variants: dict[str, tuple[Precision, ...]],
+    x: list[np.ndarray],
+    runs: int = 60,
+) -> tuple[Level, dict]:
+    """Time ``level`` against every op at its coarsest static candidate (median of ``runs``, interleaved,
+    1 thread); return the faster and what was measured."""
+    uniform = {}
+    for op in costs:
+        static = [o for o in options(op, profile) if not o.choice.routed]
+        uniform[op.name] = max(static, key=lambda o: o.choice.fast.rank).choice
+    if uniform == level.choices:
+        return level, {"measured": False, "reason": "the selected fastest level is already every op at its coarsest"}
+    both = build_package_model(fp32_model, q_model, variants, [level.choices, uniform], 0, q4_model=q4_model)
+    cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = ov.Core().compile_model(both, "CPU", cfg)
+    requests = []
+    for k in (0, 1):
+        req = compiled.create_infer_request()
+        state = {s.name: s for s in req.query_state()}
+        state[LEVEL_STATE].state = ov.Tensor(np.array(k, np.int32))
+        for _ in range(10):
+            req.infer(x)
+        requests.append(req)
+    times: list[list[float]] = [[], []]
+    for _ in range(runs):
+        for k, req in enumerate(requests):
+            t0 = time.perf_counter()
+            req.infer(x)
+            times[k].append(time.perf_counter() - t0)
+    selected_ms, uniform_ms = (float(np.median(t) * 1e3) for t in times)
+    report: dict[str, object] = {"measured": True, "selected_ms": selected_ms, "coarsest_ms": uniform_ms, "runs": runs}
+    if uniform_ms < selected_ms:
+        report["kept"] = "coarsest"
+        solver = f"{level.solver}; measured on this device: every op at its coarsest variant was faster"
+        pred = sum(profile.latency_ms(op.type, uniform[op.name].fast, op.macs) for op in costs)
+        drop = sum(0.0 if uniform[op.name].fast is Precision.FP32 else float(np.mean(op.harm[uniform[op.name].fast]))
+                   for op in costs)  # fmt: skip
+        return Level(level.max_drop, uniform, pred, drop, solver), report
+    report["kept"] = "selected"
+    return level, report
 
 
 def _size(unit: RoutableOp) -> tuple[float, float]:
@@ -412,7 +482,7 @@ def _probabilities(y: np.ndarray) -> np.ndarray:
     if y.min() >= 0.0 and np.allclose(y.sum(axis=-1), 1.0, atol=1e-3):
         return np.clip(y, 1e-12, 1.0)
     z = np.exp(y - y.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
+    return np.clip(z / z.sum(axis=-1, keepdims=True), 1e-12, 1.0)  # exp underflows to 0 for far-apart logits
 
 
 def quality_loss(outputs: list[np.ndarray], reference: list[np.ndarray], labels: list[np.ndarray] | None) -> dict:
