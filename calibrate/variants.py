@@ -586,7 +586,7 @@ def merge_low_float_regions(model: ov.Model) -> int:
         for up in model.get_ordered_ops():
             if up.get_type_name() != "Convert" or up.get_output_element_type(0) != ov.Type.f32:
                 continue
-            low = up.input(0).get_element_type()
+            low = up.get_input_element_type(0)
             if low not in low_types:
                 continue
             for target in list(up.output(0).get_target_inputs()):
@@ -595,6 +595,9 @@ def merge_low_float_regions(model: ov.Model) -> int:
                 if kind == "Convert" and node.get_output_element_type(0) == low:
                     for t in list(node.output(0).get_target_inputs()):
                         t.replace_source_output(up.input(0).get_source_output())
+                    # Detach the now dead Convert from `up`: a dead node left among `up`'s targets is freed
+                    # with its last Python reference and leaves a dangling target (OpenVINO then crashes).
+                    node.input(0).replace_source_output(ops.constant(np.float32(0.0)).output(0))
                     changed = True
                 elif kind in _ELEMENTWISE and node.get_output_size() == 1 and _lowerable(node, low):
                     _lower(node, low)
@@ -632,6 +635,8 @@ def _lower(node: ov.Node, low: ov.Type) -> None:
         producer = src.get_node()
         if producer.get_type_name() == "Convert" and producer.input(0).get_element_type() == low:
             inp.replace_source_output(producer.input(0).get_source_output())
+            if not producer.output(0).get_target_inputs():  # dead now: detach it (see merge_low_float_regions)
+                producer.input(0).replace_source_output(ops.constant(np.zeros((), low.to_dtype())).output(0))
         else:
             inp.replace_source_output(ops.convert(src, low).output(0))
     node.validate_and_infer_types()
