@@ -30,7 +30,7 @@ from openvino import opset13 as ops
 
 from apsq_ov.errors import CalibrationError, ConfigError, ModelError, UnsupportedPrecisionError
 from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, static_shapes
-from apsq_ov.package import LEVEL_STATE, Level, Manifest, OpRecord, Package, write_package
+from apsq_ov.package import LEVEL_STATE, Level, Manifest, OpChoice, OpRecord, Package, write_package
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, level_for
@@ -330,13 +330,13 @@ def calibrate_model(
     fastest_check = None
     if _runs_here(config.device, profile):
         # The profile prices ops one by one; in a real network the device fuses runs of one precision
-        # (an INT8 conv writes u8 straight into the next INT8 op). Where the calibration device is the
-        # target, time the selected fastest level against every op at its coarsest candidate and keep
-        # the faster (both are "each op at a fastest variant"; the coarser one is never more precise).
+        # (an INT8 conv writes u8 straight into the next INT8 op) and pays for quantize/reorder between
+        # them. Where the calibration device is the target, time the selected fastest level against
+        # uniform mixes and keep the fastest (on BlazeFace here all-INT8 is no faster than all-BF16).
         if progress:
             progress("time the fastest level", 0, 1)
         levels[-1], fastest_check = _check_fastest(
-            levels[-1], costs, profile, fp32_model, q_model, q4_model, variants, batches(drop_idx[:1])[0]
+            levels[-1], levels[-2], costs, profile, fp32_model, q_model, q4_model, variants, batches(drop_idx[:1])[0]
         )
         if progress:
             progress("time the fastest level", 1, 1)
@@ -366,6 +366,7 @@ def _runs_here(device: str, profile: DeviceProfile) -> bool:
 
 def _check_fastest(
     level: Level,
+    floor: Level,
     costs: list[OpCost],
     profile: DeviceProfile,
     fp32_model: ov.Model,
@@ -375,42 +376,53 @@ def _check_fastest(
     x: list[np.ndarray],
     runs: int = 60,
 ) -> tuple[Level, dict]:
-    """Time ``level`` against every op at its coarsest static candidate (median of ``runs``, interleaved,
-    1 thread); return the faster and what was measured."""
-    uniform = {}
-    for op in costs:
-        static = [o for o in options(op, profile) if not o.choice.routed]
-        uniform[op.name] = max(static, key=lambda o: o.choice.fast.rank).choice
-    if uniform == level.choices:
-        return level, {"measured": False, "reason": "the selected fastest level is already every op at its coarsest"}
-    both = build_package_model(fp32_model, q_model, variants, [level.choices, uniform], 0, q4_model=q4_model)
+    """Time the selected fastest ``level`` against uniform mixes — every op at its coarsest static
+    candidate, and every op at each lower precision it offers — never more precise than ``floor`` (the
+    previous level), median of ``runs`` interleaved, 1 thread; return the fastest and what was measured."""
+    candidates: dict[str, dict[str, OpChoice]] = {"selected": dict(level.choices)}
+    statics = {op.name: [o.choice.fast for o in options(op, profile) if not o.choice.routed] for op in costs}
+    coarsest = {n: max(ps, key=lambda p: p.rank) for n, ps in statics.items()}
+    candidates["coarsest"] = {n: OpChoice(p, p) for n, p in coarsest.items()}
+    for q in sorted({p for ps in statics.values() for p in ps} - {Precision.FP32}, key=lambda p: p.rank):
+        mix = {}
+        for n, ps in statics.items():
+            pick = q if q in ps and q.rank >= floor.choices[n].fast.rank else coarsest[n]
+            mix[n] = OpChoice(pick, pick)
+        candidates[f"every op {q.value} where offered"] = mix
+    unique: dict[str, dict[str, OpChoice]] = {}
+    for name, mix in candidates.items():
+        if mix not in unique.values():
+            unique[name] = mix
+    if len(unique) == 1:
+        return level, {"measured": False, "reason": "no other uniform mix to compare"}
+    names = list(unique)
+    body = build_package_model(fp32_model, q_model, variants, [unique[n] for n in names], 0, q4_model=q4_model)
     cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
-    compiled = ov.Core().compile_model(both, "CPU", cfg)
+    compiled = ov.Core().compile_model(body, "CPU", cfg)
     requests = []
-    for k in (0, 1):
+    for k in range(len(names)):
         req = compiled.create_infer_request()
         state = {s.name: s for s in req.query_state()}
         state[LEVEL_STATE].state = ov.Tensor(np.array(k, np.int32))
         for _ in range(10):
             req.infer(x)
         requests.append(req)
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in names]
     for _ in range(runs):
         for k, req in enumerate(requests):
             t0 = time.perf_counter()
             req.infer(x)
             times[k].append(time.perf_counter() - t0)
-    selected_ms, uniform_ms = (float(np.median(t) * 1e3) for t in times)
-    report: dict[str, object] = {"measured": True, "selected_ms": selected_ms, "coarsest_ms": uniform_ms, "runs": runs}
-    if uniform_ms < selected_ms:
-        report["kept"] = "coarsest"
-        solver = f"{level.solver}; measured on this device: every op at its coarsest variant was faster"
-        pred = sum(profile.latency_ms(op.type, uniform[op.name].fast, op.macs) for op in costs)
-        drop = sum(0.0 if uniform[op.name].fast is Precision.FP32 else float(np.mean(op.harm[uniform[op.name].fast]))
-                   for op in costs)  # fmt: skip
-        return Level(level.max_drop, uniform, pred, drop, solver), report
-    report["kept"] = "selected"
-    return level, report
+    ms = {n: float(np.median(t) * 1e3) for n, t in zip(names, times, strict=True)}
+    best = min(ms, key=lambda n: ms[n])
+    report: dict[str, object] = {"measured": True, "median_ms": ms, "runs": runs, "kept": best}
+    if best == "selected":
+        return level, report
+    mix = unique[best]
+    pred = sum(profile.latency_ms(op.type, mix[op.name].fast, op.macs) for op in costs)
+    drop = sum(0.0 if mix[op.name].fast is Precision.FP32 else float(np.mean(op.harm[mix[op.name].fast]))
+               for op in costs)  # fmt: skip
+    return Level(level.max_drop, mix, pred, drop, f"{level.solver}; measured on this device: {best} was faster"), report
 
 
 def _size(unit: RoutableOp) -> tuple[float, float]:
