@@ -149,8 +149,12 @@ def main() -> None:
     out = [run(n, quick) for n in ("short_range", "full_range")]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "blazeface.json").write_text(json.dumps(out, indent=1))
-    lines = ["# BlazeFace on this CPU: INT8 is no faster than BF16 here", "",
-             "1 thread, f32 hint (bf16 hint for plain BF16), interleaved rounds, median of round medians.", ""]  # fmt: skip
+    lines = [
+        "# BlazeFace on this CPU: INT8 is no faster than BF16 here",
+        "",
+        "1 thread, f32 hint (bf16 hint for plain BF16), interleaved rounds, median of round medians.",
+        "",
+    ]
     for res in out:
         slower = sum(o["int8_slower_than_bf16"] for o in res["ops"])
         lines += [f"## {res['model']} ({res['input']}x{res['input']}, {res['routable_ops']} routable ops, "
