@@ -383,10 +383,14 @@ def _check_fastest(
     statics = {op.name: [o.choice.fast for o in options(op, profile) if not o.choice.routed] for op in costs}
     coarsest = {n: max(ps, key=lambda p: p.rank) for n, ps in statics.items()}
     candidates["coarsest"] = {n: OpChoice(p, p) for n, p in coarsest.items()}
-    for q in sorted({p for ps in statics.values() for p in ps} - {Precision.FP32}, key=lambda p: p.rank):
+    # Uniform mixes over what each op *offers* (not only what the profile predicts faster): a measurement
+    # on the device outranks the per-op cost model (on EfficientNet-Lite0 the profile puts two depthwise
+    # convs at bf16, yet the all-INT8 graph is the fastest here).
+    offered = {op.name: op.offered for op in costs}
+    for q in sorted({p for ps in offered.values() for p in ps} - {Precision.FP32}, key=lambda p: p.rank):
         mix = {}
-        for n, ps in statics.items():
-            pick = q if q in ps and q.rank >= floor.choices[n].fast.rank else coarsest[n]
+        for n in statics:
+            pick = q if q in offered[n] and q.rank >= floor.choices[n].fast.rank else coarsest[n]
             mix[n] = OpChoice(pick, pick)
         candidates[f"every op {q.value} where offered"] = mix
     unique: dict[str, dict[str, OpChoice]] = {}

@@ -470,15 +470,30 @@ def build_package_model(
         return [ops.parameter([], np.float32, name="escalate")] if escalates else []
 
     bodies: list[ov.Model] = []
+    int8_capable = [n for n in names if Precision.INT8 in variants[n] and base[n].act_fq is not None]
     for k, level in enumerate(levels):
-        clone = fp32_model.clone()
-        units = {u.name: u for u in find_routable_ops(clone, q_model, q4_model)}
         esc = signature()
         codes: list[ov.Output] = []
         group_code: dict[str, ov.Output] = {}
+        # A level that runs every INT8-capable op statically in INT8 is NNCF's own graph (its FakeQuantizes
+        # on residual adds and pools too, so the device keeps whole blocks in u8); the other ops get their
+        # chosen variant there. Any other level starts from the FP32 model.
+        from_nncf = q_model is not None and bool(int8_capable) and all(
+            level[n] == OpChoice(Precision.INT8, Precision.INT8) for n in int8_capable
+        )
+        if from_nncf:
+            assert q_model is not None
+            clone = q_model.clone()
+            units = {u.name: u for u in find_routable_ops(clone)}
+        else:
+            clone = fp32_model.clone()
+            units = {u.name: u for u in find_routable_ops(clone, q_model, q4_model)}
         for n in names:
             unit, choice = units[n], level[n]
             x = unit.op.input(0).get_source_output()
+            if from_nncf and n in int8_capable:
+                codes.append(ops.constant(np.int32(Precision.INT8.code)).output(0))
+                continue
             if choice.shared_with:  # inside the If of its run's first op (built with that op below)
                 codes.append(group_code[choice.shared_with])
                 continue
