@@ -7,8 +7,10 @@ behind its own ``If``; precision pins and forced precisions run there). In one p
 
 1. calibrates (``apsq_ov.calibrate.calibrate``) on 300 crops (seed 0), default ``max_drop`` 0.01 and
    default levels, 64 sensitivity and 200 drop samples, and records the wall time;
-2. summarises the routable ops and, per level, how many ops are static at fp32 / bf16 / int8 and routed;
-3. times, with 1 thread, ``PERFORMANCE_HINT=LATENCY`` and the f32 hint (DESIGN.md section 5), in
+2. summarises the routable ops and, per level, how many ops are static at fp32 / bf16 / int8 / int4, routed,
+   and routed inside another op's If (``shared_with``);
+3. waits (``--quiet-wait``, up to 180 s) for other processes' CPU load to drop, records the load, then
+   times, with 1 thread, ``PERFORMANCE_HINT=LATENCY`` and the f32 hint (DESIGN.md section 5), in
    interleaved rounds on one fixed crop: plain FP32, plain BF16 (bf16 hint), plain NNCF INT8
    (``nncf.quantize`` on the same crops), the package at every level's ``max_drop``, at the default
    level with ``apsq/escalate`` = 3e38 (every routed op forced to its fast variant), at ``max_drop=1``,
@@ -16,12 +18,20 @@ behind its own ``If``; precision pins and forced precisions run there). In one p
    same way: inputs and routing state set once, then the raw ``openvino.InferRequest.infer()``; one
    extra row times ``AdaptiveInferRequest.infer(x)`` (the Python API's own overhead included);
 4. measures top-1 agreement with plain FP32 on 500 fresh crops (seed 1) for every configuration, and
-   how many routed ops escalated per input (from the graph's ``apsq_route`` output).
+   how many routed ops escalated per input (from the graph's ``apsq_route`` output);
+5. with ``--with-int4`` (default on) calibrates a second package on the same model and data with
+   ``precisions=(fp32, bf16, int8, int4)`` (INT4 weight-only MatMul variants), reports which ops got an int4
+   variant and which levels chose it, and times every level of that package in the same interleaved rounds.
+   If the projected total would pass ~25 minutes, that calibration's ``drop_samples`` drops to 100 (recorded);
+6. if some level is all static bf16, adds an "apsq all-bf16 level equivalent" row (else records the skip),
+   and lists checks: a level slower than a coarser one, predicted vs measured latency, disagreement above budget.
 
 Writes ``benchmarks/results/selection.json`` and ``selection.md`` and prints the table.
 
-Run: ``python benchmarks/selection.py [--quick]`` (needs the EfficientNet-Lite0 IR cached in
-``benchmarks/results/.cache`` or the wheels named in ``benchmarks/real_models.py``).
+Run: ``python benchmarks/selection.py [--quick] [--no-with-int4] [--package DIR] [--package-int4 DIR]``
+(needs the EfficientNet-Lite0 IR cached in ``benchmarks/results/.cache`` or the wheels named in
+``benchmarks/real_models.py``). Packages are written under a fresh ``/tmp/apsq-selection-*`` folder
+(named in the JSON) so a later run can reuse them with ``--package`` / ``--package-int4``.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import io
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -70,11 +81,22 @@ class Settings:
     rounds: int = 3
     runs_per_round: int = 100
     warmup: int = 20
+    int4_drop_samples_reduced: int = 100  # the int4 calibration's drop_samples if the run would pass the budget
+    time_budget_s: float = 25 * 60
 
 
 QUICK = Settings(
-    calib_crops=96, sensitivity_samples=16, drop_samples=48, quality_crops=60, rounds=2, runs_per_round=20, warmup=5
+    calib_crops=96,
+    sensitivity_samples=16,
+    drop_samples=48,
+    quality_crops=60,
+    rounds=2,
+    runs_per_round=20,
+    warmup=5,
+    int4_drop_samples_reduced=24,
 )
+ALL_PRECISIONS = (Precision.FP32, Precision.BF16, Precision.INT8, Precision.INT4)
+REST_OF_RUN_S = 300.0  # rough cost of everything after the calibrations (NNCF, compiles, timing, quality)
 
 
 @dataclass
@@ -86,7 +108,7 @@ class Config:
     """
 
     name: str
-    kind: str  # "plain" | "level" | "escalate" | "full" | "api"
+    kind: str  # "plain" | "level" | "escalate" | "full" | "api" | "bf16-level"
     request: ov.InferRequest
     run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
     routed_ops: int = 0
@@ -95,6 +117,9 @@ class Config:
     samples_ms: list[float] = field(default_factory=list)
     round_medians_ms: list[float] = field(default_factory=list)
     quality_timed: bool = True
+    package: str = ""  # "" (plain) | "main" | "int4"
+    level: int | None = None
+    predicted_ms: float | None = None
 
 
 def _progress() -> Progress:
@@ -107,9 +132,19 @@ def _progress() -> Progress:
     )
 
 
-def run_calibration(model: Path, data: Path, out: Path, s: Settings) -> tuple[apsq_ov.Package, float, dict]:
+def run_calibration(
+    model: Path,
+    data: Path,
+    out: Path,
+    s: Settings,
+    precisions: tuple[Precision, ...] | None = None,
+    drop_samples: int | None = None,
+) -> tuple[apsq_ov.Package, float, dict]:
     config = CalibrationConfig(
-        subset_size=s.calib_crops, sensitivity_samples=s.sensitivity_samples, drop_samples=s.drop_samples
+        precisions=precisions,
+        subset_size=s.calib_crops,
+        sensitivity_samples=s.sensitivity_samples,
+        drop_samples=drop_samples or s.drop_samples,
     )
     phases: dict[str, dict[str, float]] = {}
     with _progress() as prog:
@@ -124,21 +159,52 @@ def run_calibration(model: Path, data: Path, out: Path, s: Settings) -> tuple[ap
             phases[phase]["end"] = now
 
         t0 = time.perf_counter()
+        busy0, _ = _cpu_times()
+        own0 = _own_cpu_s()
         with contextlib.redirect_stdout(io.StringIO()):  # NNCF's own progress bars
             pkg = calibrate(model, data, out, config, progress=progress)
-        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        busy1, _ = _cpu_times()
+        own1 = _own_cpu_s()
+        wall = t1 - t0
     phase_s = {p: round(v["end"] - v["start"], 2) for p, v in phases.items()}
-    return pkg, wall, {"config": {k: str(v) for k, v in vars(config).items()}, "phase_seconds": phase_s}
+    # Time outside the reported phases: model read, variant build, escalation probe and the ILP selection
+    # (between "isolated drops" and "build package IR"), writing the package (after the last phase).
+    gaps: dict[str, float] = {}
+    prev = t0
+    for p, v in phases.items():  # dicts keep insertion order = phase order
+        gaps[f"before {p}"] = round(v["start"] - prev, 2)
+        prev = v["end"]
+    gaps["after last phase (write package)"] = round(t1 - prev, 2)
+    return (
+        pkg,
+        wall,
+        {
+            "config": {k: str(v) for k, v in vars(config).items()},
+            "phase_seconds": phase_s,
+            "unreported_seconds": gaps,
+            "package_dir": str(out),
+            # CPU use during the calibration, in CPUs: this process (all its threads) and everything else.
+            "own_cpus": round((own1 - own0) / wall, 2),
+            "other_cpus": round(((busy1 - busy0) / _CLK_TCK - (own1 - own0)) / wall, 2) if busy1 > busy0 else None,
+        },
+    )
 
 
 def level_summary(pkg: apsq_ov.Package) -> list[dict[str, Any]]:
     m = pkg.manifest
     rows = []
     for i, lv in enumerate(m.levels):
-        static = {p.value: 0 for p in (Precision.FP32, Precision.BF16, Precision.INT8)}
+        static = {p.value: 0 for p in ALL_PRECISIONS}
         for c in lv.choices.values():
             if not c.routed:
                 static[c.fast.value] = static.get(c.fast.value, 0) + 1
+        shared = {n: c.shared_with for n, c in lv.choices.items() if c.shared_with}
+        int4_ops = {
+            n: f"{c.fast.value}→{c.safe.value}" if c.routed else "static int4"
+            for n, c in lv.choices.items()
+            if Precision.INT4 in (c.fast, c.safe)
+        }
         rows.append(
             {
                 "index": i,
@@ -146,6 +212,12 @@ def level_summary(pkg: apsq_ov.Package) -> list[dict[str, Any]]:
                 "default": i == m.default_level,
                 "static": static,
                 "routed": len(lv.routed),
+                "shared": len(shared),
+                "shared_with": shared,
+                "ops_column": f"{static['fp32']}/{static['bf16']}/{static['int8']}/{static['int4']}, "
+                f"{len(lv.routed)}, {len(shared)}",
+                "all_bf16": all(c.fast is Precision.BF16 and not c.routed for c in lv.choices.values()),
+                "int4_ops": int4_ops,
                 "routed_ops": {
                     n: f"{lv.choices[n].fast.value}→{lv.choices[n].safe.value} ×{lv.choices[n].limit:g}"
                     for n in lv.routed
@@ -182,8 +254,13 @@ def plain_config(core: ov.Core, name: str, model: ov.Model | Path, hint: str, x:
     return Config(name, "plain", timed, run, note=f"{hint} hint")
 
 
-def package_configs(pkg: apsq_ov.Package, x: np.ndarray) -> tuple[list[Config], dict[str, Any]]:
+def package_configs(
+    pkg: apsq_ov.Package, x: np.ndarray, *, tag: str = "main", extras: bool = True
+) -> tuple[list[Config], dict[str, Any]]:
+    """Configurations of one package: every level; with ``extras`` also escalate=3e38, the all-bf16 level,
+    max_drop=1 on a separate request, the fully routed body and the API row. ``tag`` names the package."""
     m = pkg.manifest
+    prefix = "apsq" if tag == "main" else "apsq+int4"
     compiled = apsq_ov.compile_model(pkg, "CPU", F32)
     route_col = {n: i for i, n in enumerate(compiled.route_ops)}
     info: dict[str, Any] = {"route_ops": len(compiled.route_ops)}
@@ -211,26 +288,65 @@ def package_configs(pkg: apsq_ov.Package, x: np.ndarray) -> tuple[list[Config], 
             res = quality.infer(crop[None], **policy)
             return res[0], res.route
 
-        return Config(name, kind, timed.request, run, routed, note, fast or {})
+        return Config(name, kind, timed.request, run, routed, note, fast or {}, package=tag)
 
     def level_fast(k: int) -> dict[int, int]:
         lv = m.levels[k]
         return {route_col[n]: lv.choices[n].fast.code for n in lv.routed}
 
+    def leveled(c: Config, k: int) -> Config:
+        c.level, c.predicted_ms = k, m.levels[k].predicted_ms
+        return c
+
     configs = []
     for k, lv in enumerate(m.levels):
-        tag = " (default)" if k == m.default_level else ""
+        dflt = " (default)" if k == m.default_level else ""
         configs.append(
-            make(
-                f"apsq level {k}: max_drop={lv.max_drop:g}{tag}",
-                "level",
-                {"max_drop": lv.max_drop},
-                len(lv.routed),
-                f"level {k}",
-                level_fast(k),
+            leveled(
+                make(
+                    f"{prefix} level {k}: max_drop={lv.max_drop:g}{dflt}",
+                    "level",
+                    {"max_drop": lv.max_drop},
+                    len(lv.routed),
+                    f"level {k}",
+                    level_fast(k),
+                ),
+                k,
             )
         )
     d = m.default_level
+    bf16_levels = [
+        k for k, lv in enumerate(m.levels)
+        if all(c.fast is Precision.BF16 and not c.routed for c in lv.choices.values())
+    ]  # fmt: skip
+    info["all_bf16_levels"] = bf16_levels
+    if not extras:
+        top = compiled.plan(max_drop=1.0).level
+        info["max_drop_1_level"] = top
+        info["compiled"] = compiled
+        return configs, info
+    if bf16_levels:
+        k = bf16_levels[-1]
+        configs.append(
+            leveled(
+                make(
+                    f"apsq all-bf16 level equivalent (level {k}, max_drop={m.levels[k].max_drop:g})",
+                    "bf16-level",
+                    {"max_drop": m.levels[k].max_drop},
+                    0,
+                    f"level {k}: every op static bf16",
+                ),
+                k,
+            )
+        )
+    else:
+        most = max(
+            range(len(m.levels)), key=lambda k: sum(c.fast is Precision.BF16 for c in m.levels[k].choices.values())
+        )
+        n_bf16 = sum(c.fast is Precision.BF16 for c in m.levels[most].choices.values())
+        info["all_bf16_skipped"] = (
+            f"no level is all-bf16 (most bf16: level {most}, {n_bf16} of {len(m.ops)} ops); row skipped"
+        )
     states = {s.name for s in compiled.create_infer_request().request.query_state()}
     info["escalate_state"] = ESCALATE_STATE in states
     if ESCALATE_STATE in states:
@@ -246,14 +362,18 @@ def package_configs(pkg: apsq_ov.Package, x: np.ndarray) -> tuple[list[Config], 
             )
         )
     top = compiled.plan(max_drop=1.0).level
+    info["max_drop_1_level"] = top
     configs.append(
-        make(
-            f"apsq infer(max_drop=1) → level {top} (separate request)",
-            "level",
-            {"max_drop": 1.0},
-            len(m.levels[top].routed),
-            f"level {top}",
-            level_fast(top),
+        leveled(
+            make(
+                f"apsq infer(max_drop=1) → level {top} (separate request)",
+                "level",
+                {"max_drop": 1.0},
+                len(m.levels[top].routed),
+                f"level {top}",
+                level_fast(top),
+            ),
+            top,
         )
     )
     n_ops = len(m.ops)
@@ -279,6 +399,7 @@ def package_configs(pkg: apsq_ov.Package, x: np.ndarray) -> tuple[list[Config], 
         f"level {d}",
     )
     api_cfg.quality_timed = False
+    api_cfg.package = tag
     api_x = x
 
     class _ApiTimed:  # duck-types ov.InferRequest.infer() for the timing loop
@@ -289,6 +410,52 @@ def package_configs(pkg: apsq_ov.Package, x: np.ndarray) -> tuple[list[Config], 
     configs.append(api_cfg)
     info["compiled"] = compiled
     return configs, info
+
+
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat (0, 0 where it is unreadable)."""
+    try:
+        f = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
+    idle = f[3] + (f[4] if len(f) > 4 else 0.0)
+    return sum(f) - idle, sum(f)
+
+
+_CLK_TCK = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds this process (every thread) has used."""
+    t = os.times()
+    return t.user + t.system
+
+
+def cpu_busy(seconds: float) -> float | None:
+    """Fraction of all CPUs busy over ``seconds`` (this process sleeps meanwhile, so it is other load)."""
+    b0, t0 = _cpu_times()
+    time.sleep(seconds)
+    b1, t1 = _cpu_times()
+    return (b1 - b0) / (t1 - t0) if t1 > t0 else None
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> dict[str, Any]:
+    """Wait (up to ``max_wait_s``) until other processes keep the CPUs < ``threshold`` busy over 3 s."""
+    t0 = time.perf_counter()
+    seen = []
+    with console.status("waiting for the other processes' CPU load to drop before timing"):
+        while True:
+            busy = cpu_busy(3.0)
+            seen.append(busy)
+            if busy is None or busy < threshold or time.perf_counter() - t0 > max_wait_s:
+                break
+    return {
+        "waited_s": round(time.perf_counter() - t0, 1),
+        "other_load_last": seen[-1],
+        "other_load_max_seen": max((v for v in seen if v is not None), default=None),
+        "quiet": seen[-1] is not None and seen[-1] < threshold,
+        "threshold": threshold,
+    }
 
 
 def time_configs(configs: list[Config], s: Settings) -> None:
@@ -346,55 +513,196 @@ def quality(configs: list[Config], crops: np.ndarray) -> dict[str, dict[str, Any
     return out
 
 
+def print_levels(title: str, levels: list[dict[str, Any]]) -> None:
+    lt = Table(title=title)
+    for h in ("level", "max_drop", "ops static fp32/bf16/int8/int4, routed, shared", "predicted ms", "predicted drop"):
+        lt.add_column(h)
+    for lv in levels:
+        lt.add_row(
+            f"{lv['index']}{' *' if lv['default'] else ''}",
+            f"{lv['max_drop']:g}",
+            lv["ops_column"],
+            f"{lv['predicted_ms']:.2f}",
+            f"{lv['predicted_drop']:.4f}",
+        )
+    Console(width=200).print(lt)
+
+
+def int4_findings(pkg4: apsq_ov.Package, pkg: apsq_ov.Package, levels4: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which ops got an int4 variant (with their isolated drops), which levels chose int4, and how the int4
+    package's levels differ from the first package's (same ops, same data)."""
+    m4, m = pkg4.manifest, pkg.manifest
+    ops = [
+        {
+            "name": op.name,
+            "type": op.type,
+            "variants": [v.value for v in op.variants],
+            "isolated_top1_drop": {p.value: v for p, v in op.drops.items()},
+            "macs": op.macs,
+        }
+        for op in m4.ops
+        if Precision.INT4 in op.variants
+    ]
+    diffs = []
+    for k, (lv4, lv) in enumerate(zip(m4.levels, m.levels, strict=False)):
+        changed = {
+            n: f"{lv.choices[n].fast.value}/{lv.choices[n].safe.value} → {c.fast.value}/{c.safe.value}"
+            for n, c in lv4.choices.items()
+            if n in lv.choices and (c.fast, c.safe) != (lv.choices[n].fast, lv.choices[n].safe)
+        }
+        diffs.append({"level": k, "max_drop": lv4.max_drop, "changed_ops": changed})
+    return {
+        "ops_with_int4_variant": ops,
+        "levels_choosing_int4": [
+            {"index": lv["index"], "max_drop": lv["max_drop"], "ops": lv["int4_ops"]}
+            for lv in levels4
+            if lv["int4_ops"]
+        ],
+        "level_differences_vs_main": diffs,
+    }
+
+
+def checks(configs: list[Config], med: dict[str, float], q: dict[str, dict[str, Any]], levels: dict) -> list[str]:
+    """Things that look wrong: a level slower than a coarser (smaller max_drop) one by > 3 %, measured vs
+    predicted latency off by > 25 %, top-1 disagreement above the level's budget by > 2 sigma, the separate
+    max_drop=1 request off its level row by > 5 %."""
+    out: list[str] = []
+    for tag in ("main", "int4"):
+        rows = sorted(
+            (c for c in configs if c.package == tag and c.kind == "level" and "separate request" not in c.name),
+            key=lambda c: c.level,
+        )
+        for i, c in enumerate(rows):
+            slower_than = [b for b in rows[:i] if med[c.name] > 1.03 * med[b.name]]
+            if slower_than:
+                b = min(slower_than, key=lambda b: med[b.name])
+                out.append(
+                    f"[{tag}] level {c.level} ({med[c.name]:.2f} ms) is slower than coarser level {b.level} "
+                    f"({med[b.name]:.2f} ms) by {100 * (med[c.name] / med[b.name] - 1):.0f}%"
+                )
+            if c.predicted_ms:
+                r = med[c.name] / c.predicted_ms
+                if not 0.8 <= r <= 1.25:
+                    out.append(
+                        f"[{tag}] level {c.level}: measured {med[c.name]:.2f} ms vs predicted {c.predicted_ms:.2f} ms "
+                        f"(measured/predicted {r:.2f})"
+                    )
+            lv = levels[tag][c.level]
+            agree = q.get(c.name, {}).get("top1_agreement")
+            n = q.get(c.name, {}).get("n") or 1
+            budget = lv["max_drop"]
+            if agree is not None and budget < 1:
+                dis = 1 - agree
+                sigma = math.sqrt(max(budget, 1 / n) * (1 - min(budget, 0.5)) / n)
+                if dis > budget + 2 * sigma:
+                    out.append(
+                        f"[{tag}] level {c.level}: top-1 disagreement {100 * dis:.1f}% on fresh crops > budget "
+                        f"{100 * budget:g}% (+2σ = {100 * (budget + 2 * sigma):.1f}%)"
+                    )
+    lvl = {tag: {c.level: c for c in configs if c.package == tag and c.kind == "level" and "separate" not in c.name}
+           for tag in ("main", "int4")}  # fmt: skip
+    if 0 in lvl["main"] and med[lvl["main"][0].name] > 1.03 * med["plain FP32"]:
+        a = lvl["main"][0]
+        out.append(
+            f"level 0 (every op static fp32) {med[a.name]:.2f} ms vs plain FP32 {med['plain FP32']:.2f} ms: "
+            f"level-body overhead {100 * (med[a.name] / med['plain FP32'] - 1):.0f}%"
+        )
+    for tag in ("main", "int4"):
+        top = max(lvl[tag], default=None)
+        if top is not None and med[lvl[tag][top].name] > 1.10 * med["plain NNCF INT8"]:
+            a = lvl[tag][top]
+            out.append(
+                f"[{tag}] top level {top} (max_drop=1, all int8/bf16/int4) {med[a.name]:.2f} ms vs plain NNCF INT8 "
+                f"{med['plain NNCF INT8']:.2f} ms (+{100 * (med[a.name] / med['plain NNCF INT8'] - 1):.0f}%)"
+            )
+    for c in configs:
+        if "separate request" in c.name:
+            twin = next(
+                (
+                    b
+                    for b in configs
+                    if b.package == c.package and b.kind == "level" and b.level == c.level and b is not c
+                ),
+                None,
+            )
+            if twin and abs(med[c.name] / med[twin.name] - 1) > 0.05:
+                out.append(f"{c.name}: {med[c.name]:.2f} ms vs its level row {med[twin.name]:.2f} ms")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller calibration, quality set and timing")
     parser.add_argument("--package", type=Path, help="reuse this calibrated package (debugging: no calibration)")
+    parser.add_argument(
+        "--with-int4",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also calibrate with precisions fp32, bf16, int8, int4 and compare (default: on)",
+    )
+    parser.add_argument("--package-int4", type=Path, help="reuse this calibrated int4 package")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=180.0,
+        help="before timing, wait up to this many seconds for other processes' CPU load to drop (default 180)",
+    )
     args = parser.parse_args()
     s = QUICK if args.quick else Settings()
     from real_models import efficientnet_lite0_ir, photo_crops
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="apsq-selection-"))
+    console.print(f"work folder (packages kept for --package / --package-int4): {work}")
     model_path = efficientnet_lite0_ir(RESULTS / ".cache")
     with console.status("making photo crops"):
         calib = photo_crops(s.calib_crops, seed=0)
         fresh = photo_crops(s.quality_crops, seed=1)
     np.savez(work / "calib.npz", inputs=calib)
 
-    console.rule(f"calibrate EfficientNet-Lite0 on {s.calib_crops} crops")
+    console.rule(f"calibrate EfficientNet-Lite0 on {s.calib_crops} crops (profile default precisions)")
     if args.package:
-        pkg, calib_wall, calib_info = apsq_ov.Package.load(args.package), float("nan"), {"reused": str(args.package)}
-        calib_info["phase_seconds"] = {}
+        pkg, calib_wall = apsq_ov.Package.load(args.package), float("nan")
+        calib_info: dict[str, Any] = {"reused": str(args.package), "phase_seconds": {}, "unreported_seconds": {}}
     else:
         pkg, calib_wall, calib_info = run_calibration(model_path, work / "calib.npz", work / "pkg", s)
+    calib_info["precisions"] = [p.value for p in pkg.manifest.precisions]
     console.print(f"calibration wall time: {calib_wall:.1f} s  phases: {calib_info['phase_seconds']}")
     m = pkg.manifest
     levels = level_summary(pkg)
-    lt = Table(title=f"{len(m.ops)} routable ops; levels (default = level {m.default_level})")
-    for h in (
-        "level",
-        "max_drop",
-        "static fp32",
-        "static bf16",
-        "static int8",
-        "routed",
-        "predicted ms",
-        "predicted drop",
-    ):
-        lt.add_column(h)
-    for lv in levels:
-        lt.add_row(
-            f"{lv['index']}{' *' if lv['default'] else ''}",
-            f"{lv['max_drop']:g}",
-            str(lv["static"]["fp32"]),
-            str(lv["static"]["bf16"]),
-            str(lv["static"]["int8"]),
-            str(lv["routed"]),
-            f"{lv['predicted_ms']:.2f}",
-            f"{lv['predicted_drop']:.4f}",
-        )
-    Console(width=200).print(lt)
+    print_levels(f"{len(m.ops)} routable ops; levels (default = level {m.default_level})", levels)
+
+    pkg4 = None
+    calib4: dict[str, Any] = {}
+    levels4: list[dict[str, Any]] = []
+    if args.with_int4:
+        console.rule("second calibration: precisions fp32, bf16, int8, int4")
+        if args.package_int4:
+            pkg4 = apsq_ov.Package.load(args.package_int4)
+            calib4 = {"wall_seconds": float("nan"), "reused": str(args.package_int4), "phase_seconds": {},
+                      "unreported_seconds": {}}  # fmt: skip
+        else:
+            elapsed = time.perf_counter() - t_start
+            est = calib_wall if math.isfinite(calib_wall) else 500.0
+            projected = elapsed + est + REST_OF_RUN_S
+            drop4 = s.drop_samples
+            note = None
+            if projected > s.time_budget_s:
+                drop4 = s.int4_drop_samples_reduced
+                note = (
+                    f"drop_samples reduced to {drop4} for the int4 package only: projected run "
+                    f"{projected / 60:.1f} min (elapsed {elapsed:.0f} s + int4 calibration ≈ {est:.0f} s + rest ≈ "
+                    f"{REST_OF_RUN_S:.0f} s) > {s.time_budget_s / 60:.0f} min"
+                )
+                console.print(f"[yellow]{note}[/yellow]")
+            pkg4, wall4, calib4 = run_calibration(
+                model_path, work / "calib.npz", work / "pkg_int4", s, precisions=ALL_PRECISIONS, drop_samples=drop4
+            )
+            calib4 |= {"wall_seconds": wall4, "drop_samples": drop4, "drop_samples_note": note}
+            console.print(f"int4 calibration wall time: {wall4:.1f} s  phases: {calib4['phase_seconds']}")
+        calib4["precisions"] = [p.value for p in pkg4.manifest.precisions]
+        levels4 = level_summary(pkg4)
+        print_levels(f"int4 package: levels (default = level {pkg4.manifest.default_level})", levels4)
 
     console.rule("baselines and package configurations")
     with console.status(f"nncf.quantize on the same {s.calib_crops} crops"):
@@ -406,16 +714,38 @@ def main() -> None:
     with console.status("compiling"):
         configs = [
             plain_config(core, "plain FP32", fp32_model, "f32", x),
-            plain_config(core, "plain BF16", fp32_model, "bf16", x),
+            plain_config(core, "plain BF16 (bf16 hint)", fp32_model, "bf16", x),
             plain_config(core, "plain NNCF INT8", q_model, "f32", x),
         ]
         pkg_configs, info = package_configs(pkg, x)
         configs += pkg_configs
+        info4: dict[str, Any] = {}
+        if pkg4 is not None:
+            cfg4, info4 = package_configs(pkg4, x, tag="int4", extras=False)
+            configs += cfg4
     for c in configs:
         console.print(f"  {c.name}  [dim]{c.note}; routed ops {c.routed_ops}[/dim]")
+    if "all_bf16_skipped" in info:
+        console.print(f"[yellow]apsq all-bf16 level equivalent: {info['all_bf16_skipped']}[/yellow]")
 
     console.rule("latency")
+    quiet = wait_for_quiet(args.quiet_wait)
+    console.print(f"CPU load of other processes before timing: {quiet}")
+    b0, t0 = _cpu_times()
+    load0 = os.getloadavg()
     time_configs(configs, s)
+    b1, t1 = _cpu_times()
+    busy = (b1 - b0) / (t1 - t0) if t1 > t0 else None
+    n_cpu = os.cpu_count() or 1
+    contention = {
+        **quiet,
+        "cpus": n_cpu,
+        "cpu_busy_during_timing": busy,
+        "other_load_during_timing_cpus": None if busy is None else busy * n_cpu - 1.0,  # minus our 1 thread
+        "loadavg_before_timing": load0,
+        "loadavg_after_timing": os.getloadavg(),
+    }
+    console.print(f"CPU busy during timing: {busy}")
     console.rule("quality")
     q = quality(configs, fresh)
 
@@ -428,8 +758,11 @@ def main() -> None:
             {
                 "configuration": c.name,
                 "kind": c.kind,
+                "package": c.package,
+                "level": c.level,
                 "note": c.note,
                 "median_ms": med[c.name],
+                "predicted_ms": c.predicted_ms,
                 "round_medians_ms": c.round_medians_ms,
                 "all_runs_median_ms": float(np.median(c.samples_ms)),
                 "p10_ms": float(np.percentile(c.samples_ms, 10)),
@@ -444,26 +777,75 @@ def main() -> None:
                 "inputs_with_any_escalation": qc.get("inputs_with_any_escalation"),
             }
         )
+
+    def level_rows(tag: str) -> dict[int, Config]:
+        return {
+            c.level: c for c in configs if c.package == tag and c.kind == "level" and "separate request" not in c.name
+        }
+
+    for tag, lvs in (("main", levels), ("int4", levels4)):
+        lr = level_rows(tag)
+        for lv in lvs:
+            c = lr.get(lv["index"])
+            if c is not None:
+                lv["measured_ms"] = med[c.name]
+                lv["measured_over_predicted"] = med[c.name] / lv["predicted_ms"] if lv["predicted_ms"] else None
+                lv["top1_agreement"] = q.get(c.name, {}).get("top1_agreement")
+
+    int4: dict[str, Any] = {"enabled": bool(args.with_int4)}
+    if pkg4 is not None:
+        int4 |= int4_findings(pkg4, pkg, levels4)
+        a = level_rows("main")[info["max_drop_1_level"]]
+        b = level_rows("int4")[info4["max_drop_1_level"]]
+        int4["max_drop_1"] = {
+            "main": {"configuration": a.name, "median_ms": med[a.name], "top1_agreement": q[a.name]["top1_agreement"]},
+            "int4": {"configuration": b.name, "median_ms": med[b.name], "top1_agreement": q[b.name]["top1_agreement"]},
+            "int4_over_main": med[b.name] / med[a.name],
+        }
+    found = checks(configs, med, q, {"main": levels, "int4": levels4})
+    noise = None
+    if pkg4 is not None:  # same choices in both packages = the same level body compiled twice: timing noise
+        same = [
+            (a, b)
+            for k, a in level_rows("main").items()
+            if (b := level_rows("int4").get(k)) is not None
+            and {n: (c.fast, c.safe) for n, c in m.levels[k].choices.items()}
+            == {n: (c.fast, c.safe) for n, c in pkg4.manifest.levels[k].choices.items()}
+        ]
+        if same:
+            diffs = [abs(med[b.name] / med[a.name] - 1) for a, b in same]
+            noise = {"identical_levels": [a.level for a, _ in same], "max_rel_diff": max(diffs),
+                     "mean_rel_diff": float(np.mean(diffs))}  # fmt: skip
     result = {
         "model": "EfficientNet-Lite0 (ImageNet-1k), static [1,3,224,224]",
         "quick": bool(args.quick),
         "settings": vars(s),
         "machine": {"cpu": platform.processor() or platform.machine(), "openvino": ov.__version__},
+        "profile": {"name": m.profile.name, "source": getattr(m.profile, "source", None)},
         "latency_protocol": "1 thread, PERFORMANCE_HINT=LATENCY, INFERENCE_PRECISION_HINT=f32 (bf16 for plain BF16); "
         f"{s.warmup} warm-up runs, {s.rounds} interleaved rounds × {s.runs_per_round} runs of raw "
         "openvino.InferRequest.infer() on one fixed crop (photo_crops(…, seed=1)[0]), inputs and routing "
         "state set beforehand; median of round medians",
         "quality_protocol": f"top-1 agreement with plain FP32 on photo_crops({s.quality_crops}, seed=1)",
+        "work_dir": str(work),
         "calibration": {"wall_seconds": calib_wall, "crops": s.calib_crops, **calib_info},
+        "calibration_int4": {"crops": s.calib_crops, **calib4} if pkg4 is not None else None,
         "nncf_quantize_seconds": nncf_s,
         "routable_ops": len(m.ops),
         "route_ops": info["route_ops"],
         "default_level": m.default_level,
         "default_max_drop": m.default_max_drop,
         "escalate_state_present": info["escalate_state"],
+        "all_bf16_levels": info["all_bf16_levels"],
+        "all_bf16_row": info.get("all_bf16_skipped", "added"),
         "levels": levels,
+        "levels_int4": levels4,
+        "int4": int4,
         "selection_objective": m.selection.get("objective") if isinstance(m.selection, dict) else None,
         "configurations": rows,
+        "checks": found,
+        "cpu_contention": contention,
+        "timing_noise_identical_bodies": noise,
         "total_seconds": time.perf_counter() - t_start,
     }
     write(result)
@@ -471,6 +853,56 @@ def main() -> None:
 
 def _fmt(v: float | None, spec: str) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _calib_line(label: str, c: dict[str, Any]) -> str:
+    if c.get("reused"):
+        return f"- {label}: reused package `{c['reused']}` (not calibrated in this run)."
+    phases = ", ".join(f"{p} {v:.1f} s" for p, v in c["phase_seconds"].items())
+    gaps = ", ".join(f"{p} {v:.1f} s" for p, v in c.get("unreported_seconds", {}).items() if v >= 0.5)
+    return (
+        f"- {label}: **{c['wall_seconds']:.1f} s** wall ({c['crops']} crops, precisions "
+        f"{'/'.join(c.get('precisions', []))}). Phases: {phases}. Outside the reported phases: {gaps or '—'}. "
+        f"CPUs used: this process {_fmt(c.get('own_cpus'), '.2f')}, other processes {_fmt(c.get('other_cpus'), '.2f')}."
+    )
+
+
+def _contention_line(c: dict[str, Any]) -> str:
+    other = c.get("other_load_during_timing_cpus")
+    return (
+        f"CPU sharing: before timing the script waited {c['waited_s']:.0f} s for other processes' load to drop "
+        f"(last 3 s window {_fmt(c['other_load_last'], '.0%')} of {c['cpus']} CPUs busy, "
+        f"{'quiet' if c['quiet'] else 'NOT quiet: timed anyway'}); during timing all CPUs were "
+        f"{_fmt(c['cpu_busy_during_timing'], '.0%')} busy, i.e. other load ≈ {_fmt(other, '.2f')} CPUs besides "
+        f"the timed thread (loadavg {c['loadavg_before_timing'][0]:.2f} → {c['loadavg_after_timing'][0]:.2f})."
+    )
+
+
+def _levels_md(levels: list[dict[str, Any]]) -> list[str]:
+    head = (
+        "level",
+        "max_drop",
+        "ops static fp32/bf16/int8/int4, routed, shared",
+        "predicted ms",
+        "measured ms",
+        "measured / predicted",
+        "predicted drop",
+        "top-1 agreement",
+        "routed ops (fast→safe ×limit)",
+        "shared (op → If of)",
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lv in levels:
+        routed = ", ".join(f"`{n}` {v}" for n, v in lv["routed_ops"].items()) or "—"
+        shared = ", ".join(f"`{n}` → `{v}`" for n, v in lv["shared_with"].items()) or "—"
+        agree = lv.get("top1_agreement")
+        lines.append(
+            f"| {lv['index']}{' (default)' if lv['default'] else ''} | {lv['max_drop']:g} | {lv['ops_column']} | "
+            f"{lv['predicted_ms']:.2f} | {_fmt(lv.get('measured_ms'), '.2f')} | "
+            f"{_fmt(lv.get('measured_over_predicted'), '.2f')} | {lv['predicted_drop']:.4f} | "
+            f"{'—' if agree is None else f'{100 * agree:.1f}%'} | {routed} | {shared} |"
+        )
+    return lines
 
 
 def write(result: dict[str, Any]) -> None:
@@ -484,19 +916,34 @@ def write(result: dict[str, Any]) -> None:
         "top-1 agreement",
         "routed ops",
         "escalated ops / input",
+        "predicted ms",
     )
     table = Table(title="EfficientNet-Lite0: package levels vs static baselines (1 thread)")
     for h in head:
         table.add_column(h)
+    cal, cal4 = result["calibration"], result.get("calibration_int4")
     lines = [
         "# Per-level selection: EfficientNet-Lite0" + (" (QUICK run)" if result["quick"] else ""),
         "",
-        f"Calibration wall time: {result['calibration']['wall_seconds']:.1f} s "
-        f"({result['calibration']['crops']} crops; phases {result['calibration']['phase_seconds']}). "
+        "Calibration wall times:",
+        "",
+        _calib_line("first package (profile default precisions)", cal),
+    ]
+    if cal4:
+        lines.append(_calib_line("int4 package (precisions fp32, bf16, int8, int4)", cal4))
+        if cal4.get("drop_samples_note"):
+            lines.append(f"  - **Note:** {cal4['drop_samples_note']}.")
+        elif not cal4.get("reused"):
+            lines.append(f"  - drop_samples {cal4.get('drop_samples')} (same as the first package).")
+    lines += [
+        "",
         f"Routable ops: {result['routable_ops']}. Default level: {result['default_level']} "
-        f"(max_drop {result['default_max_drop']:g}).",
+        f"(max_drop {result['default_max_drop']:g}). Profile: {result['profile']['name']}. "
+        f"Whole run: {result['total_seconds'] / 60:.1f} min.",
         "",
         f"Latency: {result['latency_protocol']}. Quality: {result['quality_protocol']}.",
+        "",
+        _contention_line(result["cpu_contention"]),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -511,32 +958,68 @@ def write(result: dict[str, Any]) -> None:
             f"{agree * 100:.1f}% (n={r['quality_n']})" if agree is not None else "—",
             str(r["routed_ops"]),
             _fmt(r["escalated_ops_per_input"], ".2f"),
+            _fmt(r.get("predicted_ms"), ".2f"),
         )
         lines.append("| " + " | ".join(row) + " |")
         table.add_row(*row)
-    lines += [
-        "",
-        "## Levels",
-        "",
-        "| level | max_drop | static fp32 | static bf16 | static int8 | routed | "
-        "predicted ms | predicted drop | routed ops (fast→safe ×limit) |",
-        "|" + "---|" * 9,
-    ]
-    for lv in result["levels"]:
-        routed = ", ".join(f"`{n}` {v}" for n, v in lv["routed_ops"].items()) or "—"
+    if result["all_bf16_row"] != "added":
+        lines += ["", f"apsq all-bf16 level equivalent: {result['all_bf16_row']}."]
+    lines += ["", "## Levels", "", *_levels_md(result["levels"])]
+    if result.get("levels_int4"):
+        lines += ["", "## Levels of the int4 package", "", *_levels_md(result["levels_int4"])]
+    i4 = result.get("int4", {})
+    if i4.get("enabled") and "ops_with_int4_variant" in i4:
+        lines += ["", "## INT4 (weight-only MatMul) findings", ""]
+        ops = i4["ops_with_int4_variant"]
+        if ops:
+            for op in ops:
+                drops = ", ".join(f"{p} {v:.4f}" for p, v in op["isolated_top1_drop"].items())
+                lines.append(
+                    f"- `{op['name']}` ({op['type']}, {op['macs'] / 1e6:.2f} MMAC) got an int4 variant; "
+                    f"variants {'/'.join(op['variants'])}; isolated top-1 drop: {drops}."
+                )
+        else:
+            lines.append("- No op got an int4 variant.")
+        chose = i4["levels_choosing_int4"]
+        if chose:
+            for lv in chose:
+                ops_s = ", ".join(f"`{n}` {v}" for n, v in lv["ops"].items())
+                lines.append(f"- Level {lv['index']} (max_drop {lv['max_drop']:g}) chose int4: {ops_s}.")
+        else:
+            lines.append("- No level chose int4.")
+        for d in i4["level_differences_vs_main"]:
+            if d["changed_ops"]:
+                ch = ", ".join(f"`{n}` {v}" for n, v in d["changed_ops"].items())
+                lines.append(f"- Level {d['level']} differs from the first package (fast/safe): {ch}.")
+        md1 = i4.get("max_drop_1")
+        if md1:
+            lines.append(
+                f"- max_drop=1: int4 package {md1['int4']['median_ms']:.2f} ms "
+                f"({100 * md1['int4']['top1_agreement']:.1f}% agreement) vs first package "
+                f"{md1['main']['median_ms']:.2f} ms ({100 * md1['main']['top1_agreement']:.1f}%): "
+                f"ratio {md1['int4_over_main']:.3f}."
+            )
+    lines += ["", "## Checks (automatic)", ""]
+    lines += [f"- {c}" for c in result["checks"]] or ["- none flagged"]
+    nz = result.get("timing_noise_identical_bodies")
+    if nz:
         lines.append(
-            f"| {lv['index']}{' (default)' if lv['default'] else ''} | {lv['max_drop']:g} | {lv['static']['fp32']} | "
-            f"{lv['static']['bf16']} | {lv['static']['int8']} | {lv['routed']} | {lv['predicted_ms']:.2f} | "
-            f"{lv['predicted_drop']:.4f} | {routed} |"
+            f"- Timing noise floor: levels {nz['identical_levels']} have the same choices in both packages (the same "
+            f"body compiled twice); their medians differ by {100 * nz['mean_rel_diff']:.1f}% on average, "
+            f"{100 * nz['max_rel_diff']:.1f}% at most."
         )
     lines += [
         "",
         "Rows: `apsq max_drop=X` runs the level body for X (static ops, routed ops behind an If with the "
-        "in-graph range check); `escalate=3e38` multiplies every routed op's range limit so no input escalates "
+        "in-graph range check; a run of adjacent routed ops that always agree shares one If); `escalate=3e38` "
+        "multiplies every routed op's range limit so no input escalates "
         "(routed ops always take their fast variant, the If stays); `precision=...` runs the fully routed "
-        "body (every op behind its own If). Every row is timed as a raw `InferRequest.infer()` after the "
+        "body (every op behind its own If); `apsq+int4` rows are the package calibrated with int4 variants. "
+        "Every row is timed as a raw `InferRequest.infer()` after the "
         "state is set, except the API row (`AdaptiveInferRequest.infer(x)`, input checks and output copies "
-        "included). Escalated ops / input: routed ops that took their safe variant, mean over the quality set.",
+        "included). Escalated ops / input: routed ops that took their safe variant, mean over the quality set. "
+        "Checks flag a level > 3 % slower than a coarser one, measured/predicted latency outside 0.8–1.25, "
+        "top-1 disagreement > budget + 2σ, and the separate max_drop=1 request > 5 % off its level row.",
     ]
     (RESULTS / "selection.md").write_text("\n".join(lines) + "\n")
     Console(width=200).print(table)
