@@ -1,22 +1,25 @@
 """Variant building: the heart of the adaptive IR.
 
 Where it sits in the data flow: ``calibrate.pipeline`` hands this module the FP32 model (static
-shapes) and NNCF's quantized copy of it; this module finds the routable operators, and replaces
-each one (with its bias ``Add``) by a chain of ``If`` nodes whose bodies hold the same operator
-at each precision:
+shapes) and NNCF's quantized (and, on request, INT4-compressed) copies of it; this module finds the
+routable operators and builds each one (with its bias ``Add``) at each precision:
 
 * ``fp32``: the original operator and constants;
 * ``bf16`` / ``fp16``: ``Convert`` of the input and weights to the low type, the operator, and a
-  ``Convert`` back (the CPU plugin runs bf16 kernels for this under an f32 hint);
+  ``Convert`` back (the CPU plugin runs bf16 kernels for this under an f32 hint); in level bodies
+  adjacent low-float ops are grown into regions (:func:`merge_low_float_regions`);
 * ``int8``: NNCF's own ``FakeQuantize`` of the activation, NNCF's int8 weight sub-graph and its
-  bias-corrected bias (the CPU plugin runs u8/i8 kernels for this).
+  bias-corrected bias (the CPU plugin runs u8/i8 kernels for this);
+* ``int4`` (MatMul only): NNCF ``compress_weights``' 4-bit weight sub-graph, f32 activations.
 
-The branch is chosen by a route code computed in the graph from two per-request state variables
-(``ReadValue``/``Assign``): ``apsq/mode/<i>`` (the precision code the policy asks for) and, for ops
-with an INT8 variant, ``apsq/limit/<i>`` (how far beyond the calibrated INT8 range the op input may
-reach before the input is escalated to fp32), and from the op input's abs-max computed with
-``ReduceMax(Abs(x))``.
-All route codes leave the graph through one extra output, ``apsq_route``.
+Two IRs are built from them. :func:`build_adaptive_model` — the *fully routed* IR calibration
+measures with — puts every op behind an ``If`` chain whose code comes from per-op state
+(``apsq/mode/<i>``, and for INT8 ops ``apsq/limit/<i>``: how far beyond the calibrated INT8 range the
+op input may reach, checked in-graph with ``ReduceMax(Abs(x))``, before the input escalates to fp32).
+:func:`build_package_model` — the package — dispatches on ``apsq/level`` between one statically
+compiled body per level of the dial (the selection's per-op precisions; routed ops behind an ``If``,
+runs of them sharing one) and the fully routed body (state in the ``apsq/modes`` / ``apsq/limits``
+vectors). All route codes leave the graph through one extra output, ``apsq_route``.
 """
 
 from __future__ import annotations
@@ -406,14 +409,8 @@ def build_adaptive_model(
     :param defaults: per op name, the ReadValue initial values.
     :return: ``model``, now adaptive.
     """
-    variables: list[Variable] = []
-    sinks: list[ov.Node] = []
-
-    def state(variable_id: str, init: np.generic | np.ndarray) -> ov.Output:
-        node, var = _state(variable_id, init)
-        variables.append(var)
-        sinks.append(ops.assign(node, var))
-        return node.output(0)
+    states = _StateSet()
+    state = states.read
 
     codes = _route_every_op(
         units,
@@ -424,8 +421,7 @@ def build_adaptive_model(
     if not codes:
         raise CalibrationError("no operator got more than one variant: nothing to route")
     _add_route_result(model, _route_vector(codes))
-    model.add_variables(variables)
-    model.add_sinks(sinks)
+    states.attach(model)
     model.validate_nodes_and_infer_types()
     return model
 
@@ -539,14 +535,8 @@ def build_package_model(
     ]
     for new, old in zip(top_inputs, inputs, strict=True):
         new.output(0).get_tensor().set_names(set(old.output(0).get_names()))
-    variables: list[Variable] = []
-    sinks: list[ov.Node] = []
-
-    def state(variable_id: str, init: np.generic | np.ndarray) -> ov.Output:
-        node, var = _state(variable_id, init)
-        variables.append(var)
-        sinks.append(ops.assign(node, var))
-        return node.output(0)
+    states = _StateSet()
+    state = states.read
 
     level_code = state(LEVEL_STATE, np.int32(default_level))
     # Only the full body sees the per-op state: every If port costs time, so the levels' tree carries
@@ -564,8 +554,7 @@ def build_package_model(
         results.append(ops.result(out))
     top = ov.Model(results, top_inputs, fp32_model.get_friendly_name() or "apsq")
     _add_route_result(top, outs[n_out])
-    top.add_variables(variables)
-    top.add_sinks(sinks)
+    states.attach(top)
     top.validate_nodes_and_infer_types()
     return top
 
@@ -747,6 +736,24 @@ def _subtree(values: list[ov.Output], code: ov.Output, bodies: Sequence[tuple[in
         node.set_input(p.output(0), tp[i], ep[i])
     outs = [node.set_output(t, e) for t, e in zip(then_body.get_results(), else_body.get_results(), strict=True)]
     return ov.Model([ops.result(o) for o in outs], [*params, level], "apsq/levels")
+
+
+class _StateSet:
+    """ReadValue/Assign pairs being added to one model (each ReadValue needs its Assign sink)."""
+
+    def __init__(self) -> None:
+        self.variables: list[Variable] = []
+        self.sinks: list[ov.Node] = []
+
+    def read(self, variable_id: str, init: np.generic | np.ndarray) -> ov.Output:
+        node, var = _state(variable_id, init)
+        self.variables.append(var)
+        self.sinks.append(ops.assign(node, var))
+        return node.output(0)
+
+    def attach(self, model: ov.Model) -> None:
+        model.add_variables(self.variables)
+        model.add_sinks(self.sinks)
 
 
 def _state(variable_id: str, init: np.generic | np.ndarray) -> tuple[ov.Node, Variable]:
