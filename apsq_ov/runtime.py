@@ -62,7 +62,6 @@ class Plan:
 
     level: int
     routes: dict[int, Route]
-    escalate: float = 1.0
 
 
 def _policy_key(max_drop: Any, precision: Any, precision_map: Mapping[str, Any] | None) -> tuple:
