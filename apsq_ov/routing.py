@@ -1,9 +1,11 @@
 """The routing policy (pure Python): from ``max_drop`` / ``precision`` / ``precision_map`` to the
 state each routed op's ``If`` chain reads.
 
-Where it sits in the data flow: the runtime calls :func:`plan_routes` when a request's policy
-changes and writes the result into the request's state variables; calibration calls it once to
-write the default policy into the ReadValue initialisers.
+Where it sits in the data flow: a package's per-level choices are made at calibration
+(``calibrate/selection.py``) and a plain ``max_drop`` request only picks a level
+(:func:`level_for`). :func:`plan_routes` serves the fully routed body — ``precision`` / ``precision_map``
+requests, and calibration's own measurement IR — and the runtime writes its result into the request's
+per-op state.
 
 Per op the state is a *mode* (the precision asked for) and a *range limit*: the graph escalates
 an input to fp32 at that op when the op input's abs-max exceeds ``range_limit ×`` the calibrated
