@@ -42,9 +42,11 @@ from apsq_ov.profiles import DeviceProfile
 
 OBJECTIVE = (
     "per level: minimise the sum over ops of expected latency (profile cost model at each op's MACs, plus "
-    "route_ms for routed ops, weighted by the calibration inputs' escalation rate) subject to the sum of "
-    "measured isolated held-out drops <= the level's max_drop (and <= --latency-budget when given); "
-    "exact ILP (scipy.optimize.milp); each level may only lower ops relative to the previous level"
+    "route_ms for routed ops, weighted by the calibration inputs' escalation rate) plus one conversion pass "
+    "per precision change between adjacent ops, subject to the sum of measured isolated held-out drops <= "
+    "the level's max_drop (and <= --latency-budget when given); exact ILP (scipy.optimize.milp); each level "
+    "may only lower ops relative to the previous level; the max_drop 1 level is checked by timing on the "
+    "target device when it is this machine"
 )
 
 
