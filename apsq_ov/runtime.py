@@ -160,6 +160,7 @@ class AdaptiveInferRequest:
         # A package IR holds the per-op state in two vectors; calibration's measurement IR in scalars.
         self._modes_state = states.get(MODES_STATE)
         self._limits_state = states.get(LIMITS_STATE)
+        self._order = [op.index for op in ops_]
         self._limited = [op.index for op in ops_ if Precision.INT8 in op.variants and op.int8_absmax is not None]
         self._mode_states = {
             op.index: states[f"apsq/mode/{op.index}"] for op in ops_ if f"apsq/mode/{op.index}" in states
@@ -184,8 +185,7 @@ class AdaptiveInferRequest:
             if self._level_state is not None:
                 self._level_state.state = ov.Tensor(np.array(plan.level, dtype=np.int32))
             if plan.routes and self._modes_state is not None:
-                order = [op.index for op in self.model.manifest.ops]
-                modes = [plan.routes[i].mode.code for i in order]
+                modes = [plan.routes[i].mode.code for i in self._order]
                 self._modes_state.state = ov.Tensor(np.array(modes, dtype=np.int32))
                 if self._limits_state is not None:
                     limits = [min(plan.routes[i].range_limit, 3.0e38) for i in self._limited]

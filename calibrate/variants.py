@@ -474,8 +474,10 @@ def build_package_model(
         # A level that runs every INT8-capable op statically in INT8 is NNCF's own graph (its FakeQuantizes
         # on residual adds and pools too, so the device keeps whole blocks in u8); the other ops get their
         # chosen variant there. Any other level starts from the FP32 model.
-        from_nncf = q_model is not None and bool(int8_capable) and all(
-            level[n] == OpChoice(Precision.INT8, Precision.INT8) for n in int8_capable
+        from_nncf = (
+            q_model is not None
+            and bool(int8_capable)
+            and all(level[n] == OpChoice(Precision.INT8, Precision.INT8) for n in int8_capable)
         )
         if from_nncf:
             assert q_model is not None
@@ -542,11 +544,11 @@ def build_package_model(
     # Only the full body sees the per-op state: every If port costs time, so the levels' tree carries
     # just the model inputs (and the escalate scalar), and the default level sits one If below the top.
     values = [p.output(0) for p in top_inputs]
-    level_values = values + ([state(ESCALATE_VARIABLE, np.float32(1.0))] if escalates else [])
-    full_values = values + [state(MODES_STATE, np.full(len(names), Precision.FP32.code, np.int32))]
+    level_extra = [state(ESCALATE_VARIABLE, np.float32(1.0))] if escalates else []
+    full_extra = [state(MODES_STATE, np.full(len(names), Precision.FP32.code, np.int32))]
     if limited:
-        full_values.append(state(LIMITS_STATE, np.full(len(limited), 3.0e38, np.float32)))
-    outs = _top_dispatch(level_values, full_values, level_code, bodies, full, default_level)
+        full_extra.append(state(LIMITS_STATE, np.full(len(limited), 3.0e38, np.float32)))
+    outs = _top_dispatch(values, level_extra, full_extra, level_code, bodies, full, default_level)
     results = []
     for i, out in enumerate(outs[:n_out]):
         old = fp32_model.outputs[i]
@@ -661,8 +663,9 @@ def _body_model(clone: ov.Model, codes: list[ov.Output], extra: list[ov.Node], n
 
 
 def _top_dispatch(
-    level_values: list[ov.Output],
-    full_values: list[ov.Output],
+    inputs: list[ov.Output],
+    level_extra: list[ov.Output],
+    full_extra: list[ov.Output],
     code: ov.Output,
     levels: Sequence[ov.Model],
     full: ov.Model,
@@ -671,20 +674,22 @@ def _top_dispatch(
     """``If(code == default, default level, If(code == full, full body, tree of the other levels))``.
 
     Every If port costs time on each pass, so each branch is bound only to what it reads: level bodies
-    to the model inputs (and the escalate scalar), the full body to the inputs and the per-op state.
+    to the model ``inputs`` and ``level_extra`` (the escalate scalar), the full body to the inputs and
+    ``full_extra`` (the per-op state vectors).
     """
+    level_values = [*inputs, *level_extra]
+    n_inputs = len(inputs)
     node = opset8.if_op(ops.equal(code, ops.constant(np.int32(default_level))).output(0))
     then_body = levels[default_level]
     others = [(k, body) for k, body in enumerate(levels) if k != default_level]
     # else body: the full body or one of the other levels
     pl = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in level_values]
-    n_inputs = _shared_inputs(level_values, full_values)  # the model inputs lead both lists
-    pf = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in full_values[n_inputs:]]
+    pf = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in full_extra]
     pc = ops.parameter([], np.int32, name="level")
     fp = full.get_parameters()
     assert others, "the dial always has levels 0 and 1"
     inner = opset8.if_op(ops.greater_equal(pc, ops.constant(np.int32(len(levels)))).output(0))
-    rest = _subtree([p.output(0) for p in pl], pc.output(0), others)
+    rest = _subtree([p.output(0) for p in pl], others)
     inner.set_then_body(full)
     inner.set_else_body(rest)  # both bodies before any input
     rp = rest.get_parameters()
@@ -700,23 +705,13 @@ def _top_dispatch(
     tp = then_body.get_parameters()
     for i, v in enumerate(level_values):
         node.set_input(v, tp[i], pl[i])
-    for j, v in enumerate(full_values[n_inputs:]):
+    for j, v in enumerate(full_extra):
         node.set_input(v, None, pf[j])
     node.set_input(code, None, pc)
     return [node.set_output(t, e) for t, e in zip(then_body.get_results(), else_body.get_results(), strict=True)]
 
 
-def _shared_inputs(level_values: list[ov.Output], full_values: list[ov.Output]) -> int:
-    """How many leading values both branches share (the model inputs)."""
-    n = 0
-    for a, b in zip(level_values, full_values, strict=False):
-        if a.get_node() is not b.get_node() or a.get_index() != b.get_index():
-            break
-        n += 1
-    return n
-
-
-def _subtree(values: list[ov.Output], code: ov.Output, bodies: Sequence[tuple[int, ov.Model]]) -> ov.Model:
+def _subtree(values: list[ov.Output], bodies: Sequence[tuple[int, ov.Model]]) -> ov.Model:
     """A model over parameters mirroring ``values`` plus the level code that runs ``bodies[code]``:
     the body itself for one level, else a balanced tree of ``If(code < k)``."""
     params = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in values]
@@ -727,8 +722,8 @@ def _subtree(values: list[ov.Output], code: ov.Output, bodies: Sequence[tuple[in
         return body
     mid = len(bodies) // 2
     node = opset8.if_op(ops.less(level, ops.constant(np.int32(bodies[mid][0]))).output(0))
-    then_body = _subtree(values, code, bodies[:mid])
-    else_body = _subtree(values, code, bodies[mid:])
+    then_body = _subtree(values, bodies[:mid])
+    else_body = _subtree(values, bodies[mid:])
     node.set_then_body(then_body)
     node.set_else_body(else_body)
     tp, ep = then_body.get_parameters(), else_body.get_parameters()
