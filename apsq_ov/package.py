@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,149 @@ class Level:
         )
 
 
+TAU_STATE = "apsq/tau"
+"""State variable: the cascade escalates an input when its risk (logit) exceeds this."""
+NEVER = 3.0e38
+"""τ that never escalates (the state is f32)."""
+EPS = 1e-6
+"""Every feature enters the risk as ``log(value + EPS)``: spreads and margins act multiplicatively."""
+
+
+class Feature(str, Enum):
+    """What the router can measure, with OpenVINO reductions over the whole tensor.
+
+    Range and spread are measured against the op's calibrated INT8 quantizer ``[lo, hi]`` (NNCF's
+    FakeQuantize), on the op's input before quantization.
+    """
+
+    MARGIN = "margin"
+    """top-1 minus top-2 probability of the fast route's first output (min over positions): how close
+    the answer is to flipping. Probabilities are the output itself when it already sums to 1, else softmax."""
+    AMAX_RATIO = "amax_ratio"
+    """max |x| / max(|lo|, |hi|): > 1 means INT8 clips this input."""
+    CLIP_FRAC = "clip_frac"
+    """fraction of elements outside [lo, hi]."""
+    STD_OVER_STEP = "std_over_step"
+    """std(x) / INT8 step ((hi − lo) / (levels − 1)): how many quantization steps the signal spans."""
+    NEARZERO_FRAC = "nearzero_frac"
+    """fraction of elements with |x| < step / 2, which INT8 rounds to the zero code: the entropy proxy
+    (a histogram entropy needs one compare per bin per element; this one compare is tied to the INT8
+    grid, which is what decides the information INT8 destroys)."""
+
+
+
+@dataclass(frozen=True)
+class Term:
+    """One input of the risk: ``weight · log(feature + EPS)``; ``op`` is None for :attr:`Feature.MARGIN`."""
+
+    feature: Feature
+    op: str | None
+    weight: float
+    elements: int = 0
+    auc_holdout: float | None = None
+    """this term alone, held-out split (sign-free: max(AUC, 1 − AUC))"""
+
+    @property
+    def key(self) -> tuple[Feature, str | None]:
+        return (self.feature, self.op)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"feature": self.feature.value, "op": self.op, "weight": self.weight, "elements": self.elements,
+                "auc_holdout": self.auc_holdout}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Term:
+        auc = d.get("auc_holdout")
+        return cls(Feature(d["feature"]), d.get("op"), float(d["weight"]), int(d.get("elements", 0)),
+                   None if auc is None else float(auc))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CascadePoint:
+    """The cascade at one max-drop budget: escalate when risk > ``tau``."""
+
+    max_drop: float
+    tau: float
+    escalation: float
+    """fraction of clean held-out calibration inputs escalated"""
+    predicted_drop: float
+    """fraction of clean held-out inputs whose top-1 still differs from FP32 (flips not escalated)"""
+    predicted_ms: float
+    measured_ms: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_drop": self.max_drop, "tau": self.tau, "escalation": self.escalation,
+                "predicted_drop": self.predicted_drop, "predicted_ms": self.predicted_ms,
+                "measured_ms": self.measured_ms}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CascadePoint:
+        m = d.get("measured_ms")
+        return cls(float(d["max_drop"]), float(d["tau"]), float(d["escalation"]), float(d["predicted_drop"]),
+                   float(d["predicted_ms"]), None if m is None else float(m))  # fmt: skip
+
+    @property
+    def ms(self) -> float:
+        return self.predicted_ms if self.measured_ms is None else self.measured_ms
+
+
+@dataclass
+class Router:
+    """The fitted router and the cascade it drives (the manifest's ``router``)."""
+
+    fast_level: int
+    precise_level: int
+    terms: list[Term]
+    bias: float
+    probabilities: bool
+    ranges: dict[str, tuple[float, float, int]]
+    """per featured op, its INT8 quantizer ``(lo, hi, levels)``"""
+    points: list[CascadePoint] = field(default_factory=list)
+    quality: dict[str, Any] = field(default_factory=dict)
+    """held-out AUCs (router, margin alone, op features alone; per shift), flip rates, sample counts"""
+    cost: dict[str, Any] = field(default_factory=dict)
+    """in-graph cost: element passes, and measured ms where calibration ran on the target device"""
+    shifts: list[str] = field(default_factory=list)
+
+    def point_for(self, max_drop: float) -> CascadePoint | None:
+        """The point with the largest budget ≤ ``max_drop`` (None below the smallest)."""
+        best = None
+        for p in self.points:
+            if p.max_drop <= max_drop + 1e-12:
+                best = p
+        return best
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fast_level": self.fast_level,
+            "precise_level": self.precise_level,
+            "risk": "logit = bias + Σ weight · log(feature + 1e-6); escalate when logit > tau (state apsq/tau)",
+            "terms": [t.to_json() for t in self.terms],
+            "bias": self.bias,
+            "probabilities": self.probabilities,
+            "ranges": {k: list(v) for k, v in self.ranges.items()},
+            "points": [p.to_json() for p in self.points],
+            "quality": self.quality,
+            "cost": self.cost,
+            "shifts": self.shifts,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Router:
+        return cls(
+            fast_level=int(d["fast_level"]),
+            precise_level=int(d["precise_level"]),
+            terms=[Term.from_json(t) for t in d["terms"]],
+            bias=float(d["bias"]),
+            probabilities=bool(d["probabilities"]),
+            ranges={k: (float(v[0]), float(v[1]), int(v[2])) for k, v in d["ranges"].items()},
+            points=[CascadePoint.from_json(p) for p in d["points"]],
+            quality=dict(d.get("quality", {})),
+            cost=dict(d.get("cost", {})),
+            shifts=[str(s) for s in d.get("shifts", [])],
+        )
+
+
 @dataclass(kw_only=True)
 class Manifest:
     """The package manifest (``apsq.json``)."""
@@ -187,12 +331,26 @@ class Manifest:
     levels: list[Level] = field(default_factory=list)
     default_level: int = 0
     selection: dict[str, Any] = field(default_factory=dict)
+    router: Router | None = None
+    """the fitted router and its escalation cascade (body index ``len(levels)``), if calibration built one"""
+    router_note: str = ""
+    """why there is no router, when there is none"""
     files: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
     def route_ops(self) -> list[str]:
         return [op.name for op in self.ops]
+
+    @property
+    def cascade_level(self) -> int | None:
+        """Body index of the escalation cascade (after the levels), if there is one."""
+        return None if self.router is None else len(self.levels)
+
+    @property
+    def full_level(self) -> int:
+        """Body index of the fully routed body (pins and forced precisions run there)."""
+        return len(self.levels) + (0 if self.router is None else 1)
 
     def op(self, name: str) -> OpRecord:
         for rec in self.ops:
@@ -220,6 +378,8 @@ class Manifest:
             "selection": self.selection,
             "default_level": self.default_level,
             "levels": [level.to_json() for level in self.levels],
+            "router": None if self.router is None else self.router.to_json(),
+            "router_note": self.router_note,
         }
         if with_files:
             d["files"] = self.files
@@ -250,6 +410,8 @@ class Manifest:
                 levels=[Level.from_json(x) for x in d["levels"]],
                 default_level=int(d["default_level"]),
                 selection=dict(d["selection"]),
+                router=None if d.get("router") is None else Router.from_json(d["router"]),
+                router_note=str(d.get("router_note", "")),
                 files=dict(d.get("files", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -34,8 +34,10 @@ from openvino import opset13 as ops
 from openvino.op.util import Variable, VariableInfo
 
 from apsq_ov.errors import CalibrationError
-from apsq_ov.package import LEVEL_STATE, LIMITS_STATE, MODES_STATE, ROUTE_OUTPUT, OpChoice
+from apsq_ov.package import LEVEL_STATE, LIMITS_STATE, MODES_STATE, NEVER, ROUTE_OUTPUT, TAU_STATE, OpChoice, Router
 from apsq_ov.precision import Precision
+
+from .router import pre_quant_input, risk_output
 
 ROUTABLE_TYPES = ("Convolution", "GroupConvolution", "MatMul")
 _LOW_FLOAT = {Precision.BF16: "bf16", Precision.FP16: "f16"}
@@ -440,6 +442,8 @@ def build_package_model(
     levels: Sequence[dict[str, OpChoice]],
     default_level: int,
     q4_model: ov.Model | None = None,
+    router: Router | None = None,
+    tau: float = NEVER,
 ) -> ov.Model:
     """The package IR: one top-level dispatch (a tree of ``If`` on the ``apsq/level`` state) over one
     body per level of the dial plus the fully routed body.
@@ -449,6 +453,9 @@ def build_package_model(
     except the few ops the selection routes per input. The *full body* (level index
     ``len(levels)``) routes every op from the ``apsq/mode/<i>`` / ``apsq/limit/<i>`` state: precision
     pins and forced precisions run there. Every body returns the model's outputs and ``apsq_route``.
+    With a fitted ``router``, one more body (index ``len(levels)``, the full body moves to
+    ``len(levels) + 1``) is the escalation cascade (:func:`_cascade_body`), its threshold the
+    ``apsq/tau`` state (initial value ``tau``).
 
     :param fp32_model: the FP32 model (static shapes); it is copied, never modified.
     :param levels: per level, ``{op name: OpChoice}`` for every op with more than one variant.
@@ -463,55 +470,19 @@ def build_package_model(
     n_out = len(fp32_model.outputs)
 
     def signature() -> list[ov.Node]:
-        return [ops.parameter([], np.float32, name="escalate")] if escalates else []
+        sig = [ops.parameter([], np.float32, name="escalate")] if escalates else []
+        if router is not None:  # every level body takes τ (only the cascade reads it): one tree signature
+            sig.append(ops.parameter([], np.float32, name="tau"))
+        return sig
 
-    bodies: list[ov.Model] = []
-    int8_capable = [n for n in names if Precision.INT8 in variants[n] and base[n].act_fq is not None]
-    for k, level in enumerate(levels):
-        esc = signature()
-        codes: list[ov.Output] = []
-        group_code: dict[str, ov.Output] = {}
-        # A level that runs every INT8-capable op statically in INT8 is NNCF's own graph (its FakeQuantizes
-        # on residual adds and pools too, so the device keeps whole blocks in u8); the other ops get their
-        # chosen variant there. Any other level starts from the FP32 model.
-        from_nncf = (
-            q_model is not None
-            and bool(int8_capable)
-            and all(level[n] == OpChoice(Precision.INT8, Precision.INT8) for n in int8_capable)
-        )
-        if from_nncf:
-            assert q_model is not None
-            clone = q_model.clone()
-            units = {u.name: u for u in find_routable_ops(clone)}
-        else:
-            clone = fp32_model.clone()
-            units = {u.name: u for u in find_routable_ops(clone, q_model, q4_model)}
-        for n in names:
-            unit, choice = units[n], level[n]
-            x = unit.op.input(0).get_source_output()
-            if from_nncf and n in int8_capable:
-                codes.append(ops.constant(np.int32(Precision.INT8.code)).output(0))
-                continue
-            if choice.shared_with:  # inside the If of its run's first op (built with that op below)
-                codes.append(group_code[choice.shared_with])
-                continue
-            run = _run_of(n, level)
-            if choice.routed:
-                limit = ops.multiply(esc[0], ops.constant(np.float32(choice.limit))).output(0)
-                wanted = ops.constant(np.int32(choice.fast.code)).output(0)
-                code = _escalation_code(unit, x, limit, wanted, choice.safe)
-                if len(run) == 1:
-                    _replace(unit, _if_chain(x, code, unit, [choice.fast, choice.safe]))
-                else:
-                    _replace_run(fp32_model, q_model, q4_model, [units[m] for m in run], x, code, choice)
-                group_code[n] = code
-                codes.append(code)
-            else:
-                if choice.fast is not Precision.FP32:
-                    _replace(unit, variant_output(unit, choice.fast, x))
-                codes.append(ops.constant(np.int32(choice.fast.code)).output(0))
-        merge_low_float_regions(clone)
-        bodies.append(_body_model(clone, codes, esc, f"apsq/level/{k}"))
+    def body(level: dict[str, OpChoice], name: str) -> tuple[ov.Model, dict[str, ov.Output]]:
+        return level_body(fp32_model, q_model, variants, level, name, signature(), q4_model)
+
+    bodies = [body(level, f"apsq/level/{k}")[0] for k, level in enumerate(levels)]
+    if router is not None:
+        fast, feature_inputs = body(levels[router.fast_level], "apsq/cascade/fast")
+        precise = body(levels[router.precise_level], "apsq/cascade/precise")[0]
+        bodies.append(_cascade_body(router, fast, feature_inputs, precise))
     clone = fp32_model.clone()
     # The full body reads the per-op state from two vectors (one ReadValue each: every state variable
     # costs time on every inference, whichever body runs).
@@ -545,6 +516,8 @@ def build_package_model(
     # just the model inputs (and the escalate scalar), and the default level sits one If below the top.
     values = [p.output(0) for p in top_inputs]
     level_extra = [state(ESCALATE_VARIABLE, np.float32(1.0))] if escalates else []
+    if router is not None:
+        level_extra.append(state(TAU_STATE, np.float32(tau)))
     full_extra = [state(MODES_STATE, np.full(len(names), Precision.FP32.code, np.int32))]
     if limited:
         full_extra.append(state(LIMITS_STATE, np.full(len(limited), 3.0e38, np.float32)))
@@ -559,6 +532,70 @@ def build_package_model(
     states.attach(top)
     top.validate_nodes_and_infer_types()
     return top
+
+
+def level_body(
+    fp32_model: ov.Model,
+    q_model: ov.Model | None,
+    variants: dict[str, tuple[Precision, ...]],
+    level: dict[str, OpChoice],
+    name: str,
+    extra: list[ov.Node],
+    q4_model: ov.Model | None = None,
+) -> tuple[ov.Model, dict[str, ov.Output]]:
+    """One level body: a copy of the model with each op at its ``level`` choice (routed ones behind an
+    If whose range limit is ``extra[0]`` × the op's; ``extra`` become the body's trailing parameters),
+    and each routed op's pre-quantization input in it (the router's feature inputs)."""
+    names = [n for n, v in variants.items() if len(v) > 1]
+    base = {u.name: u for u in find_routable_ops(fp32_model, q_model, q4_model)}
+    int8_capable = [n for n in names if Precision.INT8 in variants[n] and base[n].act_fq is not None]
+    esc = extra
+    codes: list[ov.Output] = []
+    group_code: dict[str, ov.Output] = {}
+    feature_inputs: dict[str, ov.Output] = {}
+    # A level that runs every INT8-capable op statically in INT8 is NNCF's own graph (its FakeQuantizes
+    # on residual adds and pools too, so the device keeps whole blocks in u8); the other ops get their
+    # chosen variant there. Any other level starts from the FP32 model.
+    from_nncf = (
+        q_model is not None
+        and bool(int8_capable)
+        and all(level[n] == OpChoice(Precision.INT8, Precision.INT8) for n in int8_capable)
+    )
+    if from_nncf:
+        assert q_model is not None
+        clone = q_model.clone()
+        units = {u.name: u for u in find_routable_ops(clone)}
+    else:
+        clone = fp32_model.clone()
+        units = {u.name: u for u in find_routable_ops(clone, q_model, q4_model)}
+    for n in names:
+        unit, choice = units[n], level[n]
+        x = unit.op.input(0).get_source_output()
+        feature_inputs[n] = pre_quant_input(unit.op)
+        if from_nncf and n in int8_capable:
+            codes.append(ops.constant(np.int32(Precision.INT8.code)).output(0))
+            continue
+        if choice.shared_with:  # inside the If of its run's first op (built with that op below)
+            codes.append(group_code[choice.shared_with])
+            continue
+        run = _run_of(n, level)
+        if choice.routed:
+            limit = ops.multiply(esc[0], ops.constant(np.float32(choice.limit))).output(0)
+            wanted = ops.constant(np.int32(choice.fast.code)).output(0)
+            code = _escalation_code(unit, x, limit, wanted, choice.safe)
+            if len(run) == 1:
+                _replace(unit, _if_chain(x, code, unit, [choice.fast, choice.safe]))
+            else:
+                _replace_run(fp32_model, q_model, q4_model, [units[m] for m in run], x, code, choice)
+            group_code[n] = code
+            codes.append(code)
+        else:
+            if choice.fast is not Precision.FP32:
+                _replace(unit, variant_output(unit, choice.fast, x))
+            codes.append(ops.constant(np.int32(choice.fast.code)).output(0))
+    merge_low_float_regions(clone)
+    return _body_model(clone, codes, esc, name), feature_inputs
+
 
 
 ESCALATE_VARIABLE = "apsq/escalate"
@@ -660,6 +697,31 @@ def _body_model(clone: ov.Model, codes: list[ov.Output], extra: list[ov.Node], n
     route.set_friendly_name(f"{name}/route")  # names the body in the IR (body names are not serialized)
     results.append(route)
     return ov.Model(results, [*clone.get_parameters(), *extra], name)
+
+
+def _cascade_body(
+    router: Router, fast: ov.Model, feature_inputs: dict[str, ov.Output], precise: ov.Model
+) -> ov.Model:
+    """The escalation cascade: the ``fast`` level body, the router's risk on its features and output,
+    and ``If(risk > τ, precise level body on the same inputs, the fast outputs)``. ``fast``'s last
+    parameter is τ; both bodies take the same parameters."""
+    params = fast.get_parameters()
+    fast_outs = [r.input_value(0) for r in fast.get_results()]
+    risk = risk_output(router, feature_inputs, fast_outs[0])
+    node = opset8.if_op(ops.greater(risk, params[-1]).output(0))
+    passthrough = [ops.parameter(o.get_partial_shape(), o.get_element_type()) for o in fast_outs]
+    keep = ov.Model([ops.result(p) for p in passthrough], passthrough, "apsq/cascade/keep")
+    node.set_then_body(precise)
+    node.set_else_body(keep)
+    for p, q in zip(params, precise.get_parameters(), strict=True):
+        node.set_input(p.output(0), q, None)
+    for o, q in zip(fast_outs, passthrough, strict=True):
+        node.set_input(o, None, q)
+    outs = [node.set_output(t, e) for t, e in zip(precise.get_results(), keep.get_results(), strict=True)]
+    node.set_friendly_name("apsq/cascade/escalate")
+    results = [ops.result(o) for o in outs]
+    results[-1].set_friendly_name("apsq/cascade/route")
+    return ov.Model(results, params, "apsq/cascade")
 
 
 def _top_dispatch(

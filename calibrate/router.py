@@ -1,0 +1,358 @@
+"""The per-input router: in-graph features of the fast route, a fitted logistic risk, and the
+escalation cascade (run the fast route; re-run the inputs it is likely to get wrong on the precise one).
+
+Where it sits in the data flow: calibration's last phase, after the levels are selected
+(:mod:`.selection`). The *fast route* is the package's fastest level body, the *precise route*
+level 0 (plain FP32). Calibration runs the fast route on the calibration data and on shifted copies
+of it (:data:`CALIBRATION_SHIFTS`) with every candidate feature as an extra output, labels each input
+by whether the fast route's top-1 differs from FP32's, and fits a logistic risk over a few
+``(feature, op)`` terms chosen by cross-validated AUC under an in-graph cost cap
+(:func:`fit_router`). In the package IR the cascade body computes the same features and risk with
+graph ops (weights are constants, :func:`risk_output`) and re-runs the input on the precise route when
+the risk exceeds the ``apsq/tau`` state; ``max_drop`` → τ is a table in the manifest, so moving the
+threshold is one state write per request, no recompilation.
+
+Why a cascade and not a per-op router before each op: measured here (DESIGN.md §2 and the issue-5
+study), activation statistics of single ops predict an INT8 flip with AUC 0.74 on EfficientNet-Lite0
+and the signal sits in the last stage, next to the output; the top-2 margin of the fast route's own
+output predicts it with 0.84-0.89. Both need the fast pass to have run, so the decision is taken after
+it, once per input, for the whole route.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+
+from apsq_ov.errors import CalibrationError
+from apsq_ov.package import EPS, NEVER, Feature, Router, Term
+
+OP_FEATURES = (Feature.AMAX_RATIO, Feature.CLIP_FRAC, Feature.STD_OVER_STEP, Feature.NEARZERO_FRAC)
+PASSES = {Feature.AMAX_RATIO: 2, Feature.CLIP_FRAC: 3, Feature.STD_OVER_STEP: 3, Feature.NEARZERO_FRAC: 3}
+"""Element passes each op feature costs (abs, compare, convert, multiply, reduce): the cost model."""
+
+
+def _axes(x: ov.Output) -> ov.Node:
+    return ops.constant(np.arange(len(x.get_partial_shape()), dtype=np.int64))
+
+
+def _c(value: float) -> ov.Node:
+    return ops.constant(np.float32(value))
+
+
+def feature_output(feature: Feature, x: ov.Output, lo: float, hi: float, levels: int) -> ov.Output:
+    """``feature`` of the op input ``x`` as a scalar f32 graph output (see :class:`Feature`)."""
+    step = (hi - lo) / max(levels - 1, 1)
+    axes = _axes(x)
+    if feature is Feature.AMAX_RATIO:
+        amax = ops.reduce_max(ops.abs(x), axes, False)
+        return ops.divide(amax, _c(max(abs(lo), abs(hi), 1e-30))).output(0)
+    if feature is Feature.CLIP_FRAC:
+        clip = ops.logical_or(ops.greater(x, _c(hi)), ops.less(x, _c(lo)))
+        return ops.reduce_mean(ops.convert(clip, "f32"), axes, False).output(0)
+    if feature is Feature.STD_OVER_STEP:
+        mean = ops.reduce_mean(x, axes, False)
+        msq = ops.reduce_mean(ops.multiply(x, x), axes, False)
+        var = ops.maximum(ops.subtract(msq, ops.multiply(mean, mean)), _c(0.0))
+        return ops.divide(ops.sqrt(var), _c(max(step, 1e-30))).output(0)
+    if feature is Feature.NEARZERO_FRAC:
+        near = ops.less(ops.abs(x), _c(step / 2))
+        return ops.reduce_mean(ops.convert(near, "f32"), axes, False).output(0)
+    raise CalibrationError(f"feature {feature.value} is not an op-input feature")
+
+
+def margin_output(y: ov.Output, probabilities: bool) -> ov.Output:
+    """Top-2 probability margin of ``y`` along its last axis, min over every other position (scalar)."""
+    last = len(y.get_partial_shape()) - 1
+    p = y if probabilities else ops.softmax(y, last).output(0)
+    top = ops.topk(p, ops.constant(np.int64(2)), last, "max", "value").output(0)
+    axis = ops.constant(np.int64(last))
+    first, second = (ops.gather(top, ops.constant(np.int64(i)), axis) for i in (0, 1))
+    gap = ops.subtract(first, second)
+    return ops.reduce_min(gap, _axes(gap.output(0)), False).output(0)
+
+
+# ----------------------------------------------------------------------------------------- the graph
+
+
+def pre_quant_input(op: ov.Node) -> ov.Output:
+    """The activation ``op`` quantizes: the input of the FakeQuantize feeding it (through Reshape /
+    Squeeze / Unsqueeze / Transpose / Convert), or its plain input 0 when none does."""
+    src = op.input(0).get_source_output()
+    node = src.get_node()
+    while node.get_type_name() in ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Convert"):
+        node = node.input(0).get_source_output().get_node()
+    if node.get_type_name() == "FakeQuantize":
+        return node.input(0).get_source_output()
+    return src
+
+
+def term_values(
+    keys: Sequence[tuple[Feature, str | None]],
+    inputs: dict[str, ov.Output],
+    output: ov.Output,
+    ranges: dict[str, tuple[float, float, int]],
+    probabilities: bool,
+) -> list[ov.Output]:
+    """The raw value of each ``(feature, op)`` as a scalar graph output.
+
+    :param inputs: op name → the op's pre-quantization input in the body being built.
+    :param output: the body's first output (for the margin).
+    """
+    values = []
+    for feature, op in keys:
+        if feature is Feature.MARGIN:
+            values.append(margin_output(output, probabilities))
+            continue
+        if op not in inputs or op not in ranges:
+            raise CalibrationError(f"op={op}: router feature {feature.value} needs the op in the fast route")
+        values.append(feature_output(feature, inputs[op], *ranges[op]))
+    return values
+
+
+def risk_output(router: Router, inputs: dict[str, ov.Output], output: ov.Output) -> ov.Output:
+    """``bias + Σ weight · log(feature + EPS)`` as graph ops (scalar f32)."""
+    values = term_values([t.key for t in router.terms], inputs, output, router.ranges, router.probabilities)
+    z: ov.Output = _c(router.bias).output(0)
+    for term, v in zip(router.terms, values, strict=True):
+        z = ops.add(z, ops.multiply(ops.log(ops.add(v, _c(EPS))), _c(term.weight))).output(0)
+    return z
+
+
+def probe_model(
+    body: ov.Model, inputs: dict[str, ov.Output], keys: Sequence[tuple[Feature, str | None]], router_ranges: dict,
+    probabilities: bool,
+) -> ov.Model:
+    """``body`` (a level body: outputs + route) with every candidate term's raw value appended as outputs."""
+    values = term_values(keys, inputs, body.outputs[0], router_ranges, probabilities)
+    body.add_results([ops.result(v) for v in values])
+    body.validate_nodes_and_infer_types()
+    return body
+
+
+# ------------------------------------------------------------------------------------ shifts (fit)
+
+
+CALIBRATION_SHIFTS = ("noise", "dark", "contrast", "blur")
+"""Shifted copies of the calibration data the router is fitted on, milder than the evaluation's
+(``apsq_ov.datasets.shift``): gaussian noise σ = 0.1 of the input's range, darkening ×0.5 towards its
+minimum, contrast ×1.5 about its middle, gaussian blur σ = 1 px; all clipped to the calibration range."""
+
+
+def shift_calibration(x: np.ndarray, name: str, lo: float, hi: float, seed: int) -> np.ndarray:
+    """One shifted copy of a float input batch ``x`` (value range ``[lo, hi]`` from the calibration set).
+    Inputs that are not float images (rank < 3) are returned unchanged except for noise."""
+    rng = np.random.default_rng(seed)
+    span = hi - lo
+    if name == "noise":
+        out = x + rng.normal(0.0, 0.1 * span, x.shape)
+    elif name == "dark":
+        out = lo + (x - lo) * 0.5
+    elif name == "contrast":
+        mid = (lo + hi) / 2
+        out = mid + (x - mid) * 1.5
+    elif name == "blur":
+        if x.ndim < 3:
+            return x
+        from scipy.ndimage import gaussian_filter
+
+        sigma = [0.0] * (x.ndim - 2) + [1.0, 1.0]
+        out = gaussian_filter(x.astype(np.float64), sigma=sigma, mode="nearest")
+    else:
+        raise CalibrationError(f"unknown calibration shift {name!r}; use {', '.join(CALIBRATION_SHIFTS)}")
+    return np.clip(out, lo, hi).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------- fitting
+
+
+def log_features(raw: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(np.nan_to_num(raw, nan=0.0, posinf=1e30), 0.0) + EPS)
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if y.min() == y.max():
+        return float("nan")
+    return float(roc_auc_score(y, score))
+
+
+def _logistic(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """L2 logistic regression on standardised columns; weights and bias folded back to raw columns."""
+    from sklearn.linear_model import LogisticRegression
+
+    mu, sd = X.mean(0), X.std(0)
+    sd[sd < 1e-12] = 1.0
+    clf = LogisticRegression(C=1.0, max_iter=2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.fit((X - mu) / sd, y)
+    w = clf.coef_[0] / sd
+    b = float(clf.intercept_[0] - np.sum(clf.coef_[0] * mu / sd))
+    return w, b
+
+
+def _cv_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> float:
+    """AUC of out-of-fold logistic risks; folds by source sample (its shifted copies stay together)."""
+    from sklearn.model_selection import GroupKFold
+
+    n_groups = len(np.unique(groups))
+    k = min(folds, n_groups)
+    if k < 2 or y.min() == y.max():
+        return float("nan")
+    oof = np.zeros(len(y))
+    for fit, test in GroupKFold(n_splits=k).split(X, y, groups):
+        if y[fit].min() == y[fit].max():
+            oof[test] = 0.0
+            continue
+        w, b = _logistic(X[fit], y[fit])
+        oof[test] = X[test] @ w + b
+    return _auc(y, oof)
+
+
+@dataclass(frozen=True)
+class FitData:
+    """What the probe measured: one row per (sample, shift)."""
+
+    raw: np.ndarray
+    """(rows, candidates) raw feature values"""
+    keys: list[tuple[Feature, str | None]]
+    flip: np.ndarray
+    """fast route top-1 ≠ FP32 top-1"""
+    sample: np.ndarray
+    """source calibration sample of each row"""
+    shift: np.ndarray
+    """shift name of each row (``clean`` for the original)"""
+    held_out: np.ndarray
+    """row is in the held-out split (by source sample)"""
+    elements: dict[str, int]
+    """elements of each candidate op's input"""
+
+
+def select_terms(
+    data: FitData, *, cap_elements: float, max_terms: int = 6, min_gain: float = 0.005,
+    allow: Sequence[Feature] | None = None,
+) -> list[int]:
+    """Greedy forward selection of candidate columns by cross-validated AUC on the fit split, while the
+    in-graph cost (Σ elements × passes of the op features) stays within ``cap_elements``."""
+    fit = ~data.held_out
+    X = log_features(data.raw[fit])
+    y, groups = data.flip[fit].astype(int), data.sample[fit]
+    allowed = [j for j, (f, _) in enumerate(data.keys) if allow is None or f in allow]
+    # Pre-screen on univariate AUC (sign-free) so the greedy loop stays small.
+    uni = {j: abs(_auc(y, X[:, j]) - 0.5) if y.min() != y.max() else 0.0 for j in allowed}
+    pool = sorted(allowed, key=lambda j: -np.nan_to_num(uni[j]))[:24]
+    chosen: list[int] = []
+    best, spent = 0.5, 0.0
+    while len(chosen) < max_terms:
+        step = None
+        for j in pool:
+            if j in chosen:
+                continue
+            f, op = data.keys[j]
+            cost = 0.0 if f is Feature.MARGIN else PASSES[f] * data.elements.get(op or "", 0)
+            if spent + cost > cap_elements:
+                continue
+            auc = _cv_auc(X[:, [*chosen, j]], y, groups)
+            if not math.isnan(auc) and (step is None or auc > step[0]):
+                step = (auc, j, cost)
+        if step is None or step[0] < best + min_gain:
+            break
+        best, spent = step[0], spent + step[2]
+        chosen.append(step[1])
+    return chosen
+
+
+def thresholds(risk: np.ndarray, flip: np.ndarray, budgets: Sequence[float]) -> list[tuple[float, float, float, float]]:
+    """Per budget, the τ that escalates the fewest inputs while the flips left un-escalated stay within
+    it: ``(budget, tau, escalation, residual drop)`` on the given (clean, held-out) inputs."""
+    order = np.sort(np.unique(risk))[::-1]
+    out = []
+    n = max(len(risk), 1)
+    for d in budgets:
+        tau = NEVER
+        for t in [NEVER, *order]:  # lowering τ escalates more; stop at the first τ within budget
+            residual = float(np.sum(flip & (risk <= t))) / n
+            if residual <= d + 1e-12:
+                tau = t
+                break
+        else:
+            tau = -NEVER
+        esc = risk > tau
+        out.append((float(d), float(tau), float(np.mean(esc)) if len(risk) else 0.0,
+                    float(np.sum(flip & ~esc)) / n))  # fmt: skip
+    return out
+
+
+def fit_router(
+    data: FitData, *, cap_elements: float, probabilities: bool, ranges: dict[str, tuple[float, float, int]],
+    fast_level: int, precise_level: int, shifts: Sequence[str],
+) -> tuple[Router | None, str]:
+    """Select terms, fit the risk on the fit split, and measure it on the held-out split.
+
+    :return: the router (τ points still to be set) and a one-line reason when there is none.
+    """
+    fit, held = ~data.held_out, data.held_out
+    if data.flip[fit].sum() < 3 or data.flip[held].sum() < 1:
+        return None, f"the fast route flips too few calibration inputs to fit a router ({int(data.flip.sum())})"
+    chosen = select_terms(data, cap_elements=cap_elements)
+    if not chosen:
+        return None, "no feature predicts a flip better than chance on the fit split"
+    X = log_features(data.raw)
+    w, b = _logistic(X[fit][:, chosen], data.flip[fit].astype(int))
+    risk = X[:, chosen] @ w + b
+    y = data.flip.astype(int)
+    quality: dict[str, Any] = {
+        "label": "fast route top-1 differs from FP32 top-1",
+        "rows_fit": int(fit.sum()),
+        "rows_held_out": int(held.sum()),
+        "flip_rate_fit": float(y[fit].mean()),
+        "flip_rate_held_out": float(y[held].mean()),
+        "auc_held_out": _auc(y[held], risk[held]),
+        "auc_held_out_by_shift": {
+            s: _auc(y[held & (data.shift == s)], risk[held & (data.shift == s)]) for s in sorted(set(data.shift))
+        },
+    }
+    # The anchors: the margin alone, and the op features alone (their own greedy selection).
+    m = [j for j, (f, _) in enumerate(data.keys) if f is Feature.MARGIN]
+    if m:
+        quality["auc_held_out_margin_only"] = _auc(y[held], -X[held, m[0]])
+    feats_only = select_terms(data, cap_elements=cap_elements, allow=OP_FEATURES)
+    if feats_only:
+        wf, bf = _logistic(X[fit][:, feats_only], y[fit])
+        quality["auc_held_out_op_features_only"] = _auc(y[held], X[held][:, feats_only] @ wf + bf)
+        quality["op_features_only_terms"] = [[data.keys[j][0].value, data.keys[j][1]] for j in feats_only]
+    terms = []
+    for j, wj in zip(chosen, w, strict=True):
+        f, op = data.keys[j]
+        a = _auc(y[held], X[held, j])
+        terms.append(Term(f, op, float(wj), data.elements.get(op or "", 0), None if math.isnan(a) else max(a, 1 - a)))
+    used = {t.op for t in terms if t.op is not None}
+    router = Router(
+        fast_level=fast_level,
+        precise_level=precise_level,
+        terms=terms,
+        bias=b,
+        probabilities=probabilities,
+        ranges={k: v for k, v in ranges.items() if k in used},
+        quality=quality,
+        cost={"element_passes": float(sum(PASSES[t.feature] * t.elements for t in terms if t.op is not None)),
+              "cap_element_passes": float(cap_elements)},  # fmt: skip
+        shifts=list(shifts),
+    )
+    return router, ""
+
+
+def held_out_risk(router: Router, data: FitData) -> np.ndarray:
+    """The deployed risk of every row (same formula as the graph)."""
+    X = log_features(data.raw)
+    cols = [data.keys.index(t.key) for t in router.terms]
+    return X[:, cols] @ np.array([t.weight for t in router.terms]) + router.bias

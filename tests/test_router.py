@@ -1,0 +1,130 @@
+"""The router and its escalation cascade: the in-graph features against numpy, the cascade body on a
+real compiled graph (a tiny model built in code), the threshold state, and the fit on real data."""
+
+from __future__ import annotations
+
+import nncf
+import numpy as np
+import openvino as ov
+import pytest
+from openvino import opset13 as ops
+
+from apsq_ov.calibrate.router import (
+    FitData,
+    feature_output,
+    fit_router,
+    margin_output,
+    shift_calibration,
+    thresholds,
+)
+from apsq_ov.calibrate.variants import act_range, build_package_model, find_routable_ops
+from apsq_ov.package import LEVEL_STATE, NEVER, TAU_STATE, Feature, OpChoice, Router, Term
+from apsq_ov.precision import Precision
+from tests.models import conv_chain, conv_chain_data
+
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+P3 = (Precision.FP32, Precision.BF16, Precision.INT8)
+
+
+def _scalar_model(build, shape):
+    x = ops.parameter(shape, np.float32, name="x")
+    return ov.Core().compile_model(ov.Model([ops.result(build(x.output(0)))], [x]), "CPU", F32)
+
+
+def test_in_graph_features_match_their_definitions():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1, 4, 6, 6)) * 2).astype(np.float32)
+    lo, hi, levels = -3.0, 3.0, 256
+    step = (hi - lo) / 255
+    expected = {
+        Feature.AMAX_RATIO: np.abs(x).max() / 3.0,
+        Feature.CLIP_FRAC: np.mean((x > hi) | (x < lo)),
+        Feature.STD_OVER_STEP: x.std() / step,
+        Feature.NEARZERO_FRAC: np.mean(np.abs(x) < step / 2),
+    }
+    for f, want in expected.items():
+        got = _scalar_model(lambda v, f=f: feature_output(f, v, lo, hi, levels), x.shape)([x])[0]
+        assert float(got) == pytest.approx(float(want), rel=1e-4, abs=1e-6), f.value
+    logits = rng.standard_normal((1, 5, 7)).astype(np.float32)  # a sequence: min over positions
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    s = np.sort(p, -1)
+    got = _scalar_model(lambda v: margin_output(v, probabilities=False), logits.shape)([logits])[0]
+    assert float(got) == pytest.approx(float((s[..., -1] - s[..., -2]).min()), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def chain():
+    model = conv_chain()
+    model.reshape([1, 3, 16, 16])
+    data = conv_chain_data(32)
+    q = nncf.quantize(model.clone(), nncf.Dataset([x[None] for x in data]), subset_size=32)
+    units = {u.name: u for u in find_routable_ops(model, q)}
+    return model, q, units, data
+
+
+def test_cascade_escalates_out_of_range_inputs_and_the_tau_state_moves_the_route(chain):
+    """Risk = 10·log(conv2 input abs-max / its INT8 abs-max): inputs whose activations leave the
+    calibrated range run the precise (FP32) level, in-range ones stay on INT8; τ is request state."""
+    model, q, units, data = chain
+    variants = {n: P3 for n in units}
+    fp32 = {n: OpChoice(Precision.FP32, Precision.FP32) for n in variants}
+    int8 = {n: OpChoice(Precision.INT8, Precision.INT8) for n in variants}
+    router = Router(fast_level=1, precise_level=0, terms=[Term(Feature.AMAX_RATIO, "conv2", 10.0)], bias=0.0,
+                    probabilities=False, ranges={"conv2": act_range(units["conv2"])})  # fmt: skip
+    pm = build_package_model(model, q, variants, [fp32, int8], default_level=2, router=router, tau=0.0)
+    compiled = ov.Core().compile_model(pm, "CPU", F32)
+    req = compiled.create_infer_request()
+    states = {s.name: s for s in req.query_state()}
+    x_in, x_out = data[:1] * 0.5, data[:1] * 50.0
+    all_int8, all_fp32 = [Precision.INT8.code] * 3, [Precision.FP32.code] * 3
+    assert list(req.infer([x_in])["apsq_route"]) == all_int8
+    # the IR's initial state is the default policy: the cascade at τ = 0
+    assert states[LEVEL_STATE].state.data.reshape(-1).tolist() == [2]
+    assert states[TAU_STATE].state.data.reshape(-1).tolist() == [0.0]
+    assert list(req.infer([x_out])["apsq_route"]) == all_fp32
+    plain = ov.Core().compile_model(model, "CPU", F32)
+    np.testing.assert_allclose(req.infer([x_out])[0], plain([x_out])[0], rtol=1e-5)  # really the FP32 body
+    nncf_int8 = ov.Core().compile_model(q, "CPU", F32)
+    np.testing.assert_allclose(req.infer([x_in])[0], nncf_int8([x_in])[0], rtol=1e-4, atol=1e-5)
+    states[TAU_STATE].state = ov.Tensor(np.array(NEVER, np.float32))  # same compiled model, new threshold
+    assert list(req.infer([x_out])["apsq_route"]) == all_int8
+    states[TAU_STATE].state = ov.Tensor(np.array(-NEVER, np.float32))
+    assert list(req.infer([x_in])["apsq_route"]) == all_fp32
+
+
+def test_thresholds_escalate_the_fewest_inputs_within_each_budget():
+    risk = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    flip = np.array([1, 0, 1, 0, 0, 1, 0, 0, 0, 0], bool)
+    pts = {d: (tau, esc, drop) for d, tau, esc, drop in thresholds(risk, flip, [0.0, 0.1, 0.2, 0.3])}
+    assert pts[0.3][0] == NEVER and pts[0.3][1] == 0.0  # 3 flips in 10 fit the budget: never escalate
+    assert pts[0.2][1] == pytest.approx(0.1) and pts[0.2][2] == pytest.approx(0.2)  # escalate the top one
+    assert pts[0.1][1] == pytest.approx(0.3) and pts[0.1][2] == pytest.approx(0.1)
+    assert pts[0.0][1] == pytest.approx(0.6) and pts[0.0][2] == 0.0
+
+
+def test_fit_router_finds_the_margin_on_a_synthetic_signal():
+    """The fit picks the column that carries the signal, ignores noise columns, and its held-out AUC
+    is measured on rows it never saw."""
+    rng = np.random.default_rng(0)
+    n = 600
+    margin = rng.uniform(0.0, 1.0, n)
+    flip = rng.random(n) < np.exp(-8 * margin)  # small margin → likely flip
+    noise = rng.uniform(0.5, 2.0, (n, 3))
+    raw = np.column_stack([margin, noise])
+    keys = [(Feature.MARGIN, None), *[(Feature.STD_OVER_STEP, f"op{i}") for i in range(3)]]
+    data = FitData(raw=raw, keys=keys, flip=flip, sample=np.arange(n), shift=np.array(["clean"] * n),
+                   held_out=np.arange(n) >= n // 2, elements={"op0": 10, "op1": 10, "op2": 10})  # fmt: skip
+    router, reason = fit_router(data, cap_elements=1e9, probabilities=False, ranges={}, fast_level=1,
+                                precise_level=0, shifts=[])  # fmt: skip
+    assert router is not None, reason
+    assert router.terms[0].key == (Feature.MARGIN, None) and router.terms[0].weight < 0
+    assert router.quality["auc_held_out"] > 0.75
+
+
+def test_calibration_shifts_stay_in_range_and_change_the_data():
+    x = conv_chain_data(2)
+    for name in ("noise", "dark", "contrast", "blur"):
+        y = shift_calibration(x, name, 0.0, 1.0, seed=0)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert 0.0 <= y.min() and y.max() <= 1.0
+        assert not np.allclose(x, y), name
