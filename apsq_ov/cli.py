@@ -158,6 +158,18 @@ def calibrate(
         float | None,
         typer.Option(min=0.0, help="Cap (ms) on each level's predicted latency from the profile's cost model."),
     ] = None,
+    router: Annotated[
+        bool,
+        typer.Option(
+            help="Fit the per-input router and build the escalation cascade: run the fastest level, re-run "
+            "inputs whose in-graph risk exceeds the max-drop's threshold on FP32 (needs int8)."
+        ),
+    ] = True,
+    router_shifts: Annotated[
+        str,
+        typer.Option(help="Shifted copies of the calibration data the router is also fitted on (comma list; "
+                     "noise, dark, contrast, blur, or 'none')."),  # fmt: skip
+    ] = "noise,dark,contrast,blur",
 ) -> None:
     """Score, build and package an adaptive model: MODEL + --data -> OUT_DIR (model.xml/.bin + apsq.json).
 
@@ -181,6 +193,8 @@ def calibrate(
         seed=seed,
         levels=_parse_levels(levels),
         latency_budget_ms=latency_budget,
+        router=router,
+        router_shifts=tuple(x.strip() for x in router_shifts.split(",") if x.strip() and x.strip() != "none"),
     )
     target = out_dir or model.with_suffix(".apsq")
     t0 = time.perf_counter()
@@ -196,6 +210,7 @@ def calibrate(
     out.print(table)
     out.print(f"{len(m.ops)} routable ops, default max-drop {m.default_max_drop}, {time.perf_counter() - t0:.1f} s")
     out.print(_levels_table(m))
+    _print_router(m)
 
 
 def _parse_levels(text: str | None) -> tuple[float, ...] | None:
@@ -208,16 +223,58 @@ def _parse_levels(text: str | None) -> tuple[float, ...] | None:
 
 
 def _levels_table(m: Manifest) -> Table:
-    table = Table(title=f"dial levels (profile {m.profile.name}; default level {m.default_level})")
-    for col in ("level", "max_drop", "fp32", "bf16/fp16", "int8", "routed per input", "pred. ms", "pred. drop"):
+    default = "the cascade" if m.default_level == m.cascade_level else f"level {m.default_level}"
+    table = Table(title=f"dial levels (profile {m.profile.name}; default: {default})")
+    cols = ("level", "max_drop", "fp32", "bf16/fp16", "int8", "routed per input", "pred. ms", "measured ms",
+            "pred. drop")  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="right")
     for i, lv in enumerate(m.levels):
         static = [c.fast for c in lv.choices.values() if not c.routed]
         count = {p: sum(1 for x in static if x is p) for p in Precision}
+        measured = "-" if lv.measured_ms is None else f"{lv.measured_ms:.3f}"
         table.add_row(str(i), f"{lv.max_drop:g}", str(count[Precision.FP32]),
                       str(count[Precision.BF16] + count[Precision.FP16]), str(count[Precision.INT8]),
-                      str(len(lv.routed)), f"{lv.predicted_ms:.3f}", f"{lv.predicted_drop:.4f}")  # fmt: skip
+                      str(len(lv.routed)), f"{lv.predicted_ms:.3f}", measured, f"{lv.predicted_drop:.4f}")  # fmt: skip
     return table
+
+
+def _print_router(m: Manifest) -> None:
+    """The router: its terms, held-out AUCs, in-graph cost, and the cascade against the static level per budget."""
+    r = m.router
+    if r is None:
+        out.print(f"router: {m.router_note or 'none'}", highlight=False)
+        return
+    q, c = r.quality, r.cost
+
+    def auc(v: float | None) -> str:
+        return "n/a" if v is None or v != v else f"{v:.3f}"
+
+    terms = " + ".join(f"{t.weight:+.3f}·log({t.feature.value}{'' if t.op is None else ' of ' + t.op})"
+                       for t in r.terms)  # fmt: skip
+    out.print(f"router: risk = {r.bias:+.3f} {terms}", highlight=False)
+    shifts = ", ".join(f"{k} {auc(v)}" for k, v in q.get("auc_held_out_by_shift", {}).items())
+    out.print(f"  held-out AUC for '{q.get('label')}': {auc(q.get('auc_held_out'))} ({shifts}); "
+              f"margin alone {auc(q.get('auc_held_out_margin_only'))}, op features alone "
+              f"{auc(q.get('auc_held_out_op_features_only'))}; {q.get('rows_held_out')} held-out rows, "
+              f"flip rate {q.get('flip_rate_held_out', 0):.3f}; fitted with shifts {', '.join(r.shifts) or 'none'}",
+              highlight=False)  # fmt: skip
+    cost = f"{c.get('element_passes', 0):.0f} element passes"
+    if "measured_router_ms" in c:
+        cost += (f"; measured: fast route {c['measured_fast_ms']:.3f} ms, with the router {c['measured_never_ms']:.3f}"
+                 f" ms, always escalating {c['measured_always_ms']:.3f} ms")  # fmt: skip
+    out.print(f"  in-graph cost: {cost}", highlight=False)
+    table = Table(title=f"escalation cascade: level {r.fast_level}, re-run on level {r.precise_level} when risk > τ")
+    for col in ("max_drop", "τ", "escalated", "pred. drop", "cascade ms", "static level ms"):
+        table.add_column(col, justify="right")
+    from apsq_ov.routing import level_for, level_ms
+
+    for p in r.points:
+        static = level_ms(m.levels[level_for(m.levels, p.max_drop)])
+        tau = "never" if p.tau >= 3.0e38 else f"{p.tau:.3f}"
+        table.add_row(f"{p.max_drop:g}", tau, f"{p.escalation:.3f}", f"{p.predicted_drop:.4f}", f"{p.ms:.3f}",
+                      f"{static:.3f}")  # fmt: skip
+    out.print(table)
 
 
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -242,6 +299,11 @@ def infer(
         float | None, typer.Option(help="Tolerated quality loss vs FP32 in [0, 1] [default: the package's].")
     ] = None,
     precision: Annotated[str | None, typer.Option(help="Force one precision on every routed op (baselines).")] = None,
+    policy: Annotated[
+        str,
+        typer.Option(help="How --max-drop picks a body: auto (the faster of the static level and the router's "
+                     "cascade for that budget), static, or cascade."),  # fmt: skip
+    ] = "auto",
     precision_map: Annotated[
         Path | None, typer.Option(help='JSON {"op name": "int8", ...}: pin ops; the rest follow the policy.')
     ] = None,
@@ -267,7 +329,9 @@ def infer(
     if len(samples) % batch:
         raise DataError(f"{input}: {len(samples)} samples is not a multiple of the package's batch {batch}")
     request = compiled.create_infer_request()
-    request.set_policy(max_drop=max_drop, precision=forced, precision_map=pins)  # validates pins before the loop
+    if policy not in ("auto", "static", "cascade"):
+        raise typer.BadParameter(f"{policy!r}: use auto, static or cascade", param_hint="--policy")
+    plan = request.set_policy(max_drop=max_drop, precision=forced, precision_map=pins, policy=policy)  # validates
     outputs: dict[str, list[np.ndarray]] = {n: [] for n in compiled.output_names}
     routes, latency, nonfinite = [], [], []
     n = len(samples) // batch
@@ -276,7 +340,7 @@ def infer(
         for i in range(n):
             x = samples.sample(i, batch)
             t0 = time.perf_counter()
-            res = request.infer(x, max_drop=max_drop, precision=forced, precision_map=pins)
+            res = request.infer(x, max_drop=max_drop, precision=forced, precision_map=pins, policy=policy)
             latency.append((time.perf_counter() - t0) * 1e3)
             for name, value in res.outputs.items():
                 outputs[name].append(value)
@@ -289,7 +353,8 @@ def infer(
     summary = _infer_summary(compiled, stacked, route, lat, samples.labels, nonfinite)
     summary.update({"package": str(package), "input": str(input), "device": device,
                     "policy": {"max_drop": max_drop, "precision": None if forced is None else forced.value,
-                               "precision_map": pins}})  # fmt: skip
+                               "precision_map": pins, "policy": policy},
+                    "body": _body_name(compiled.manifest, plan.level)})  # fmt: skip
     if output is not None:
         arrays = dict(stacked)
         arrays.update(
@@ -305,6 +370,12 @@ def infer(
         sys.stdout.write(json.dumps(summary, indent=1) + "\n")
         return
     _print_infer_summary(summary)
+
+
+def _body_name(m: Manifest, level: int) -> str:
+    if level == m.cascade_level:
+        return "cascade"
+    return "full" if level == m.full_level else f"level {level}"
 
 
 def _infer_summary(compiled, outputs, route, lat, labels, nonfinite) -> dict[str, Any]:
@@ -362,12 +433,24 @@ def report(
 
     pkg = Package.load(package)
     m = pkg.manifest
-    default = m.levels[m.default_level].choices
+    rt = m.router
+    cascade = rt is not None and m.default_level == m.cascade_level
+    point = rt.point_for(m.default_max_drop) if rt is not None else None
+    default = m.levels[rt.fast_level if cascade and rt is not None else m.default_level].choices
 
     def level_route(name: str) -> str:
         c = default[name]
+        if cascade and rt is not None and point is not None:  # the share of inputs on each variant
+            precise = m.levels[rt.precise_level].choices[name].fast
+            if precise is c.fast:
+                return f"{c.fast.value} 100%"
+            return f"{c.fast.value} {1 - point.escalation:.0%} / {precise.value} {point.escalation:.0%} (cascade)"
         run = f" (shares {c.shared_with}'s If)" if c.shared_with else ""
         return f"{c.fast.value}/{c.safe.value} routed{run}" if c.routed else f"{c.fast.value} static"
+
+    def router_terms(name: str) -> list[dict[str, Any]]:
+        return [] if rt is None else [{"feature": t.feature.value, "auc_held_out": t.auc_holdout}
+                                     for t in rt.terms if t.op == name]  # fmt: skip
 
     rows = [
         {
@@ -378,6 +461,7 @@ def report(
             "quality_loss": {p.value: v for p, v in op.quality.items()},
             "variants": [p.value for p in op.variants],
             "default_route": level_route(op.name),
+            "router_features": router_terms(op.name),
             "macs": op.macs,
             "int8_absmax": op.int8_absmax, "input_absmax": op.input_absmax,
         }
@@ -389,14 +473,15 @@ def report(
     if json_out:
         doc = {"package": str(package), "sensitivity": m.sensitivity, "calibration": m.calibration,
                "spearman_score_vs_drop": spearman, "ops": rows, "selection": m.selection,
-               "default_level": m.default_level, "levels": [lv.to_json() for lv in m.levels]}  # fmt: skip
+               "default_level": m.default_level, "levels": [lv.to_json() for lv in m.levels],
+               "router": None if rt is None else rt.to_json(), "router_note": m.router_note}  # fmt: skip
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
         return
     lower = [p.value for p in m.precisions if p is not Precision.FP32]
     table = Table(title=f"{package} · {m.sensitivity.get('metric')} · default max-drop {m.default_max_drop}")
     for col in ("#", "op", "type", "depth", "gradient g", "clip", *[f"pred {p}" for p in lower]):
         table.add_column(col)
-    for col in ("score", *[f"drop {p}" for p in lower], "variants", "default"):
+    for col in ("score", *[f"drop {p}" for p in lower], "variants", "default", "router feature (AUC)"):
         table.add_column(col)
     for r in rows:
         c = r["components"]
@@ -404,7 +489,9 @@ def report(
         preds = [f"{r['predicted'][p]:.2e}" if p in r["predicted"] else "-" for p in lower]
         drops = [f"{r['drops'][p]:.4f}" if p in r["drops"] else "-" for p in lower]
         head = [str(r["index"]), escape(r["name"]), r["type"], str(r["depth"]), f"{c.get('gradient', 0):.3f}", clip]
-        table.add_row(*head, *preds, f"{r['score']:.2e}", *drops, ",".join(r["variants"]), r["default_route"])
+        feats = ", ".join(f"{f['feature']} ({f['auc_held_out']:.2f})" if f["auc_held_out"] is not None
+                          else f["feature"] for f in r["router_features"]) or "-"  # fmt: skip
+        table.add_row(*head, *preds, f"{r['score']:.2e}", *drops, ",".join(r["variants"]), r["default_route"], feats)
     out.print(table)
     held = "held-out" if m.calibration.get("drops_held_out") else "NOT held-out (too little data)"
     out.print(f"drop = {m.calibration.get('drop_metric')} on {m.calibration.get('drop_samples')} samples ({held})")
@@ -414,6 +501,7 @@ def report(
     out.print(f"score: {m.sensitivity.get('formula')}", highlight=False)
     out.print(_levels_table(m))
     out.print(f"selection: {m.selection.get('objective')}", highlight=False)
+    _print_router(m)
     if plot is not None:
         out.print(f"wrote {plot}")
 

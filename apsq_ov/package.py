@@ -133,6 +133,8 @@ class Level:
     predicted_ms: float
     predicted_drop: float
     solver: str
+    measured_ms: float | None = None
+    """median latency of this level body on the target device, where calibration could time it"""
 
     @property
     def routed(self) -> list[str]:
@@ -144,6 +146,7 @@ class Level:
             "predicted_ms": self.predicted_ms,
             "predicted_drop": self.predicted_drop,
             "solver": self.solver,
+            "measured_ms": self.measured_ms,
             "routed": self.routed,
             "ops": {
                 n: {"fast": c.fast.value, "safe": c.safe.value, "limit": c.limit}
@@ -168,6 +171,7 @@ class Level:
             predicted_ms=float(d["predicted_ms"]),
             predicted_drop=float(d["predicted_drop"]),
             solver=str(d.get("solver", "")),
+            measured_ms=None if d.get("measured_ms") is None else float(d["measured_ms"]),
         )
 
 

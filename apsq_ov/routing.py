@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from apsq_ov.errors import ConfigError, UnsupportedPrecisionError
-from apsq_ov.package import Level, OpRecord
+from apsq_ov.package import NEVER, Level, Manifest, OpRecord
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile
 
@@ -148,3 +148,45 @@ def level_for(levels: Sequence[Level], max_drop: float) -> int:
         if level.max_drop <= max_drop + 1e-12:
             best = i
     return best
+
+
+POLICIES = ("auto", "static", "cascade")
+"""How a ``max_drop`` request picks its body: ``static`` the level; ``cascade`` the router's
+escalation cascade (fast route, re-run risky inputs on the precise route); ``auto`` whichever of the two
+is faster for that budget (measured on the device at calibration where it could be, else predicted)."""
+
+
+@dataclass(frozen=True)
+class Body:
+    """The body a ``max_drop`` request runs: ``level`` (a level index, or the cascade's) and, for the
+    cascade, its escalation threshold ``tau``."""
+
+    level: int
+    tau: float | None = None
+
+
+def level_ms(level: Level) -> float:
+    return level.predicted_ms if level.measured_ms is None else level.measured_ms
+
+
+def choose_body(manifest: Manifest, max_drop: float, policy: str = "auto") -> Body:
+    """The level or cascade point serving ``max_drop`` under ``policy`` (see :data:`POLICIES`).
+
+    :raises ConfigError: for an unknown policy, or ``cascade`` on a package without a router.
+    """
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
+    k = level_for(manifest.levels, max_drop)
+    router = manifest.router
+    if policy == "static":
+        return Body(k)
+    if router is None:
+        if policy == "cascade":
+            raise ConfigError(f"this package has no router ({manifest.router_note or 'not built'}); use static")
+        return Body(k)
+    point = router.point_for(max_drop)
+    if policy == "cascade":  # below the smallest budget: escalate every input
+        return Body(len(manifest.levels), -NEVER if point is None else point.tau)
+    if point is None or point.tau >= NEVER:  # the fast route alone fits: a static level serves it
+        return Body(k)
+    return Body(len(manifest.levels), point.tau) if point.ms < level_ms(manifest.levels[k]) else Body(k)

@@ -26,9 +26,9 @@ import openvino as ov
 
 from apsq_ov.errors import DataError, DeviceError
 from apsq_ov.inputs import InputSpec, request_arrays
-from apsq_ov.package import LEVEL_STATE, LIMITS_STATE, MODES_STATE, ROUTE_OUTPUT, Manifest, Package
+from apsq_ov.package import LEVEL_STATE, LIMITS_STATE, MODES_STATE, ROUTE_OUTPUT, TAU_STATE, Manifest, Package
 from apsq_ov.precision import Precision
-from apsq_ov.routing import Route, check_max_drop, level_for, plan_routes
+from apsq_ov.routing import Route, check_max_drop, choose_body, plan_routes
 
 
 @dataclass
@@ -57,16 +57,18 @@ class AdaptiveResult:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a request runs: ``level`` (index of a level body, or ``len(levels)`` for the fully routed
-    body) and, for the full body, every routed op's mode and range limit (by op index)."""
+    """What a request runs: ``level`` (index of a level body, the escalation cascade's, or the fully
+    routed body's), for the cascade its threshold ``tau``, and for the full body every routed op's mode
+    and range limit (by op index)."""
 
     level: int
     routes: dict[int, Route]
+    tau: float | None = None
 
 
-def _policy_key(max_drop: Any, precision: Any, precision_map: Mapping[str, Any] | None) -> tuple:
+def _policy_key(max_drop: Any, precision: Any, precision_map: Mapping[str, Any] | None, policy: str) -> tuple:
     pm = tuple(sorted((k, str(v)) for k, v in precision_map.items())) if precision_map else ()
-    return (max_drop, None if precision is None else str(precision), pm)
+    return (max_drop, None if precision is None else str(precision), pm, policy)
 
 
 class AdaptiveCompiledModel:
@@ -96,8 +98,8 @@ class AdaptiveCompiledModel:
 
     @property
     def full_level(self) -> int:
-        """Level index of the fully routed body (pins and forced precisions run there)."""
-        return len(self.manifest.levels)
+        """Body index of the fully routed body (pins and forced precisions run there)."""
+        return self.manifest.full_level
 
     def plan(
         self,
@@ -105,14 +107,18 @@ class AdaptiveCompiledModel:
         max_drop: float | None = None,
         precision: Precision | str | None = None,
         precision_map: Mapping[str, Precision | str] | None = None,
+        policy: str = "auto",
     ) -> Plan:
         """The state every request gets for this policy (cached: the hot path pays a dict lookup).
 
-        ``max_drop`` selects a level of the dial: the level body with the largest budget ≤ ``max_drop``
-        (static ops, a few per-input routed ones). ``precision`` / ``precision_map`` run the fully
-        routed body, where every op follows its own state.
+        ``max_drop`` selects a level of the dial — the level body with the largest budget ≤ ``max_drop``
+        (static ops, a few per-input routed ones) — or, where the package has a router and it is faster
+        for that budget, the escalation cascade at that budget's threshold (``policy``: ``auto``,
+        ``static``, ``cascade``; see :func:`apsq_ov.routing.choose_body`). ``precision`` /
+        ``precision_map`` run the fully routed body, where every op follows its own state.
         """
-        return self._plan(_policy_key(max_drop, precision, precision_map), max_drop, precision, precision_map)
+        key = _policy_key(max_drop, precision, precision_map, policy)
+        return self._plan(key, max_drop, precision, precision_map, policy)
 
     def _plan(
         self,
@@ -120,13 +126,15 @@ class AdaptiveCompiledModel:
         max_drop: float | None,
         precision: Precision | str | None,
         precision_map: Mapping[str, Precision | str] | None,
+        policy: str = "auto",
     ) -> Plan:
         plan = self._plans.get(key)
         if plan is None:
             m = self.manifest
             if precision is None and not precision_map and m.levels:
                 budget = check_max_drop(m.default_max_drop if max_drop is None else max_drop)
-                plan = Plan(level_for(m.levels, budget), {})
+                body = choose_body(m, budget, policy)
+                plan = Plan(body.level, {}, body.tau)
             else:
                 routes = plan_routes(
                     m.ops,
@@ -157,6 +165,7 @@ class AdaptiveInferRequest:
         states = {s.name: s for s in request.query_state()}
         ops_ = model.manifest.ops
         self._level_state = states.get(LEVEL_STATE)  # absent in calibration's measurement IR
+        self._tau_state = states.get(TAU_STATE)  # only in packages with a router
         # A package IR holds the per-op state in two vectors; calibration's measurement IR in scalars.
         self._modes_state = states.get(MODES_STATE)
         self._limits_state = states.get(LIMITS_STATE)
@@ -177,13 +186,16 @@ class AdaptiveInferRequest:
         max_drop: float | None = None,
         precision: Precision | str | None = None,
         precision_map: Mapping[str, Precision | str] | None = None,
+        policy: str = "auto",
     ) -> Plan:
         """Write the routing state for this policy into the request (skipped when unchanged)."""
-        key = _policy_key(max_drop, precision, precision_map)
-        plan = self.model._plan(key, max_drop, precision, precision_map)
+        key = _policy_key(max_drop, precision, precision_map, policy)
+        plan = self.model._plan(key, max_drop, precision, precision_map, policy)
         if key != self._applied:
             if self._level_state is not None:
                 self._level_state.state = ov.Tensor(np.array(plan.level, dtype=np.int32))
+            if plan.tau is not None and self._tau_state is not None:
+                self._tau_state.state = ov.Tensor(np.array(plan.tau, dtype=np.float32))
             if plan.routes and self._modes_state is not None:
                 modes = [plan.routes[i].mode.code for i in self._order]
                 self._modes_state.state = ov.Tensor(np.array(modes, dtype=np.int32))
@@ -205,13 +217,14 @@ class AdaptiveInferRequest:
         max_drop: float | None,
         precision: Precision | str | None,
         precision_map: Mapping[str, Precision | str] | None,
+        policy: str = "auto",
     ) -> list[np.ndarray]:
         arrays = request_arrays(inputs, self.model.inputs)
         self._nonfinite = any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
         if self._nonfinite:  # the range check cannot see NaN (comparisons are false): run the fp32 level
-            self.set_policy(max_drop=0.0)
+            self.set_policy(max_drop=0.0, policy="static")
         else:
-            self.set_policy(max_drop=max_drop, precision=precision, precision_map=precision_map)
+            self.set_policy(max_drop=max_drop, precision=precision, precision_map=precision_map, policy=policy)
         return arrays
 
     def infer(
@@ -221,6 +234,7 @@ class AdaptiveInferRequest:
         max_drop: float | None = None,
         precision: Precision | str | None = None,
         precision_map: Mapping[str, Precision | str] | None = None,
+        policy: str = "auto",
     ) -> AdaptiveResult:
         """Run one inference with per-op routing.
 
@@ -228,10 +242,11 @@ class AdaptiveInferRequest:
         :param max_drop: tolerated quality loss vs FP32 in [0, 1] (default: the package's).
         :param precision: force one precision on every routed op.
         :param precision_map: ``{op name: precision}`` pins.
+        :param policy: ``auto`` (default), ``static`` or ``cascade`` (see :meth:`AdaptiveCompiledModel.plan`).
         :return: :class:`AdaptiveResult` with outputs and the route taken.
         :raises DataError: for inputs that do not fit the model (naming the input).
         """
-        arrays = self._prepare(inputs, max_drop, precision, precision_map)
+        arrays = self._prepare(inputs, max_drop, precision, precision_map, policy)
         try:
             # Sync: the arrays outlive the call, and get_result copies the outputs out: no copies here.
             self.request.infer(arrays, share_inputs=True, share_outputs=True)
@@ -247,9 +262,10 @@ class AdaptiveInferRequest:
         max_drop: float | None = None,
         precision: Precision | str | None = None,
         precision_map: Mapping[str, Precision | str] | None = None,
+        policy: str = "auto",
     ) -> None:
         """Start an inference (as ``openvino.InferRequest.start_async``); read it with :meth:`get_result`."""
-        arrays = self._prepare(inputs, max_drop, precision, precision_map)
+        arrays = self._prepare(inputs, max_drop, precision, precision_map, policy)
         self.request.start_async(arrays, userdata)
 
     def wait(self) -> None:
@@ -315,6 +331,7 @@ class AdaptiveAsyncInferQueue:
         max_drop: float | None = None,
         precision: Precision | str | None = None,
         precision_map: Mapping[str, Precision | str] | None = None,
+        policy: str = "auto",
     ) -> None:
         """Run ``inputs`` on the next idle job with this request's own policy."""
         with self._cond:
@@ -323,7 +340,9 @@ class AdaptiveAsyncInferQueue:
             i = self._idle.popleft()
         try:
             self._userdata[i] = userdata
-            self._requests[i].start_async(inputs, max_drop=max_drop, precision=precision, precision_map=precision_map)
+            self._requests[i].start_async(
+                inputs, max_drop=max_drop, precision=precision, precision_map=precision_map, policy=policy
+            )
         except BaseException:
             with self._cond:
                 self._idle.appendleft(i)

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +30,24 @@ from openvino import opset13 as ops
 
 from apsq_ov.errors import CalibrationError, ConfigError, ModelError, UnsupportedPrecisionError
 from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, static_shapes
-from apsq_ov.package import LEVEL_STATE, Level, Manifest, OpChoice, OpRecord, Package, write_package
+from apsq_ov.package import (
+    LEVEL_STATE,
+    NEVER,
+    TAU_STATE,
+    Level,
+    Manifest,
+    OpChoice,
+    OpRecord,
+    Package,
+    Router,
+    write_package,
+)
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile, load_profile
-from apsq_ov.routing import check_max_drop, level_for
+from apsq_ov.routing import check_max_drop, choose_body, level_for
 from apsq_ov.runtime import AdaptiveInferRequest, compile_adaptive
 
+from .router import CALIBRATION_SHIFTS, cascade_points, collect_fit_data, fit_router
 from .selection import OBJECTIVE, OpCost, default_budgets, op_size, options, select_levels
 from .sensitivity import OpQuantInfo, SensitivityMetric, score_ops
 from .variants import (
@@ -45,6 +57,7 @@ from .variants import (
     build_adaptive_model,
     build_package_model,
     find_routable_ops,
+    level_body,
     linear_successors,
     weight_errors,
 )
@@ -70,6 +83,9 @@ class CalibrationConfig:
     :param drop_samples: samples each isolated drop is measured on.
     :param levels: the max-drop levels of the dial (one level body each); ``None`` → 0, ¼, ½, 1, 2, 4 × max_drop, 1.
     :param latency_budget_ms: optional cap on each level's predicted latency (profile cost model).
+    :param router: fit the per-input router and build the escalation cascade (needs INT8 variants).
+    :param router_shifts: shifted copies of the calibration data the router is also fitted on.
+    :param router_budget: in-graph router cost cap, as a fraction of the fast route's latency.
     """
 
     device: str = "CPU"
@@ -83,6 +99,9 @@ class CalibrationConfig:
     seed: int = 0
     levels: tuple[float, ...] | None = None
     latency_budget_ms: float | None = None
+    router: bool = True
+    router_shifts: tuple[str, ...] = CALIBRATION_SHIFTS
+    router_budget: float = 0.05
 
     def __post_init__(self) -> None:
         check_max_drop(self.max_drop)
@@ -90,6 +109,11 @@ class CalibrationConfig:
             check_max_drop(level)
         if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
             raise ConfigError(f"latency budget must be > 0 ms, got {self.latency_budget_ms}")
+        for name in self.router_shifts:
+            if name not in CALIBRATION_SHIFTS:
+                raise ConfigError(f"unknown router shift {name!r}; use {', '.join(CALIBRATION_SHIFTS)}")
+        if not 0.0 < self.router_budget <= 1.0:
+            raise ConfigError(f"router budget must be in (0, 1], got {self.router_budget}")
         for name in ("subset_size", "sensitivity_samples", "drop_samples"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -342,6 +366,14 @@ def calibrate_model(
             progress("time the fastest level", 1, 1)
     manifest.levels = levels
     manifest.default_level = level_for(levels, config.max_drop)
+    if not config.router:
+        manifest.router_note = "not built (--no-router)"
+    elif q_model is None:
+        manifest.router_note = "not built: the package has no INT8 variants (the fast route would be the levels')"
+    else:
+        manifest.router, manifest.router_note = _fit_router(
+            levels, costs, units, fp32_model, q_model, q4_model, variants, batches(order), profile, config, progress
+        )
     manifest.selection = {
         "objective": OBJECTIVE,
         "latency_budget_ms": config.latency_budget_ms,
@@ -351,11 +383,121 @@ def calibrate_model(
     }
     if progress:
         progress("build package IR", 0, 1)
-    package_model = build_package_model(fp32_model, q_model, variants, [lv.choices for lv in levels],
-                                        manifest.default_level, q4_model=q4_model)  # fmt: skip
+    package_model = _package_ir(fp32_model, q_model, q4_model, variants, manifest, config.max_drop)
     if progress:
         progress("build package IR", 1, 1)
+    if _runs_here(config.device, profile):
+        if progress:
+            progress("time levels and cascade", 0, 1)
+        if _time_bodies(package_model, manifest, batches(drop_idx[:1])[0]):  # the default changed: rebuild
+            package_model = _package_ir(fp32_model, q_model, q4_model, variants, manifest, config.max_drop)
+        if progress:
+            progress("time levels and cascade", 1, 1)
     return package_model, manifest
+
+
+def _package_ir(
+    fp32_model: ov.Model,
+    q_model: ov.Model | None,
+    q4_model: ov.Model | None,
+    variants: dict[str, tuple[Precision, ...]],
+    manifest: Manifest,
+    max_drop: float,
+) -> ov.Model:
+    """The package IR, its initial state the default policy (the level or cascade point ``max_drop`` picks)."""
+    plan = choose_body(manifest, max_drop)
+    manifest.default_level = plan.level
+    tau = NEVER if plan.tau is None else plan.tau
+    return build_package_model(fp32_model, q_model, variants, [lv.choices for lv in manifest.levels],
+                               plan.level, q4_model=q4_model, router=manifest.router, tau=tau)  # fmt: skip
+
+
+def _time_bodies(model: ov.Model, manifest: Manifest, x: list[np.ndarray], runs: int = 40) -> bool:
+    """Time every level body and the cascade at both ends (never / always escalate) in the package IR on
+    this device (1 thread, median of ``runs`` interleaved); record them in the manifest (a measurement
+    outranks the profile's prediction when the runtime picks a body). :return: whether the default changed."""
+    cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = ov.Core().compile_model(model, "CPU", cfg)
+    setups: list[tuple[int, float | None]] = [(k, None) for k in range(len(manifest.levels))]
+    if manifest.router is not None:
+        setups += [(len(manifest.levels), NEVER), (len(manifest.levels), -NEVER)]
+    requests = []
+    for level, tau in setups:
+        req = compiled.create_infer_request()
+        state = {s.name: s for s in req.query_state()}
+        state[LEVEL_STATE].state = ov.Tensor(np.array(level, np.int32))
+        if tau is not None:
+            state[TAU_STATE].state = ov.Tensor(np.array(tau, np.float32))
+        for _ in range(5):
+            req.infer(x)
+        requests.append(req)
+    times: list[list[float]] = [[] for _ in setups]
+    for _ in range(runs):
+        for k, req in enumerate(requests):
+            t0 = time.perf_counter()
+            req.infer(x)
+            times[k].append(time.perf_counter() - t0)
+    ms = [float(np.median(t) * 1e3) for t in times]
+    before = manifest.default_level
+    levels = manifest.levels
+    manifest.levels = [replace(lv, measured_ms=ms[k]) for k, lv in enumerate(levels)]
+    if manifest.router is not None:
+        never, always = ms[len(levels)], ms[len(levels) + 1]
+        r = manifest.router
+        r.cost["measured_fast_ms"] = ms[r.fast_level]
+        r.cost["measured_never_ms"] = never
+        r.cost["measured_always_ms"] = always
+        r.cost["measured_router_ms"] = never - ms[r.fast_level]
+        r.points = [replace(p, measured_ms=never + p.escalation * (always - never)) for p in r.points]
+    return choose_body(manifest, manifest.default_max_drop).level != before
+
+
+def _fit_router(
+    levels: list[Level],
+    costs: list[OpCost],
+    units: list[RoutableOp],
+    fp32_model: ov.Model,
+    q_model: ov.Model,
+    q4_model: ov.Model | None,
+    variants: dict[str, tuple[Precision, ...]],
+    data: list[list[np.ndarray]],
+    profile: DeviceProfile,
+    config: CalibrationConfig,
+    progress: Progress | None,
+) -> tuple[Router | None, str]:
+    """Fit the router on the fastest level (the fast route) against level 0 (FP32): every calibration
+    sample and its shifted copies, the second half of them held out (AUC, thresholds)."""
+    fast_k = len(levels) - 1
+    fast = levels[fast_k].choices
+    ranges = {}
+    for u in units:
+        rng = act_range(u)
+        if u.name in fast and fast[u.name].fast is Precision.INT8 and rng is not None:
+            ranges[u.name] = rng
+    extra = [ops.parameter([], np.float32, name="escalate")] if any(c.routed for c in fast.values()) else []
+    body, inputs = level_body(fp32_model, q_model, variants, fast, "apsq/probe", extra, q4_model)
+    elements = {u.name: int(math.prod(u.op.get_input_shape(0))) for u in units}
+    held_out = np.arange(len(data)) >= len(data) // 2
+    rows, probabilities = collect_fit_data(
+        body, inputs, fp32_model, ranges, elements, data, held_out, config.router_shifts, seed=config.seed,
+        progress=(lambda d, t: progress("router data", d, t)) if progress else None,
+    )  # fmt: skip
+    # In-graph cost cap: one element pass of a reduction costs about as much as MACS_PER_PASS MACs of
+    # the route (measured here: 48 on EfficientNet-Lite0, 14 on the Fashion-MNIST ResNet); half the
+    # budget goes to the model's error. Where the device is this one, the cost is then measured.
+    macs = sum(c.macs for c in costs)
+    cap = 0.5 * config.router_budget * macs / MACS_PER_PASS
+    router, note = fit_router(rows, cap_elements=cap, probabilities=probabilities, ranges=ranges,
+                              fast_level=fast_k, precise_level=0, shifts=config.router_shifts)  # fmt: skip
+    if router is None:
+        return None, f"not built: {note}"
+    input_bytes = sum(4.0 * a.size for a in data[0])
+    router.points = cascade_points(router, rows, [lv.max_drop for lv in levels], levels[fast_k].predicted_ms,
+                                   levels[0].predicted_ms, profile.route_ms(input_bytes))  # fmt: skip
+    return router, ""
+
+
+MACS_PER_PASS = 32.0
 
 
 def _runs_here(device: str, profile: DeviceProfile) -> bool:

@@ -32,7 +32,7 @@ import openvino as ov
 from openvino import opset13 as ops
 
 from apsq_ov.errors import CalibrationError
-from apsq_ov.package import EPS, NEVER, Feature, Router, Term
+from apsq_ov.package import EPS, NEVER, CascadePoint, Feature, Router, Term
 
 OP_FEATURES = (Feature.AMAX_RATIO, Feature.CLIP_FRAC, Feature.STD_OVER_STEP, Feature.NEARZERO_FRAC)
 PASSES = {Feature.AMAX_RATIO: 2, Feature.CLIP_FRAC: 3, Feature.STD_OVER_STEP: 3, Feature.NEARZERO_FRAC: 3}
@@ -131,7 +131,7 @@ def probe_model(
     probabilities: bool,
 ) -> ov.Model:
     """``body`` (a level body: outputs + route) with every candidate term's raw value appended as outputs."""
-    values = term_values(keys, inputs, body.outputs[0], router_ranges, probabilities)
+    values = term_values(keys, inputs, body.get_results()[0].input_value(0), router_ranges, probabilities)
     body.add_results([ops.result(v) for v in values])
     body.validate_nodes_and_infer_types()
     return body
@@ -356,3 +356,81 @@ def held_out_risk(router: Router, data: FitData) -> np.ndarray:
     X = log_features(data.raw)
     cols = [data.keys.index(t.key) for t in router.terms]
     return X[:, cols] @ np.array([t.weight for t in router.terms]) + router.bias
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+
+def collect_fit_data(
+    fast_body: ov.Model,
+    feature_inputs: dict[str, ov.Output],
+    fp32_model: ov.Model,
+    ranges: dict[str, tuple[float, float, int]],
+    elements: dict[str, int],
+    data: Sequence[list[np.ndarray]],
+    held_out: np.ndarray,
+    shifts: Sequence[str],
+    *,
+    seed: int = 0,
+    progress: Any = None,
+) -> tuple[FitData, bool]:
+    """Run FP32 and the fast route (with every candidate feature as an extra output) on each
+    calibration sample and each shifted copy of it.
+
+    :param fast_body: the fast level body (its trailing parameters, if any, are scalar f32 state: fed 1.0).
+    :param held_out: per sample of ``data``, whether it belongs to the held-out split.
+    :return: the rows, and whether the first output already holds probabilities.
+    """
+    core = ov.Core()
+    cfg = {"INFERENCE_PRECISION_HINT": "f32"}
+    ref = core.compile_model(fp32_model, "CPU", cfg).create_infer_request()
+    n_in = len(fp32_model.inputs)
+    first = [np.asarray(ref.infer(x)[0], np.float64) for x in data[: min(len(data), 16)]]
+    probabilities = all(o.min() >= 0.0 and np.allclose(o.sum(-1), 1.0, atol=1e-3) for o in first)
+    keys: list[tuple[Feature, str | None]] = [(Feature.MARGIN, None)]
+    keys += [(f, op) for op in ranges for f in OP_FEATURES if op in feature_inputs]
+    probe = probe_model(fast_body, feature_inputs, keys, ranges, probabilities)
+    fast = core.compile_model(probe, "CPU", cfg).create_infer_request()
+    extra = [np.array(1.0, np.float32) for _ in probe.get_parameters()[n_in:]]
+    n_out = len(fp32_model.outputs)
+    lo = [float(min(np.min(x[i]) for x in data)) for i in range(n_in)]
+    hi = [float(max(np.max(x[i]) for x in data)) for i in range(n_in)]
+    names = ["clean", *shifts]
+    raw, flip, sample, shift, held = [], [], [], [], []
+    total, done = len(data) * len(names), 0
+    for s, x in enumerate(data):
+        for k, name in enumerate(names):
+            xs = x if name == "clean" else [
+                shift_calibration(a, name, lo[i], hi[i], seed + 7919 * s + k) if a.dtype.kind == "f" else a
+                for i, a in enumerate(x)
+            ]  # fmt: skip
+            y_ref = np.asarray(ref.infer(xs)[0])
+            out = fast.infer([*xs, *extra])
+            y_fast = np.asarray(out[0])
+            raw.append([float(out[n_out + 1 + j]) for j in range(len(keys))])
+            flip.append(bool(np.any(y_ref.argmax(-1) != y_fast.argmax(-1))))
+            sample.append(s)
+            shift.append(name)
+            held.append(bool(held_out[s]))
+            done += 1
+            if progress:
+                progress(done, total)
+    fit_data = FitData(
+        raw=np.array(raw, np.float64), keys=keys, flip=np.array(flip), sample=np.array(sample),
+        shift=np.array(shift), held_out=np.array(held), elements=dict(elements),
+    )  # fmt: skip
+    return fit_data, probabilities
+
+
+def cascade_points(
+    router: Router, data: FitData, budgets: Sequence[float], fast_ms: float, precise_ms: float, if_ms: float
+) -> list[CascadePoint]:
+    """τ for each budget in (0, 1) from the deployed risk on the clean held-out rows; predicted latency
+    = fast route + escalation rate × (precise route + the If)."""
+    clean = data.held_out & (data.shift == "clean")
+    risk = held_out_risk(router, data)[clean]
+    inner = sorted({float(d) for d in budgets if 0.0 < d < 1.0})
+    points = []
+    for d, tau, esc, drop in thresholds(risk, data.flip[clean], inner):
+        points.append(CascadePoint(d, tau, esc, drop, fast_ms + esc * (precise_ms + if_ms)))
+    return points

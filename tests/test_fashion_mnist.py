@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 
 import apsq_ov
 from apsq_ov.cli import app
-from apsq_ov.datasets import load_fashion_mnist
+from apsq_ov.datasets import load_fashion_mnist, shift
+from apsq_ov.precision import Precision
+from apsq_ov.routing import level_for
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 runner = CliRunner()
@@ -76,11 +78,11 @@ def test_max_drop_zero_gives_fp32_and_levels_follow_the_selection(fm):
     s0, a0 = infer(fm, "md0", "--max-drop", "0")
     s32, a32 = infer(fm, "fp32b", "--precision", "fp32")
     assert s0["accuracy"] == s32["accuracy"] and (a0["route"] == 0).all()
-    s1, a1 = infer(fm, "md01", "--max-drop", "0.01")
+    s1, a1 = infer(fm, "md01", "--max-drop", "0.01", "--policy", "static")
     assert s1["accuracy"] >= s32["accuracy"] - 0.01
     manifest = apsq_ov.Package.load(fm["pkg"]).manifest
-    level = manifest.levels[manifest.default_level]
-    assert level.max_drop == 0.01
+    level = manifest.levels[level_for(manifest.levels, 0.01)]
+    assert level.max_drop == 0.01 and s1["body"] == f"level {manifest.levels.index(level)}"
     static = [i for i, op in enumerate(manifest.ops) if not level.choices[op.name].routed]
     want = [level.choices[manifest.ops[i].name].fast.code for i in static]
     assert (a1["route"][:, static] == want).all()  # static ops never change
@@ -96,3 +98,28 @@ def test_precision_map_pin_changes_only_that_op(fm, tmp_path):
     changed = np.flatnonzero((pinned["route"] != base["route"]).any(axis=0))
     assert list(changed) == [3]
     assert (pinned["route"][:, 3] == apsq_ov.Precision.INT8.code).all()
+
+
+def test_router_escalates_risky_inputs_and_more_of_them_under_shift(fm):
+    """The fitted router (margin of the INT8 route + cheap op features, fitted on calibration data and
+    shifted copies): held-out AUC ≥ 0.9 on calibration data, and on the 10k real test images the
+    cascade keeps FP32 accuracy within 0.3 pt while escalating few clean inputs and more noisy ones."""
+    manifest = apsq_ov.Package.load(fm["pkg"]).manifest
+    assert manifest.router is not None, manifest.router_note
+    assert manifest.router.quality["auc_held_out"] >= 0.9
+    fp32, _ = infer(fm, "c_fp32", "--precision", "fp32")
+    casc, arrays = infer(fm, "c_casc", "--max-drop", "0.01", "--policy", "cascade")
+    assert casc["body"] == "cascade"
+    assert casc["accuracy"] >= fp32["accuracy"] - 0.003
+    fast_codes = [manifest.levels[manifest.router.fast_level].choices[n].fast.code for n in manifest.route_ops]
+    escalated = (arrays["route"] != fast_codes).any(axis=1)
+    assert (arrays["route"][escalated] == Precision.FP32.code).all()  # escalated inputs ran the FP32 body
+    assert 0.0 < escalated.mean() < 0.2
+    noisy = fm["root"] / "noise.npz"
+    np.savez(noisy, images=shift(fm["x"], "noise"), labels=fm["y"])
+    out = fm["root"] / "c_noise.npz"
+    result = runner.invoke(app, ["infer", str(fm["pkg"]), "--input", str(noisy), "--output", str(out), "--json",
+                                 "--max-drop", "0.01", "--policy", "cascade"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with np.load(out) as z:
+        assert (z["route"] != fast_codes).any(axis=1).mean() > 2 * escalated.mean()
