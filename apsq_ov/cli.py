@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from apsq_ov.errors import ApsqError, ConfigError, DataError
-from apsq_ov.package import Manifest
+from apsq_ov.package import Feature, Manifest
 from apsq_ov.precision import Precision
 
 app = typer.Typer(
@@ -170,6 +170,11 @@ def calibrate(
         typer.Option(help="Shifted copies of the calibration data the router is also fitted on (comma list; "
                      "noise, dark, contrast, blur, or 'none')."),  # fmt: skip
     ] = "noise,dark,contrast,blur",
+    router_features: Annotated[
+        str | None,
+        typer.Option(help="Features the router may use (comma list of margin, amax_ratio, clip_frac, std_over_step, "
+                     "nearzero_frac) [default: all; 'margin' = plain output-margin escalation]."),  # fmt: skip
+    ] = None,
 ) -> None:
     """Score, build and package an adaptive model: MODEL + --data -> OUT_DIR (model.xml/.bin + apsq.json).
 
@@ -195,6 +200,7 @@ def calibrate(
         latency_budget_ms=latency_budget,
         router=router,
         router_shifts=tuple(x.strip() for x in router_shifts.split(",") if x.strip() and x.strip() != "none"),
+        router_features=_parse_features(router_features),
     )
     target = out_dir or model.with_suffix(".apsq")
     t0 = time.perf_counter()
@@ -211,6 +217,16 @@ def calibrate(
     out.print(f"{len(m.ops)} routable ops, default max-drop {m.default_max_drop}, {time.perf_counter() - t0:.1f} s")
     out.print(_levels_table(m))
     _print_router(m)
+
+
+def _parse_features(text: str | None) -> tuple[Feature, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(Feature(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        names = ", ".join(f.value for f in Feature)
+        raise ConfigError(f"--router-features {text!r}: use a comma list of {names}") from exc
 
 
 def _parse_levels(text: str | None) -> tuple[float, ...] | None:
@@ -613,12 +629,12 @@ def demo(
     with _progress() as progress:
         result = run_demo(out_dir, limit=limit, threads=threads, progress=_phase_callback(progress))
     table = Table(title=f"Fashion-MNIST ResNet · {result['samples']} test images · {threads} thread(s), f32 hint")
-    for col in ("configuration", "accuracy", "median ms", "vs FP32", "distinct routes", "top route share"):
+    for col in ("configuration", "accuracy", "median ms", "vs FP32", "distinct routes", "escalated"):
         table.add_column(col, justify="right" if col != "configuration" else "left")
     for row in result["rows"]:
         table.add_row(row["name"], f"{row['accuracy']:.4f}", f"{row['median_ms']:.3f}", f"{row['ratio_vs_fp32']:.2f}x",
                       str(row.get("distinct_routes", "-")),
-                      f"{row['top_route_share']:.2f}" if "top_route_share" in row else "-")  # fmt: skip
+                      f"{row['escalated']:.1%}" if "escalated" in row else "-")  # fmt: skip
     out.print(table)
     out.print(f"package: {result['package']}  results: {result['results_file']}")
 

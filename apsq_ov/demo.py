@@ -22,6 +22,7 @@ import openvino as ov
 
 from apsq_ov import embedded_model
 from apsq_ov.datasets import load_fashion_mnist
+from apsq_ov.package import NEVER
 
 CALIBRATION_SAMPLES = 1000
 
@@ -91,12 +92,21 @@ def run_demo(
         ("NNCF INT8 (static)", core.compile_model(int8, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "f32"})),
     ]
     adaptive = compile_model(package, "CPU", latency_cfg)
-    levels = package.manifest.levels
+    m = package.manifest
+    default = adaptive.plan(max_drop=m.default_max_drop)
     policies: list[tuple[str, dict[str, Any]]] = [
-        (f"apsq-ov max-drop {lv.max_drop:g}" + (" (default)" if i == package.manifest.default_level else ""),
-         {"max_drop": lv.max_drop})
-        for i, lv in enumerate(levels)
-    ] + [(f"apsq-ov forced {p}, every op routed", {"precision": p}) for p in ("fp32", "int8")]  # fmt: skip
+        (f"apsq-ov static level, max-drop {lv.max_drop:g}" + (" (default)" if i == default.level else ""),
+         {"max_drop": lv.max_drop, "policy": "static"})
+        for i, lv in enumerate(m.levels)
+    ]  # fmt: skip
+    if m.router is not None:  # the escalation cascade at each budget that escalates some inputs
+        policies += [
+            (f"apsq-ov cascade, max-drop {p.max_drop:g}"
+             + (" (default)" if default.level == m.cascade_level and p.tau == default.tau else ""),
+             {"max_drop": p.max_drop, "policy": "cascade"})
+            for p in m.router.points if -NEVER < p.tau < NEVER
+        ]  # fmt: skip
+    policies += [(f"apsq-ov forced {p}, every op routed", {"precision": p}) for p in ("fp32", "int8")]
     total = len(configs) + len(policies)
     rows: list[dict[str, Any]] = []
     for k, (name, compiled) in enumerate(configs):
@@ -119,6 +129,9 @@ def run_demo(
             predicted.append(int(np.argmax(res[0])))
             routes.append(tuple(int(c) for c in res["apsq_route"]))
         counts = collections.Counter(routes)
+        fast = None
+        if policy.get("policy") == "cascade" and m.router is not None:
+            fast = tuple(m.levels[m.router.fast_level].choices[n].fast.code for n in m.route_ops)
         rows.append({
             "name": name,
             "policy": policy,
@@ -127,7 +140,7 @@ def run_demo(
             "distinct_routes": len(counts),
             "top_route_share": counts.most_common(1)[0][1] / len(routes),
             "route_patterns": [{"route": list(r), "fraction": c / len(routes)} for r, c in counts.most_common(10)],
-        })  # fmt: skip
+        } | ({} if fast is None else {"escalated": float(np.mean([r != fast for r in routes]))}))  # fmt: skip
         if progress:
             progress("measure", k + 1, total)
     fp32_ms = rows[0]["median_ms"]

@@ -34,6 +34,7 @@ from apsq_ov.package import (
     LEVEL_STATE,
     NEVER,
     TAU_STATE,
+    Feature,
     Level,
     Manifest,
     OpChoice,
@@ -86,6 +87,8 @@ class CalibrationConfig:
     :param router: fit the per-input router and build the escalation cascade (needs INT8 variants).
     :param router_shifts: shifted copies of the calibration data the router is also fitted on.
     :param router_budget: in-graph router cost cap, as a fraction of the fast route's latency.
+    :param router_features: features the router may use (``None``: all; ``(MARGIN,)`` is plain
+        output-margin escalation; the op features alone are the in-graph activation-statistics router).
     """
 
     device: str = "CPU"
@@ -102,6 +105,7 @@ class CalibrationConfig:
     router: bool = True
     router_shifts: tuple[str, ...] = CALIBRATION_SHIFTS
     router_budget: float = 0.05
+    router_features: tuple[Feature, ...] | None = None
 
     def __post_init__(self) -> None:
         check_max_drop(self.max_drop)
@@ -488,7 +492,8 @@ def _fit_router(
     macs = sum(c.macs for c in costs)
     cap = 0.5 * config.router_budget * macs / MACS_PER_PASS
     router, note = fit_router(rows, cap_elements=cap, probabilities=probabilities, ranges=ranges,
-                              fast_level=fast_k, precise_level=0, shifts=config.router_shifts)  # fmt: skip
+                              fast_level=fast_k, precise_level=0, shifts=config.router_shifts,
+                              allow=config.router_features)  # fmt: skip
     if router is None:
         return None, f"not built: {note}"
     input_bytes = sum(4.0 * a.size for a in data[0])

@@ -34,6 +34,9 @@ from openvino import opset13 as ops
 from apsq_ov.errors import CalibrationError
 from apsq_ov.package import EPS, NEVER, CascadePoint, Feature, Router, Term
 
+RISK_NODE = "apsq/cascade/risk"
+"""Friendly name of the risk (logit) node in the package IR's cascade body."""
+
 OP_FEATURES = (Feature.AMAX_RATIO, Feature.CLIP_FRAC, Feature.STD_OVER_STEP, Feature.NEARZERO_FRAC)
 PASSES = {Feature.AMAX_RATIO: 2, Feature.CLIP_FRAC: 3, Feature.STD_OVER_STEP: 3, Feature.NEARZERO_FRAC: 3}
 """Element passes each op feature costs (abs, compare, convert, multiply, reduce): the cost model."""
@@ -50,6 +53,8 @@ def _c(value: float) -> ov.Node:
 def feature_output(feature: Feature, x: ov.Output, lo: float, hi: float, levels: int) -> ov.Output:
     """``feature`` of the op input ``x`` as a scalar f32 graph output (see :class:`Feature`)."""
     step = (hi - lo) / max(levels - 1, 1)
+    if x.get_element_type() != ov.Type.f32:  # inside a bf16/f16 region of the level body
+        x = ops.convert(x, "f32").output(0)
     axes = _axes(x)
     if feature is Feature.AMAX_RATIO:
         amax = ops.reduce_max(ops.abs(x), axes, False)
@@ -71,6 +76,8 @@ def feature_output(feature: Feature, x: ov.Output, lo: float, hi: float, levels:
 def margin_output(y: ov.Output, probabilities: bool) -> ov.Output:
     """Top-2 probability margin of ``y`` along its last axis, min over every other position (scalar)."""
     last = len(y.get_partial_shape()) - 1
+    if y.get_element_type() != ov.Type.f32:
+        y = ops.convert(y, "f32").output(0)
     p = y if probabilities else ops.softmax(y, last).output(0)
     top = ops.topk(p, ops.constant(np.int64(2)), last, "max", "value").output(0)
     axis = ops.constant(np.int64(last))
@@ -124,6 +131,24 @@ def risk_output(router: Router, inputs: dict[str, ov.Output], output: ov.Output)
     for term, v in zip(router.terms, values, strict=True):
         z = ops.add(z, ops.multiply(ops.log(ops.add(v, _c(EPS))), _c(term.weight))).output(0)
     return z
+
+
+def risk_model(package_model: ov.Model) -> ov.Model:
+    """The package IR's cascade body with the router's risk as its only output: inputs are the model's
+    inputs, then the body's scalar state parameters (``escalate`` — feed 1.0 —, ``tau``, ``level``).
+    It is the deployed graph itself, so evaluating it measures exactly what the cascade decides on.
+
+    :raises CalibrationError: if the IR has no cascade.
+    """
+    stack = [package_model]
+    while stack:
+        model = stack.pop()
+        for node in model.get_ordered_ops():
+            if node.get_friendly_name() == RISK_NODE:
+                return ov.Model([ops.result(node.output(0))], model.get_parameters(), "apsq/risk")
+            if node.get_type_name() == "If":
+                stack += [node.get_then_body(), node.get_else_body()]
+    raise CalibrationError("the package IR has no escalation cascade (calibrated without a router?)")
 
 
 def probe_model(
@@ -271,39 +296,53 @@ def select_terms(
     return chosen
 
 
-def thresholds(risk: np.ndarray, flip: np.ndarray, budgets: Sequence[float]) -> list[tuple[float, float, float, float]]:
-    """Per budget, the τ that escalates the fewest inputs while the flips left un-escalated stay within
-    it: ``(budget, tau, escalation, residual drop)`` on the given (clean, held-out) inputs."""
+CONFIDENCE = 0.9
+"""A cascade point's τ keeps the disagreement it leaves within max_drop with this one-sided confidence
+(Clopper-Pearson upper bound on the calibration inputs): the point estimate on a few hundred inputs is
+optimistic exactly where the flips are few."""
+
+
+def upper_bound(k: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson upper bound of a rate observed as ``k`` of ``n``."""
+    from scipy.stats import beta
+
+    return 1.0 if k >= n else float(beta.ppf(confidence, k + 1, n - k))
+
+
+def thresholds(
+    risk: np.ndarray, flip: np.ndarray, budgets: Sequence[float], confidence: float = CONFIDENCE
+) -> list[tuple[float, float, float, float]]:
+    """Per budget, the τ that escalates the fewest inputs while the flips it leaves un-escalated stay within
+    the budget (upper bound at ``confidence``): ``(budget, tau, escalation, residual drop)`` on these inputs.
+    Where no τ but escalating everything qualifies, τ = −NEVER (the precise route for every input)."""
+    n = len(risk)
     order = np.sort(np.unique(risk))[::-1]
     out = []
-    n = max(len(risk), 1)
     for d in budgets:
-        tau = NEVER
+        tau = -NEVER
         for t in [NEVER, *order]:  # lowering τ escalates more; stop at the first τ within budget
-            residual = float(np.sum(flip & (risk <= t))) / n
-            if residual <= d + 1e-12:
+            residual = int(np.sum(flip & (risk <= t)))
+            if upper_bound(residual, n, confidence) <= d + 1e-12:
                 tau = t
                 break
-        else:
-            tau = -NEVER
         esc = risk > tau
-        out.append((float(d), float(tau), float(np.mean(esc)) if len(risk) else 0.0,
-                    float(np.sum(flip & ~esc)) / n))  # fmt: skip
+        out.append((float(d), float(tau), float(np.mean(esc)) if n else 0.0, float(np.sum(flip & ~esc)) / max(n, 1)))
     return out
 
 
 def fit_router(
     data: FitData, *, cap_elements: float, probabilities: bool, ranges: dict[str, tuple[float, float, int]],
-    fast_level: int, precise_level: int, shifts: Sequence[str],
+    fast_level: int, precise_level: int, shifts: Sequence[str], allow: Sequence[Feature] | None = None,
 ) -> tuple[Router | None, str]:
-    """Select terms, fit the risk on the fit split, and measure it on the held-out split.
+    """Select terms (among the features in ``allow``; default all), fit the risk on the fit split, and
+    measure it on the held-out split.
 
     :return: the router (τ points still to be set) and a one-line reason when there is none.
     """
     fit, held = ~data.held_out, data.held_out
     if data.flip[fit].sum() < 3 or data.flip[held].sum() < 1:
         return None, f"the fast route flips too few calibration inputs to fit a router ({int(data.flip.sum())})"
-    chosen = select_terms(data, cap_elements=cap_elements)
+    chosen = select_terms(data, cap_elements=cap_elements, allow=allow)
     if not chosen:
         return None, "no feature predicts a flip better than chance on the fit split"
     X = log_features(data.raw)
@@ -425,9 +464,10 @@ def collect_fit_data(
 def cascade_points(
     router: Router, data: FitData, budgets: Sequence[float], fast_ms: float, precise_ms: float, if_ms: float
 ) -> list[CascadePoint]:
-    """τ for each budget in (0, 1) from the deployed risk on the clean held-out rows; predicted latency
-    = fast route + escalation rate × (precise route + the If)."""
-    clean = data.held_out & (data.shift == "clean")
+    """τ for each budget in (0, 1) from the deployed risk on the clean calibration rows (fit and held-out:
+    the risk has a handful of weights, so the fit rows are no more optimistic than the bound allows);
+    predicted latency = fast route + escalation rate × (precise route + the If)."""
+    clean = data.shift == "clean"
     risk = held_out_risk(router, data)[clean]
     inner = sorted({float(d) for d in budgets if 0.0 < d < 1.0})
     points = []

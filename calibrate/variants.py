@@ -37,7 +37,7 @@ from apsq_ov.errors import CalibrationError
 from apsq_ov.package import LEVEL_STATE, LIMITS_STATE, MODES_STATE, NEVER, ROUTE_OUTPUT, TAU_STATE, OpChoice, Router
 from apsq_ov.precision import Precision
 
-from .router import pre_quant_input, risk_output
+from .router import RISK_NODE, pre_quant_input, risk_output
 
 ROUTABLE_TYPES = ("Convolution", "GroupConvolution", "MatMul")
 _LOW_FLOAT = {Precision.BF16: "bf16", Precision.FP16: "f16"}
@@ -708,6 +708,7 @@ def _cascade_body(
     params = fast.get_parameters()
     fast_outs = [r.input_value(0) for r in fast.get_results()]
     risk = risk_output(router, feature_inputs, fast_outs[0])
+    risk.get_node().set_friendly_name(RISK_NODE)
     node = opset8.if_op(ops.greater(risk, params[-1]).output(0))
     passthrough = [ops.parameter(o.get_partial_shape(), o.get_element_type()) for o in fast_outs]
     keep = ov.Model([ops.result(p) for p in passthrough], passthrough, "apsq/cascade/keep")

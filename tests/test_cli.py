@@ -224,3 +224,22 @@ def test_package_with_a_truncated_weights_file(package_copy):
 def test_missing_package_directory(tmp_path):
     result = run("report", tmp_path / "nothing")
     assert "is not a directory" in one_line_error(result)
+
+
+def test_policy_errors_are_one_line(tiny_files, tmp_path):
+    inp = tmp_path / "in.npy"
+    np.save(inp, conv_chain_data(2, seed=3))
+    usage = run("infer", tiny_files["package"].path, "--input", inp, "--policy", "x")
+    assert usage.exit_code == 2 and "use auto, static or cascade" in usage.output
+    pkg = tmp_path / "norouter"
+    result = run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", pkg, "--subset-size", "16",
+                 "--drop-samples", "8", "--no-router")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "router: not built (--no-router)" in result.stdout
+    msg = one_line_error(run("infer", pkg, "--input", inp, "--policy", "cascade"))
+    assert "no router" in msg and "not built (--no-router)" in msg
+    static = run("infer", pkg, "--input", inp, "--json")  # auto without a router = the static level
+    assert static.exit_code == 0 and json.loads(static.stdout)["body"].startswith("level ")
+    bad = one_line_error(run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "b",
+                             "--router-features", "margin,colour"))  # fmt: skip
+    assert "--router-features" in bad and "std_over_step" in bad

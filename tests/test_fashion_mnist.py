@@ -123,3 +123,13 @@ def test_router_escalates_risky_inputs_and_more_of_them_under_shift(fm):
     assert result.exit_code == 0, result.output
     with np.load(out) as z:
         assert (z["route"] != fast_codes).any(axis=1).mean() > 2 * escalated.mean()
+
+
+def test_report_shows_the_router_and_the_cascade(fm):
+    result = runner.invoke(app, ["report", str(fm["pkg"])])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "router: risk =" in text and "held-out AUC" in text and "escalation cascade" in text
+    doc = json.loads(runner.invoke(app, ["report", str(fm["pkg"]), "--json"]).stdout)
+    assert doc["router"]["quality"]["auc_held_out"] >= 0.9
+    assert all("router_features" in op for op in doc["ops"])

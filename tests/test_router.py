@@ -93,13 +93,26 @@ def test_cascade_escalates_out_of_range_inputs_and_the_tau_state_moves_the_route
 
 
 def test_thresholds_escalate_the_fewest_inputs_within_each_budget():
-    risk = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
-    flip = np.array([1, 0, 1, 0, 0, 1, 0, 0, 0, 0], bool)
-    pts = {d: (tau, esc, drop) for d, tau, esc, drop in thresholds(risk, flip, [0.0, 0.1, 0.2, 0.3])}
-    assert pts[0.3][0] == NEVER and pts[0.3][1] == 0.0  # 3 flips in 10 fit the budget: never escalate
-    assert pts[0.2][1] == pytest.approx(0.1) and pts[0.2][2] == pytest.approx(0.2)  # escalate the top one
-    assert pts[0.1][1] == pytest.approx(0.3) and pts[0.1][2] == pytest.approx(0.1)
-    assert pts[0.0][1] == pytest.approx(0.6) and pts[0.0][2] == 0.0
+    """Risk ranks the 400 inputs; the 12 flips are among the riskiest 40. τ keeps the residual flips'
+    upper bound (Clopper-Pearson, 90%) within each budget, and escalates no more than that needs."""
+    from apsq_ov.calibrate.router import upper_bound
+
+    n = 400
+    risk = np.linspace(1.0, 0.0, n)
+    flip = np.zeros(n, bool)
+    flip[np.linspace(0, 39, 12).astype(int)] = True
+    for d, tau, esc, drop in thresholds(risk, flip, [0.0, 0.01, 0.02, 0.05]):
+        kept = risk <= tau
+        residual = int(np.sum(flip & kept))
+        assert upper_bound(residual, n) <= d or tau == -NEVER
+        assert esc == pytest.approx(np.mean(~kept)) and drop == pytest.approx(residual / n)
+        if tau < NEVER and tau > -NEVER:  # one step less escalation would break the bound
+            looser = risk <= risk[risk > tau].min()
+            assert upper_bound(int(np.sum(flip & looser)), n) > d
+    d0, tau0, esc0, _ = thresholds(risk, flip, [0.0])[0]
+    assert tau0 == -NEVER and esc0 == 1.0  # no τ certifies zero loss: everything escalates
+    assert upper_bound(0, 300) == pytest.approx(1 - 0.1 ** (1 / 300), rel=1e-6)
+    assert thresholds(risk, flip, [0.1])[0][1] == NEVER  # 12/400 = 3% flips, bound < 10%: never escalate
 
 
 def test_fit_router_finds_the_margin_on_a_synthetic_signal():
@@ -128,3 +141,31 @@ def test_calibration_shifts_stay_in_range_and_change_the_data():
         assert y.shape == x.shape and y.dtype == x.dtype
         assert 0.0 <= y.min() and y.max() <= 1.0
         assert not np.allclose(x, y), name
+
+
+def test_risk_model_extracts_the_deployed_risk(chain):
+    from apsq_ov.calibrate.router import risk_model
+
+    model, q, units, data = chain
+    variants = {n: P3 for n in units}
+    fp32 = {n: OpChoice(Precision.FP32, Precision.FP32) for n in variants}
+    int8 = {n: OpChoice(Precision.INT8, Precision.INT8) for n in variants}
+    lo, hi, levels = act_range(units["conv2"])
+    router = Router(fast_level=1, precise_level=0, terms=[Term(Feature.AMAX_RATIO, "conv2", 2.0)], bias=0.5,
+                    probabilities=False, ranges={"conv2": (lo, hi, levels)})  # fmt: skip
+    pm = build_package_model(model, q, variants, [fp32, int8], default_level=0, router=router)
+    rm = risk_model(pm)
+    names = [p.get_friendly_name() for p in rm.get_parameters()]
+    compiled = ov.Core().compile_model(rm, "CPU", F32)
+    x = data[:1] * 3.0
+    extra = [np.array(1.0 if n == "escalate" else 0, np.float32 if n != "level" else np.int32) for n in names[1:]]
+    got = float(compiled([x, *extra])[0])
+    # the reference: conv1 → relu in numpy-free form: read the conv2 input off a plain FP32 copy of NNCF's graph
+    probe = q.clone()
+    conv2 = next(n for n in probe.get_ordered_ops() if n.get_friendly_name() == "conv2")
+    from apsq_ov.calibrate.router import pre_quant_input
+
+    probe.add_results([ops.result(pre_quant_input(conv2))])
+    act = ov.Core().compile_model(probe, "CPU", F32)([x])[1]
+    want = 0.5 + 2.0 * np.log(np.abs(act).max() / max(abs(lo), abs(hi)) + 1e-6)
+    assert got == pytest.approx(float(want), rel=1e-4)
