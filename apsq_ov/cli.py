@@ -349,7 +349,7 @@ def infer(
         raise typer.BadParameter(f"{policy!r}: use auto, static or cascade", param_hint="--policy")
     plan = request.set_policy(max_drop=max_drop, precision=forced, precision_map=pins, policy=policy)  # validates
     outputs: dict[str, list[np.ndarray]] = {n: [] for n in compiled.output_names}
-    routes, latency, nonfinite = [], [], []
+    routes, latency, nonfinite, escalated = [], [], [], []
     n = len(samples) // batch
     with _progress(quiet=json_out) as progress:
         task = progress.add_task("infer", total=n)
@@ -362,11 +362,14 @@ def infer(
                 outputs[name].append(value)
             routes.append(res.route)
             nonfinite.append(res.nonfinite)
+            escalated.append(res.escalated)
             progress.advance(task)
     stacked = {name: np.concatenate(v) for name, v in outputs.items()}
     route = np.stack(routes).astype(np.int8)
     lat = np.asarray(latency)
     summary = _infer_summary(compiled, stacked, route, lat, samples.labels, nonfinite)
+    if any(e is not None for e in escalated):
+        summary["escalated"] = float(np.mean([bool(e) for e in escalated]))
     summary.update({"package": str(package), "input": str(input), "device": device,
                     "policy": {"max_drop": max_drop, "precision": None if forced is None else forced.value,
                                "precision_map": pins, "policy": policy},
@@ -420,8 +423,9 @@ def _infer_summary(compiled, outputs, route, lat, labels, nonfinite) -> dict[str
 
 def _print_infer_summary(s: dict[str, Any]) -> None:
     acc = f", accuracy {s['accuracy']:.4f}" if "accuracy" in s else ""
-    out.print(f"{s['samples']} samples, median latency {s['median_latency_ms']:.3f} ms{acc}, "
-              f"{s['distinct_routes']} distinct routes")  # fmt: skip
+    esc = f", {s['escalated']:.1%} escalated by the router" if "escalated" in s else ""
+    out.print(f"{s['samples']} samples on {s['body']}, median latency {s['median_latency_ms']:.3f} ms{acc}, "
+              f"{s['distinct_routes']} distinct routes{esc}")  # fmt: skip
     table = Table(title="most frequent routes (one column per routed op)")
     table.add_column("fraction", justify="right")
     table.add_column("route")

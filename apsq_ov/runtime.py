@@ -39,12 +39,15 @@ class AdaptiveResult:
     :param route: precision code taken by each routed op (``Precision.from_code``), in ``route_ops`` order.
     :param route_ops: names of the routed ops.
     :param nonfinite: the input held NaN/Inf and was run at fp32 everywhere.
+    :param escalated: under the escalation cascade, whether the router re-ran this input on the precise
+        route (None when the request ran a level or the full body).
     """
 
     outputs: dict[str, np.ndarray]
     route: np.ndarray
     route_ops: list[str]
     nonfinite: bool = False
+    escalated: bool | None = None
 
     def __getitem__(self, key: str | int) -> np.ndarray:
         if isinstance(key, int):
@@ -83,6 +86,10 @@ class AdaptiveCompiledModel:
         self._output_names = [n or f"output{i}" for i, n in enumerate(names) if i != self._route_index]
         self._output_ports = [i for i in range(len(names)) if i != self._route_index]
         self._plans: dict[tuple, Plan] = {}
+        r = manifest.router
+        self._fast_codes = None if r is None else np.array(
+            [manifest.levels[r.fast_level].choices[n].fast.code for n in manifest.route_ops], np.int8
+        )  # the cascade's route when it does not escalate
 
     @property
     def route_ops(self) -> list[str]:
@@ -178,6 +185,7 @@ class AdaptiveInferRequest:
         self._limit_states = {op.index: states[f"apsq/limit/{op.index}"] for op in ops_
                               if f"apsq/limit/{op.index}" in states}  # fmt: skip
         self._applied: tuple | None = None
+        self._plan: Plan | None = None
         self._nonfinite = False
 
     def set_policy(
@@ -209,6 +217,7 @@ class AdaptiveInferRequest:
                     limit = min(route.range_limit, 3.0e38)
                     self._limit_states[index].state = ov.Tensor(np.array(limit, dtype=np.float32))
             self._applied = key
+            self._plan = plan
         return plan
 
     def _prepare(
@@ -279,7 +288,11 @@ class AdaptiveInferRequest:
             for n, p in zip(self.model._output_names, self.model._output_ports, strict=True)
         }
         route = req.get_output_tensor(self.model._route_index).data.astype(np.int8).reshape(-1)
-        return AdaptiveResult(outputs, route, self.model.route_ops, self._nonfinite)
+        escalated = None
+        fast = self.model._fast_codes
+        if fast is not None and self._plan is not None and self._plan.level == self.model.manifest.cascade_level:
+            escalated = bool((route != fast).any())
+        return AdaptiveResult(outputs, route, self.model.route_ops, self._nonfinite, escalated)
 
 
 class AdaptiveAsyncInferQueue:
