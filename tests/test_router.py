@@ -169,3 +169,31 @@ def test_risk_model_extracts_the_deployed_risk(chain):
     act = ov.Core().compile_model(probe, "CPU", F32)([x])[1]
     want = 0.5 + 2.0 * np.log(np.abs(act).max() / max(abs(lo), abs(hi)) + 1e-6)
     assert got == pytest.approx(float(want), rel=1e-4)
+
+
+def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
+    """``choose_body``: a budget's static level unless the cascade point for it is faster; ``static`` and
+    ``cascade`` force one; below the smallest cascade budget the cascade escalates every input."""
+    import dataclasses
+
+    from apsq_ov.errors import ConfigError
+    from apsq_ov.package import CascadePoint
+    from apsq_ov.routing import choose_body
+
+    m = dataclasses.replace(tiny_files["package"].manifest, router=None, router_note="not built (test)")
+    levels = [dataclasses.replace(lv, measured_ms=ms) for lv, ms in zip(m.levels, np.linspace(2.0, 1.0, len(m.levels)))]
+    k = next(i for i, lv in enumerate(levels) if lv.max_drop == 0.01)
+    with pytest.raises(ConfigError, match="no router"):
+        choose_body(dataclasses.replace(m, levels=levels), 0.01, "cascade")
+    points = [CascadePoint(0.005, 0.3, 0.1, 0.004, 1.2), CascadePoint(0.01, 0.7, 0.05, 0.009, 9.0),
+              CascadePoint(0.02, NEVER, 0.0, 0.015, 1.0)]  # fmt: skip
+    router = Router(fast_level=len(levels) - 1, precise_level=0, terms=[Term(Feature.MARGIN, None, -1.0)], bias=0.0,
+                    probabilities=False, ranges={}, points=points)  # fmt: skip
+    m = dataclasses.replace(m, levels=levels, router=router)
+    cascade = len(levels)
+    assert choose_body(m, 0.005).level == cascade and choose_body(m, 0.005).tau == 0.3  # 1.2 ms beats the level
+    assert choose_body(m, 0.01).level == k  # the level (measured) beats a 9 ms cascade
+    assert choose_body(m, 0.01, "cascade").tau == 0.7 and choose_body(m, 0.005, "static").level != cascade
+    assert choose_body(m, 0.02).level != cascade  # the fast route alone fits: a static level serves it
+    assert choose_body(m, 0.001, "cascade").tau == -NEVER
+    assert m.full_level == cascade + 1
