@@ -181,7 +181,8 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
     from apsq_ov.routing import choose_body
 
     m = dataclasses.replace(tiny_files["package"].manifest, router=None, router_note="not built (test)")
-    levels = [dataclasses.replace(lv, measured_ms=ms) for lv, ms in zip(m.levels, np.linspace(2.0, 1.0, len(m.levels)))]
+    ms = np.linspace(2.0, 1.0, len(m.levels))
+    levels = [dataclasses.replace(lv, measured_ms=t) for lv, t in zip(m.levels, ms, strict=True)]
     k = next(i for i, lv in enumerate(levels) if lv.max_drop == 0.01)
     with pytest.raises(ConfigError, match="no router"):
         choose_body(dataclasses.replace(m, levels=levels), 0.01, "cascade")
