@@ -287,7 +287,7 @@ def _print_router(m: Manifest) -> None:
 
     for p in r.points:
         static = level_ms(m.levels[level_for(m.levels, p.max_drop)])
-        tau = "never" if p.tau >= 3.0e38 else f"{p.tau:.3f}"
+        tau = "never" if p.tau >= 3.0e38 else "always" if p.tau <= -3.0e38 else f"{p.tau:.3f}"
         table.add_row(f"{p.max_drop:g}", tau, f"{p.escalation:.3f}", f"{p.predicted_drop:.4f}", f"{p.ms:.3f}",
                       f"{static:.3f}")  # fmt: skip
     out.print(table)
