@@ -120,7 +120,7 @@ def package_configs(pkg: apsq_ov.Package, label: str, with_levels: bool) -> list
     add(f"{label} cascade, τ=never (fast route + router)", "router-cost", {"max_drop": 1.0, "policy": "cascade"},
         {"tau": NEVER}, tau=NEVER)  # fmt: skip
     for p in r.points:
-        if p.tau >= NEVER:
+        if not -NEVER < p.tau < NEVER:  # the fast route alone, or every input escalated: other rows show those
             continue
         policy = {"max_drop": p.max_drop, "policy": "cascade"}
         add(f"{label} cascade max_drop {p.max_drop:g}", f"cascade-{label}", policy,

@@ -420,28 +420,11 @@ def _time_bodies(model: ov.Model, manifest: Manifest, x: list[np.ndarray], runs:
     """Time every level body and the cascade at both ends (never / always escalate) in the package IR on
     this device (1 thread, median of ``runs`` interleaved); record them in the manifest (a measurement
     outranks the profile's prediction when the runtime picks a body). :return: whether the default changed."""
-    cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
-    compiled = ov.Core().compile_model(model, "CPU", cfg)
-    setups: list[tuple[int, float | None]] = [(k, None) for k in range(len(manifest.levels))]
+    setups = [{LEVEL_STATE: np.array(k, np.int32)} for k in range(len(manifest.levels))]
     if manifest.router is not None:
-        setups += [(len(manifest.levels), NEVER), (len(manifest.levels), -NEVER)]
-    requests = []
-    for level, tau in setups:
-        req = compiled.create_infer_request()
-        state = {s.name: s for s in req.query_state()}
-        state[LEVEL_STATE].state = ov.Tensor(np.array(level, np.int32))
-        if tau is not None:
-            state[TAU_STATE].state = ov.Tensor(np.array(tau, np.float32))
-        for _ in range(5):
-            req.infer(x)
-        requests.append(req)
-    times: list[list[float]] = [[] for _ in setups]
-    for _ in range(runs):
-        for k, req in enumerate(requests):
-            t0 = time.perf_counter()
-            req.infer(x)
-            times[k].append(time.perf_counter() - t0)
-    ms = [float(np.median(t) * 1e3) for t in times]
+        cascade = np.array(len(manifest.levels), np.int32)
+        setups += [{LEVEL_STATE: cascade, TAU_STATE: np.array(t, np.float32)} for t in (NEVER, -NEVER)]
+    ms = _time_states(model, setups, x, runs)
     before = manifest.default_level
     levels = manifest.levels
     manifest.levels = [replace(lv, measured_ms=ms[k]) for k, lv in enumerate(levels)]
@@ -454,6 +437,29 @@ def _time_bodies(model: ov.Model, manifest: Manifest, x: list[np.ndarray], runs:
         r.cost["measured_router_ms"] = never - ms[r.fast_level]
         r.points = [replace(p, measured_ms=never + p.escalation * (always - never)) for p in r.points]
     return choose_body(manifest, manifest.default_max_drop).level != before
+
+
+def _time_states(model: ov.Model, setups: list[dict[str, np.ndarray]], x: list[np.ndarray], runs: int) -> list[float]:
+    """Median ms of ``model`` on ``x`` under each state setup (one request each, 1 thread, LATENCY hint,
+    f32 hint; ``runs`` rounds interleaved over the setups after a warm-up)."""
+    cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = ov.Core().compile_model(model, "CPU", cfg)
+    requests = []
+    for setup in setups:
+        req = compiled.create_infer_request()
+        state = {s.name: s for s in req.query_state()}
+        for name, value in setup.items():
+            state[name].state = ov.Tensor(value)
+        for _ in range(5):
+            req.infer(x)
+        requests.append(req)
+    times: list[list[float]] = [[] for _ in setups]
+    for _ in range(runs):
+        for k, req in enumerate(requests):
+            t0 = time.perf_counter()
+            req.infer(x)
+            times[k].append(time.perf_counter() - t0)
+    return [float(np.median(t) * 1e3) for t in times]
 
 
 def _fit_router(
@@ -548,23 +554,8 @@ def _check_fastest(
         return level, {"measured": False, "reason": "no other uniform mix to compare"}
     names = list(unique)
     body = build_package_model(fp32_model, q_model, variants, [unique[n] for n in names], 0, q4_model=q4_model)
-    cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
-    compiled = ov.Core().compile_model(body, "CPU", cfg)
-    requests = []
-    for k in range(len(names)):
-        req = compiled.create_infer_request()
-        state = {s.name: s for s in req.query_state()}
-        state[LEVEL_STATE].state = ov.Tensor(np.array(k, np.int32))
-        for _ in range(10):
-            req.infer(x)
-        requests.append(req)
-    times: list[list[float]] = [[] for _ in names]
-    for _ in range(runs):
-        for k, req in enumerate(requests):
-            t0 = time.perf_counter()
-            req.infer(x)
-            times[k].append(time.perf_counter() - t0)
-    ms = {n: float(np.median(t) * 1e3) for n, t in zip(names, times, strict=True)}
+    timed = _time_states(body, [{LEVEL_STATE: np.array(k, np.int32)} for k in range(len(names))], x, runs)
+    ms = dict(zip(names, timed, strict=True))
     best = min(ms, key=lambda n: ms[n])
     report: dict[str, object] = {"measured": True, "median_ms": ms, "runs": runs, "kept": best}
     if best == "selected":
