@@ -50,23 +50,16 @@ def load_fashion_mnist(split: str = "test", root: Path = FASHION_MNIST_DIR) -> t
 
 
 def shift(images: np.ndarray, name: str, *, seed: int = 0) -> np.ndarray:
-    """Apply a named distribution shift to images in [0, 1] (calibrate on clean data only).
+    """Apply a named distribution shift (:mod:`apsq_ov.shifts`) to images in [0, 1].
 
-    :param name: ``clean``, ``noise`` (gaussian σ 0.2), ``dark`` (×0.3) or ``contrast`` (×2 about 0.5).
+    :param name: ``clean``, ``noise`` (gaussian σ 0.2), ``dark`` (×0.3), ``contrast`` (×2 about 0.5), or
+        any other name in :data:`apsq_ov.shifts.SHIFTS`.
     :return: shifted float32 images, clipped to [0, 1].
     :raises DataError: for an unknown shift name.
     """
-    if name == "clean":
-        return images
-    if name == "noise":
-        out = images + np.random.default_rng(seed).normal(0.0, 0.2, images.shape).astype(np.float32)
-    elif name == "dark":
-        out = images * 0.3
-    elif name == "contrast":
-        out = (images - 0.5) * 2.0 + 0.5
-    else:
-        raise DataError(f"unknown shift {name!r}; use one of clean, noise, dark, contrast")
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    from apsq_ov.shifts import apply
+
+    return apply(images, name, 0.0, 1.0, seed=seed)
 
 
 def english_sentences() -> list[str]:

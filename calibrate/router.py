@@ -31,8 +31,10 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
+from apsq_ov import shifts
 from apsq_ov.errors import CalibrationError
 from apsq_ov.package import EPS, NEVER, CascadePoint, Feature, Router, Term
+from apsq_ov.shifts import CALIBRATION
 
 RISK_NODE = "apsq/cascade/risk"
 """Friendly name of the risk (logit) node in the package IR's cascade body."""
@@ -165,34 +167,17 @@ def probe_model(
 # ------------------------------------------------------------------------------------ shifts (fit)
 
 
-CALIBRATION_SHIFTS = ("noise", "dark", "contrast", "blur")
-"""Shifted copies of the calibration data the router is fitted on, milder than the evaluation's
-(``apsq_ov.datasets.shift``): gaussian noise σ = 0.1 of the input's range, darkening ×0.5 towards its
+CALIBRATION_SHIFTS = tuple(CALIBRATION)
+"""Shifted copies of the calibration data the router is fitted on (:data:`apsq_ov.shifts.CALIBRATION`),
+milder than the evaluation's: gaussian noise σ = 0.1 of the input's range, darkening ×0.5 towards its
 minimum, contrast ×1.5 about its middle, gaussian blur σ = 1 px; all clipped to the calibration range."""
 
 
 def shift_calibration(x: np.ndarray, name: str, lo: float, hi: float, seed: int) -> np.ndarray:
-    """One shifted copy of a float input batch ``x`` (value range ``[lo, hi]`` from the calibration set).
-    Inputs that are not float images (rank < 3) are returned unchanged except for noise."""
-    rng = np.random.default_rng(seed)
-    span = hi - lo
-    if name == "noise":
-        out = x + rng.normal(0.0, 0.1 * span, x.shape)
-    elif name == "dark":
-        out = lo + (x - lo) * 0.5
-    elif name == "contrast":
-        mid = (lo + hi) / 2
-        out = mid + (x - mid) * 1.5
-    elif name == "blur":
-        if x.ndim < 3:
-            return x
-        from scipy.ndimage import gaussian_filter
-
-        sigma = [0.0] * (x.ndim - 2) + [1.0, 1.0]
-        out = gaussian_filter(x.astype(np.float64), sigma=sigma, mode="nearest")
-    else:
+    """One shifted copy of a float input batch ``x`` (value range ``[lo, hi]`` from the calibration set)."""
+    if name not in CALIBRATION:
         raise CalibrationError(f"unknown calibration shift {name!r}; use {', '.join(CALIBRATION_SHIFTS)}")
-    return np.clip(out, lo, hi).astype(x.dtype)
+    return shifts.apply(x, name, lo, hi, seed=seed, strength=CALIBRATION[name])
 
 
 # ------------------------------------------------------------------------------------------- fitting
