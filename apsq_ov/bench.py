@@ -248,7 +248,7 @@ def run_suite(
     for name, sm in statics.items():
         plain.append((name, "NNCF accuracy control" if "accuracy control" in name else "baseline", sm, "f32"))
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*cols, console=progress, transient=False) as bar:
+    with Progress(*cols, console=progress, disable=progress is None) as bar:
         for s in shifts:
             xs = apply_shift(x, s, lo, hi, seed=1)
             methods = [Method(n, f, core.compile_model(m, "CPU", {**LATENCY, "INFERENCE_PRECISION_HINT": h})
@@ -352,17 +352,24 @@ def plot(rows: list[dict[str, Any]], key: str, path: Path, title: str) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = {"apsq static mix": "o", "apsq cascade": "^", "apsq adaptive": "D", "NNCF accuracy control": "v"}
     for fam in FAMILIES:
-        pts = sorted((r["median_ms"], 100 * r[key], r["name"]) for r in rows if r["family"] == fam)
-        if not pts:
+        mine = [r for r in rows if r["family"] == fam]
+        if not mine:
             continue
         if fam in ("baseline", "apsq forced"):
-            for ms, q, n in pts:
-                ax.scatter([ms], [q], marker="s" if fam == "baseline" else "x", s=40)
-                ax.annotate(n.replace(" (every op behind an If)", ""), (ms, q), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")  # fmt: skip
-        else:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=fam)
+            for r in mine:
+                ax.scatter([r["median_ms"]], [100 * r[key]], marker="s" if fam == "baseline" else "x", s=40, c="k")
+                ax.annotate(r["name"].replace(" (every op behind an If)", ""), (r["median_ms"], 100 * r[key]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            continue
+        mine.sort(key=lambda r: (r["max_drop"] if r.get("max_drop") is not None else 0.0, r["median_ms"]))
+        ax.plot([r["median_ms"] for r in mine], [100 * r[key] for r in mine], marker=markers.get(fam, "o"), ms=5,
+                lw=1, alpha=0.8, label=fam + (" (along the dial)" if fam.startswith("apsq") else ""))  # fmt: skip
+    front = sorted((r["median_ms"], 100 * r[key]) for r in rows if r.get("pareto"))
+    if front:
+        xs, ys = [p[0] for p in front], [p[1] for p in front]
+        ax.step(xs, ys, where="post", ls="--", c="grey", lw=1, label="Pareto front")
     ax.set_xlabel("median latency per input, ms (1 thread)")
     ax.set_ylabel(f"{key} %")
     ax.set_title(title)

@@ -42,7 +42,7 @@ import openvino as ov
 from rich.console import Console
 
 import apsq_ov
-from apsq_ov import bench  # noqa: F401  (written next)
+from apsq_ov import bench
 from apsq_ov.calibrate import CalibrationConfig, calibrate, sample_order
 from apsq_ov.datasets import ctc_greedy_decode, load_fashion_mnist, render_text_lines
 from apsq_ov.shifts import CALIBRATION
@@ -114,7 +114,7 @@ def nncf_int8(model: ov.Model, calib: list[np.ndarray]) -> ov.Model:
         return nncf.quantize(model.clone(), nncf.Dataset(calib), subset_size=len(calib))
 
 
-def fmnist(args: argparse.Namespace) -> list[dict[str, Any]]:
+def fmnist(args: argparse.Namespace) -> dict[str, Any]:
     x_train, y_train = load_fashion_mnist("train")
     pick = np.random.default_rng(0).permutation(len(x_train))[:1000]
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def fmnist(args: argparse.Namespace) -> list[dict[str, Any]]:
                            labels=y_test[:n], metric="accuracy", progress=console)  # fmt: skip
 
 
-def effnet(args: argparse.Namespace) -> list[dict[str, Any]]:
+def effnet(args: argparse.Namespace) -> dict[str, Any]:
     from real_models import efficientnet_lite0_ir, photo_crops
 
     model_path = efficientnet_lite0_ir(RESULTS / ".cache")
@@ -160,7 +160,7 @@ def effnet(args: argparse.Namespace) -> list[dict[str, Any]]:
                            metric="agreement", progress=console)  # fmt: skip
 
 
-def ocr(args: argparse.Namespace) -> list[dict[str, Any]]:
+def ocr(args: argparse.Namespace) -> dict[str, Any]:
     import importlib.util
 
     spec = importlib.util.find_spec("rapidocr_onnxruntime")
@@ -185,7 +185,8 @@ def ocr(args: argparse.Namespace) -> list[dict[str, Any]]:
     test_x, texts = render_text_lines(args.limit or 300, seed=1)
 
     def task(outputs: np.ndarray, k: np.ndarray) -> float:  # 1 − mean CER over the inputs
-        return 1.0 - float(np.mean([cer(ctc_greedy_decode(o[0], charset), texts[i]) for o, i in zip(outputs, k)]))
+        pairs = zip(outputs, k, strict=True)
+        return 1.0 - float(np.mean([cer(ctc_greedy_decode(o[0], charset), texts[i]) for o, i in pairs]))
 
     shifts = ["clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate"]
     return bench.run_suite("PP-OCRv4 rec", pkg, model, statics, test_x, shifts, labels=None, metric="1 - CER",
@@ -197,7 +198,6 @@ def main() -> None:
     ap.add_argument("--models", default="fmnist,effnet,ocr")
     ap.add_argument("--reuse", action="store_true", help="reuse packages calibrated under results/.cache/pareto")
     ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N inputs only (a quick look)")
-    ap.add_argument("--calibrate-only", action="store_true")
     args = ap.parse_args()
     runners = {"fmnist": fmnist, "effnet": effnet, "ocr": ocr}
     out = RESULTS / "pareto.json"
@@ -206,8 +206,6 @@ def main() -> None:
                    "calibration_shifts": {k: v for k, v in CALIBRATION.items()}})  # fmt: skip
     result.setdefault("models", {})
     for name in args.models.split(","):
-        if args.calibrate_only:
-            continue
         tables = runners[name](args)
         result["models"][name] = tables
         out.write_text(json.dumps(result, indent=1))

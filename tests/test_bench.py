@@ -1,0 +1,50 @@
+"""``apsq-ov bench``: the Pareto bookkeeping on known rows, and the command on a real compiled package."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from apsq_ov.bench import dominance, pareto_flags
+from apsq_ov.cli import app
+from tests.models import conv_chain_data
+
+runner = CliRunner()
+
+
+def _row(name: str, family: str, q: float, ms: float) -> dict:
+    return {"name": name, "family": family, "accuracy": q, "median_ms": ms}
+
+
+def test_pareto_flags_and_dominance():
+    rows = [_row("fp32", "baseline", 0.92, 1.0), _row("int8", "baseline", 0.90, 0.5),
+            _row("mix", "apsq static mix", 0.91, 0.8), _row("ac", "NNCF accuracy control", 0.905, 0.7),
+            _row("a1", "apsq adaptive", 0.915, 0.6), _row("a2", "apsq adaptive", 0.90, 0.9)]  # fmt: skip
+    pareto_flags(rows, "accuracy")
+    assert [r["name"] for r in rows if r["pareto"]] == ["fp32", "int8", "a1"]
+    d = dominance(rows, "accuracy")
+    assert ("a1", "mix") in d["adaptive_dominates"] and ("a1", "ac") in d["adaptive_dominates"]
+    assert ("a2", "mix") in d["adaptive_dominated_by"] and not d["holds"]  # a2 is worse and slower than mix
+    assert dominance(rows[:5], "accuracy")["holds"]
+
+
+def test_bench_cli_json_and_plots(tiny_files, tmp_path):
+    data = tmp_path / "test.npz"
+    np.savez(data, x=conv_chain_data(30, seed=5))
+    png = tmp_path / "p.png"
+    result = runner.invoke(app, ["bench", str(tiny_files["package"].path), "--data", str(data), "--shift", "noise",
+                                 "--json", "--plot", str(png), "--throughput-seconds", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert set(doc["shifts"]) == {"clean", "noise"} and doc["samples"] == 30
+    rows = {r["name"]: r for r in doc["shifts"]["clean"]["rows"]}
+    m = tiny_files["package"].manifest
+    assert {f"apsq static mix {lv.max_drop:g}" for lv in m.levels} <= set(rows)
+    assert rows["apsq static mix 0"]["agreement"] == 1.0  # the reference is the FP32 level itself
+    assert rows["apsq forced fp32 (every op behind an If)"]["agreement"] == 1.0
+    assert any(r["pareto"] for r in rows.values())
+    assert doc["shifts"]["noise"]["seen_by_calibration"] and png.is_file() and (tmp_path / "p-noise.png").is_file()
+    bad = runner.invoke(app, ["bench", str(tiny_files["package"].path), "--data", str(data), "--shift", "fog"])
+    assert bad.exit_code == 2 and "fog" in bad.output
