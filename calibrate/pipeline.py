@@ -66,6 +66,8 @@ from .variants import (
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: the CLI turns it into rich progress bars."""
 
+MACS_PER_PASS = 32.0
+"""The router's in-graph cost model: one element pass of a reduction ≈ this many MACs of the route."""
 DROP_METRIC = "1 - top-1 agreement with FP32 (argmax over the last axis of the first output), held-out split"
 _BUILDABLE = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8, Precision.INT4)
 
@@ -494,7 +496,7 @@ def _fit_router(
     )  # fmt: skip
     # In-graph cost cap: one element pass of a reduction costs about as much as MACS_PER_PASS MACs of
     # the route (measured here: 48 on EfficientNet-Lite0, 14 on the Fashion-MNIST ResNet); half the
-    # budget goes to the model's error. Where the device is this one, the cost is then measured.
+    # budget is kept for that model's error. Where the device is this one, the cost is then measured.
     macs = sum(c.macs for c in costs)
     cap = 0.5 * config.router_budget * macs / MACS_PER_PASS
     router, note = fit_router(rows, cap_elements=cap, probabilities=probabilities, ranges=ranges,
@@ -506,9 +508,6 @@ def _fit_router(
     router.points = cascade_points(router, rows, [lv.max_drop for lv in levels], levels[fast_k].predicted_ms,
                                    levels[0].predicted_ms, profile.route_ms(input_bytes))  # fmt: skip
     return router, ""
-
-
-MACS_PER_PASS = 32.0
 
 
 def _runs_here(device: str, profile: DeviceProfile) -> bool:
