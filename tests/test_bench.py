@@ -15,7 +15,8 @@ runner = CliRunner()
 
 
 def _row(name: str, family: str, q: float, ms: float) -> dict:
-    return {"name": name, "family": family, "accuracy": q, "median_ms": ms}
+    row = {"name": name, "family": family, "accuracy": q, "median_ms": ms}
+    return row | ({"escalated": 0.1} if family == "apsq adaptive" else {})  # adaptive points run the cascade
 
 
 def test_pareto_flags_and_dominance():
@@ -28,6 +29,8 @@ def test_pareto_flags_and_dominance():
     assert ("a1", "mix") in d["adaptive_dominates"] and ("a1", "ac") in d["adaptive_dominates"]
     assert ("a2", "mix") in d["adaptive_dominated_by"] and not d["holds"]  # a2 is worse and slower than mix
     assert dominance(rows[:5], "accuracy")["holds"]
+    rows[5].pop("escalated")  # an auto row that runs a static level is that static mix, not an adaptive point
+    assert dominance(rows, "accuracy")["holds"]
 
 
 def test_bench_cli_json_and_plots(tiny_files, tmp_path):
