@@ -60,7 +60,7 @@ def _state(request: ov.InferRequest, values: dict[str, np.ndarray]) -> ov.InferR
     return request
 
 
-def package_methods(pkg: Package, *, bf16_reference: bool = True) -> list[Method]:
+def package_methods(pkg: Package, *, bf16_reference: bool = True, forced: bool = True) -> list[Method]:
     """The methods a package runs: its FP32 level (f32 hint, and bf16 hint as the BF16 baseline), every
     static level, the cascade at every budget that escalates some inputs, and forced precisions."""
     from apsq_ov.runtime import compile_model
@@ -81,7 +81,7 @@ def package_methods(pkg: Package, *, bf16_reference: bool = True) -> list[Method
         bf16 = core.compile_model(pkg.read_model(core), "CPU", {**LATENCY, "INFERENCE_PRECISION_HINT": "bf16"})
         out.append(Method("package FP32 level, bf16 hint", "baseline",
                           _state(bf16.create_infer_request(), {LEVEL_STATE: np.array(0, np.int32)})))  # fmt: skip
-    for prec in m.precisions:
+    for prec in m.precisions if forced else ():
         add(f"apsq forced {prec.value} (every op behind an If)", "apsq forced", {"precision": prec})
     for lv in m.levels:
         add(f"apsq static mix {lv.max_drop:g}", "apsq static mix", {"max_drop": lv.max_drop, "policy": "static"},
@@ -230,12 +230,15 @@ def run_suite(
     task: Task | None = None,
     progress: Any = None,
     throughput_s: float = 2.0,
+    forced_shifts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Measure every method on ``x`` under each shift.
 
     :param model: the plain model (None: the package's FP32 level stands in as the reference).
     :param statics: name → static model compiled as it is (NNCF INT8, accuracy-control results).
     :param metric: ``accuracy``, ``agreement`` or the name of ``task``'s quality.
+    :param forced_shifts: the shifts to measure forced precisions on (``None``: all). Every op behind its
+        own If is slow on big models; its quality is the plain precision's.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -255,7 +258,8 @@ def run_suite(
             xs = apply_shift(x, s, lo, hi, seed=1)
             methods = [Method(n, f, core.compile_model(m, "CPU", {**LATENCY, "INFERENCE_PRECISION_HINT": h})
                               .create_infer_request()) for n, f, m, h in plain]  # fmt: skip
-            methods += package_methods(pkg, bf16_reference=model is None)
+            forced = forced_shifts is None or s in forced_shifts
+            methods += package_methods(pkg, bf16_reference=model is None, forced=forced)
             measure(methods, xs, progress=bar, desc=f"{model_name} · {s} · {len(methods)} methods")
             ref = next(m for m in methods if m.name == "OpenVINO FP32" or (m.family == "apsq static mix"
                                                                            and m.max_drop == 0.0))  # fmt: skip
