@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
+from apsq_ov.calibrate.router import as_probabilities
 from apsq_ov.package import LEVEL_STATE, NEVER, Package
 from apsq_ov.routing import choose_body
 from apsq_ov.shifts import CALIBRATION
@@ -87,7 +88,7 @@ def package_methods(pkg: Package, *, bf16_reference: bool = True, forced: bool =
         add(f"apsq static mix {lv.max_drop:g}", "apsq static mix", {"max_drop": lv.max_drop, "policy": "static"},
             lv.max_drop)  # fmt: skip
     if m.router is not None:
-        fast = np.array([m.levels[m.router.fast_level].choices[n].fast.code for n in m.route_ops], np.int8)
+        fast = np.array(m.fast_route_codes, np.int8)
         for p in m.router.points:
             if -NEVER < p.tau < NEVER:
                 method = add(f"apsq cascade {p.max_drop:g}", "apsq cascade",
@@ -137,14 +138,6 @@ def measure(methods: Sequence[Method], x: np.ndarray, *, block: int = 25, progre
             progress.advance(task, stop - start)
 
 
-def _probabilities(y: np.ndarray) -> np.ndarray:
-    y = y.astype(np.float64)
-    if y.min() >= 0 and np.allclose(y.sum(-1), 1.0, atol=1e-3):
-        return np.clip(y, 1e-12, 1.0)
-    z = np.exp(y - y.max(-1, keepdims=True))
-    return np.clip(z / z.sum(-1, keepdims=True), 1e-12, 1.0)
-
-
 def quality(meth: Method, reference: np.ndarray, labels: np.ndarray | None, task: Task | None) -> dict[str, Any]:
     """Quality of one method's outputs (in input order) against the FP32 ``reference`` outputs."""
     order = np.argsort(meth.index)
@@ -153,10 +146,10 @@ def quality(meth: Method, reference: np.ndarray, labels: np.ndarray | None, task
     n = len(y)
     top = y.argmax(-1).reshape(n, -1)
     ref_top = reference.argmax(-1).reshape(n, -1)
-    pr = _probabilities(reference)
+    pr = as_probabilities(reference)
     q: dict[str, Any] = {
         "agreement": float(np.mean((top == ref_top).all(1))),
-        "kl": float(np.mean(np.sum(pr * (np.log(pr) - np.log(_probabilities(y))), -1))),
+        "kl": float(np.mean(np.sum(pr * (np.log(pr) - np.log(as_probabilities(y))), -1))),
         "median_ms": float(np.median(meth.ms)),
         "mean_ms": float(np.mean(meth.ms)),
         "p90_ms": float(np.percentile(meth.ms, 90)),

@@ -104,6 +104,17 @@ def render_text_lines(n: int, *, width: int = 320, height: int = 48, seed: int =
     return np.stack(images).astype(np.float32), texts
 
 
+def cer(pred: str, truth: str) -> float:
+    """Character error rate: Levenshtein distance / len(truth)."""
+    prev = list(range(len(truth) + 1))
+    for i, a in enumerate(pred, start=1):
+        cur = [i]
+        for j, b in enumerate(truth, start=1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a != b)))
+        prev = cur
+    return prev[-1] / max(len(truth), 1)
+
+
 def ctc_greedy_decode(probs: np.ndarray, charset: list[str]) -> str:
     """Greedy CTC decode of one ``(T, C)`` PP-OCR output: index 0 is blank, the last index a space."""
     idx = probs.argmax(-1)

@@ -129,9 +129,7 @@ def run_demo(
             predicted.append(int(np.argmax(res[0])))
             routes.append(tuple(int(c) for c in res["apsq_route"]))
         counts = collections.Counter(routes)
-        fast = None
-        if policy.get("policy") == "cascade" and m.router is not None:
-            fast = tuple(m.levels[m.router.fast_level].choices[n].fast.code for n in m.route_ops)
+        fast = tuple(m.fast_route_codes or ()) if policy.get("policy") == "cascade" else None
         rows.append({
             "name": name,
             "policy": policy,

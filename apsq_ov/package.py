@@ -352,6 +352,15 @@ class Manifest:
         return None if self.router is None else len(self.levels)
 
     @property
+    def fast_route_codes(self) -> list[int] | None:
+        """The route (precision code per routed op) of the cascade's fast level: what ``apsq_route``
+        reads when the router does not escalate (None without a router)."""
+        if self.router is None:
+            return None
+        choices = self.levels[self.router.fast_level].choices
+        return [choices[n].fast.code for n in self.route_ops]
+
+    @property
     def full_level(self) -> int:
         """Body index of the fully routed body (pins and forced precisions run there)."""
         return len(self.levels) + (0 if self.router is None else 1)

@@ -86,10 +86,8 @@ class AdaptiveCompiledModel:
         self._output_names = [n or f"output{i}" for i, n in enumerate(names) if i != self._route_index]
         self._output_ports = [i for i in range(len(names)) if i != self._route_index]
         self._plans: dict[tuple, Plan] = {}
-        r = manifest.router
-        self._fast_codes = None if r is None else np.array(
-            [manifest.levels[r.fast_level].choices[n].fast.code for n in manifest.route_ops], np.int8
-        )  # the cascade's route when it does not escalate
+        fast = manifest.fast_route_codes
+        self._fast_codes = None if fast is None else np.array(fast, np.int8)
 
     @property
     def route_ops(self) -> list[str]:

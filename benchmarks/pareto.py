@@ -44,7 +44,7 @@ from rich.console import Console
 import apsq_ov
 from apsq_ov import bench
 from apsq_ov.calibrate import CalibrationConfig, calibrate, sample_order
-from apsq_ov.datasets import ctc_greedy_decode, load_fashion_mnist, render_text_lines
+from apsq_ov.datasets import cer, ctc_greedy_decode, load_fashion_mnist, render_text_lines
 from apsq_ov.shifts import CALIBRATION
 
 HERE = Path(__file__).resolve().parent
@@ -56,17 +56,6 @@ console = Console()
 LEVELS = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 1.0)
 AC_DROPS = (0.005, 0.01, 0.02)
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
-
-
-def cer(pred: str, ref: str) -> float:
-    """Character error rate: Levenshtein distance / reference length."""
-    prev = list(range(len(ref) + 1))
-    for i, a in enumerate(pred, 1):
-        cur = [i]
-        for j, b in enumerate(ref, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a != b)))
-        prev = cur
-    return prev[-1] / max(len(ref), 1)
 
 
 def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> apsq_ov.Package:

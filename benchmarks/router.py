@@ -17,7 +17,7 @@ Per package and shift it measures, on the deployed graph itself:
 * the router's AUC for "the fast route's top-1 differs from FP32's" (risk read from the package IR's
   cascade body, :func:`apsq_ov.calibrate.router.risk_model`), against the margin alone on the same inputs;
 * accuracy (labels) / top-1 agreement with FP32, and latency per input (1 thread, LATENCY hint, f32 hint,
-  one request per configuration, configurations interleaved input by input: median and mean) of:
+  one request per configuration, configurations interleaved in blocks of 50 inputs: median and mean) of:
   plain OpenVINO FP32, BF16 (bf16 hint), plain NNCF INT8; every static level of the package; the
   cascade at every max-drop point; the cascade with τ = never (the fast route + the router: its cost).
 
@@ -35,7 +35,6 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import apsq_ov
+from apsq_ov.bench import Method, measure
 from apsq_ov.calibrate import CalibrationConfig, calibrate
-from apsq_ov.calibrate.router import risk_model
+from apsq_ov.calibrate.router import as_probabilities, risk_model
 from apsq_ov.datasets import load_fashion_mnist, shift
 from apsq_ov.package import NEVER, TAU_STATE, Feature
 from apsq_ov.runtime import compile_model
@@ -69,20 +69,6 @@ def _progress() -> Progress:
                     console=console)  # fmt: skip
 
 
-@dataclass
-class Config:
-    """One timed configuration: a raw OpenVINO request with its state already written."""
-
-    name: str
-    kind: str
-    request: ov.InferRequest
-    extra: list[np.ndarray] = field(default_factory=list)
-    top1: list[Any] = field(default_factory=list)
-    ms: list[float] = field(default_factory=list)
-    escalated: list[bool] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 def calibrated(tag: str, model: Path, data: Path, features: tuple[Feature, ...] | None, reuse: bool,
                subset: int) -> apsq_ov.Package:  # fmt: skip
     out = CACHE / f"{tag}.apsq"
@@ -97,19 +83,23 @@ def calibrated(tag: str, model: Path, data: Path, features: tuple[Feature, ...] 
     return pkg
 
 
-def package_configs(pkg: apsq_ov.Package, label: str, with_levels: bool) -> list[Config]:
+def package_configs(pkg: apsq_ov.Package, label: str, with_levels: bool, info: dict[str, dict]) -> list[Method]:
+    """The package's static levels (``with_levels``) and cascade points as timed methods; what each one
+    is goes into ``info`` (by name)."""
     m = pkg.manifest
     r = m.router
     compiled = compile_model(pkg, "CPU", LATENCY)
+    fast = None if m.fast_route_codes is None else np.array(m.fast_route_codes, np.int8)
     configs = []
 
-    def add(name: str, kind: str, policy: dict[str, Any], info: dict[str, Any], tau: float | None = None) -> None:
+    def add(name: str, kind: str, policy: dict[str, Any], extra: dict[str, Any], tau: float | None = None) -> None:
         req = compiled.create_infer_request()
         req.set_policy(**policy)
         if tau is not None:  # a threshold no max_drop maps to: written straight into the request state
             state = {s.name: s for s in req.request.query_state()}
             state[TAU_STATE].state = ov.Tensor(np.array(tau, np.float32))
-        configs.append(Config(name, kind, req.request, info=info | {"policy": policy}))
+        configs.append(Method(name, kind, req.request, fast_codes=None if kind == "static" else fast))
+        info[name] = extra | {"policy": policy}
 
     if with_levels:
         for k, lv in enumerate(m.levels):
@@ -129,13 +119,13 @@ def package_configs(pkg: apsq_ov.Package, label: str, with_levels: bool) -> list
     return configs
 
 
-def plain_configs(model: ov.Model, q_model: ov.Model) -> list[Config]:
+def plain_configs(model: ov.Model, q_model: ov.Model) -> list[Method]:
     core = ov.Core()
     out = []
     for name, m, hint in (("OpenVINO FP32", model, "f32"), ("OpenVINO BF16 (bf16 hint)", model, "bf16"),
                           ("NNCF INT8 (nncf.quantize)", q_model, "f32")):  # fmt: skip
         compiled = core.compile_model(m, "CPU", {**LATENCY, "INFERENCE_PRECISION_HINT": hint})
-        out.append(Config(name, "plain", compiled.create_infer_request()))
+        out.append(Method(name, "plain", compiled.create_infer_request()))
     return out
 
 
@@ -151,45 +141,20 @@ def risk_request(pkg: apsq_ov.Package) -> tuple[ov.InferRequest, list[np.ndarray
     return req, extra
 
 
-def run(configs: list[Config], x: np.ndarray, desc: str, fast_codes: dict[str, np.ndarray], block: int = 50) -> None:
-    """Every input through every configuration: blocks of ``block`` consecutive inputs, each configuration
-    running the whole block in turn (warm, as in a serving loop), the configuration order rotating per block."""
-    clock = time.perf_counter
-    for c in configs:  # warm-up
-        for i in range(min(10, len(x))):
-            c.request.infer([x[i : i + 1], *c.extra])
-    starts = list(range(0, len(x), block))
-    with _progress() as prog:
-        task = prog.add_task(desc, total=len(x))
-        for b, start in enumerate(starts):
-            k = b % len(configs)
-            for c in configs[k:] + configs[:k]:
-                for i in range(start, min(start + block, len(x))):
-                    t0 = clock()
-                    res = c.request.infer([x[i : i + 1], *c.extra])
-                    c.ms.append((clock() - t0) * 1e3)
-                    c.top1.append((i, np.asarray(res[0]).argmax(-1).reshape(-1)))
-                    if c.name in fast_codes:
-                        route = np.asarray(res[len(res) - 1]).reshape(-1)
-                        c.escalated.append(bool((route != fast_codes[c.name]).any()))
-            prog.advance(task, min(block, len(x) - start))
-        for c in configs:  # back to input order
-            c.top1 = [t for _, t in sorted(c.top1, key=lambda it: it[0])]
-
-
 def auc(y: np.ndarray, s: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 
     return None if y.min() == y.max() else float(roc_auc_score(y, s))
 
 
-def margins(outputs: np.ndarray, probabilities: bool) -> np.ndarray:
-    y = outputs.astype(np.float64)
-    if not probabilities:
-        y = np.exp(y - y.max(-1, keepdims=True))
-        y /= y.sum(-1, keepdims=True)
-    s = np.sort(y, -1)
-    return (s[..., -1] - s[..., -2]).reshape(len(y), -1).min(-1)
+def _top1(c: Method) -> np.ndarray:
+    """Per input (in input order), the top-1 of every position of the first output."""
+    return np.stack(c.outputs)[np.argsort(c.index)].argmax(-1).reshape(len(c.outputs), -1)
+
+
+def margins(outputs: np.ndarray) -> np.ndarray:
+    s = np.sort(as_probabilities(outputs), -1)
+    return (s[..., -1] - s[..., -2]).reshape(len(s), -1).min(-1)
 
 
 def evaluate(model_name: str, pkgs: dict[str, apsq_ov.Package], plain_model: ov.Model, q_model: ov.Model,
@@ -198,30 +163,26 @@ def evaluate(model_name: str, pkgs: dict[str, apsq_ov.Package], plain_model: ov.
     out: dict[str, Any] = {}
     for shift_name, x in data.items():
         configs = plain_configs(plain_model, q_model)
-        fast_codes: dict[str, np.ndarray] = {}
+        info: dict[str, dict] = {}
         for label, pkg in pkgs.items():
-            m = pkg.manifest
-            cs = package_configs(pkg, label, with_levels=(label == "fitted"))
-            if m.router is not None:
-                codes = np.array([m.levels[m.router.fast_level].choices[n].fast.code for n in m.route_ops])
-                for c in cs:
-                    if c.kind != "static":
-                        fast_codes[c.name] = codes
-            configs += cs
-        run(configs, x, f"{model_name} {shift_name}: {len(configs)} configurations", fast_codes)
-        ref = np.concatenate(configs[0].top1)
+            configs += package_configs(pkg, label, with_levels=(label == "fitted"), info=info)
+        desc = f"{model_name} {shift_name}: {len(configs)} configurations"
+        with _progress() as prog:  # blocks of 50 consecutive inputs per configuration, order rotating
+            measure(configs, x, block=50, progress=prog, desc=desc)
         n = len(x)
+
+        ref = _top1(configs[0])
         rows = []
         for c in configs:
-            top1 = np.concatenate(c.top1).reshape(n, -1)
-            row: dict[str, Any] = {"name": c.name, "kind": c.kind, "median_ms": float(np.median(c.ms)),
+            top1 = _top1(c)
+            row: dict[str, Any] = {"name": c.name, "kind": c.family, "median_ms": float(np.median(c.ms)),
                                    "mean_ms": float(np.mean(c.ms)), "runs": len(c.ms),
-                                   "agreement_fp32": float(np.mean((top1 == ref.reshape(n, -1)).all(1)))}  # fmt: skip
+                                   "agreement_fp32": float(np.mean((top1 == ref).all(1)))}  # fmt: skip
             if labels is not None:
                 row["accuracy"] = float(np.mean(top1[:, 0] == labels[:n]))
             if c.escalated:
                 row["escalated"] = float(np.mean(c.escalated))
-            row.update(c.info)
+            row.update(info.get(c.name, {}))
             rows.append(row)
         # AUCs on the same inputs: the deployed risk of each package vs the flips of its fast route
         aucs: dict[str, Any] = {}
@@ -242,7 +203,7 @@ def evaluate(model_name: str, pkgs: dict[str, apsq_ov.Package], plain_model: ov.
                 "terms": [[t.feature.value, t.op] for t in m.router.terms],
                 "flip_rate": float(flip.mean()),
                 "auc_router": auc(flip, risk),
-                "auc_margin_alone": auc(flip, -margins(fast_out, m.router.probabilities)),
+                "auc_margin_alone": auc(flip, -margins(fast_out)),
                 "calibration_auc_held_out": m.router.quality.get("auc_held_out"),
             }
             aucs[label]["_risk"] = risk
@@ -344,7 +305,7 @@ def write(result: dict[str, Any]) -> None:
         "",
         f"Machine: {result['machine']}; OpenVINO {result['openvino']}; `python benchmarks/router.py`.",
         "Latency: 1 thread, LATENCY hint, f32 hint (precision in-graph), one request per configuration, "
-        "configurations interleaved input by input; median and mean over all inputs (a cascade's escalations "
+        "configurations interleaved in blocks of 50 inputs; median and mean over all inputs (a cascade's escalations "
         "show in the mean, not the median). Ratios are against plain NNCF INT8's mean in the same run.",
         "",
     ]

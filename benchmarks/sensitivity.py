@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import apsq_ov  # noqa: E402
 from apsq_ov.calibrate import CalibrationConfig, calibrate, sample_order  # noqa: E402
 from apsq_ov.cli import app  # noqa: E402
-from apsq_ov.datasets import ctc_greedy_decode, load_fashion_mnist, render_text_lines  # noqa: E402
+from apsq_ov.datasets import cer, ctc_greedy_decode, load_fashion_mnist, render_text_lines  # noqa: E402
 from apsq_ov.precision import Precision  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,17 +63,6 @@ class Case:
     texts: list[str] | None = None
     charset: list[str] | None = None
     ac_max_drop: float = 0.001
-
-
-def cer(pred: str, truth: str) -> float:
-    """Character error rate: Levenshtein distance / len(truth)."""
-    prev = list(range(len(truth) + 1))
-    for i, a in enumerate(pred, start=1):
-        cur = [i]
-        for j, b in enumerate(truth, start=1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a != b)))
-        prev = cur
-    return prev[-1] / max(len(truth), 1)
 
 
 def fmnist_case(work: Path) -> Case:

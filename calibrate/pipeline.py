@@ -48,7 +48,7 @@ from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, choose_body, level_for
 from apsq_ov.runtime import AdaptiveInferRequest, compile_adaptive
 
-from .router import CALIBRATION_SHIFTS, cascade_points, collect_fit_data, fit_router
+from .router import CALIBRATION_SHIFTS, as_probabilities, cascade_points, collect_fit_data, fit_router
 from .selection import OBJECTIVE, OpCost, default_budgets, op_size, options, select_levels
 from .sensitivity import OpQuantInfo, SensitivityMetric, score_ops
 from .variants import (
@@ -629,15 +629,6 @@ def _nncf_compress_int4(model: ov.Model, progress: Progress | None) -> ov.Model:
     return q4
 
 
-def _probabilities(y: np.ndarray) -> np.ndarray:
-    """Rows of the last axis as probabilities: as they are if they already are, else softmax."""
-    y = np.asarray(y, dtype=np.float64)
-    if y.min() >= 0.0 and np.allclose(y.sum(axis=-1), 1.0, atol=1e-3):
-        return np.clip(y, 1e-12, 1.0)
-    z = np.exp(y - y.max(axis=-1, keepdims=True))
-    return np.clip(z / z.sum(axis=-1, keepdims=True), 1e-12, 1.0)  # exp underflows to 0 for far-apart logits
-
-
 def quality_loss(outputs: list[np.ndarray], reference: list[np.ndarray], labels: list[np.ndarray] | None) -> dict:
     """Loss of ``outputs`` vs the FP32 ``reference`` (first model output, one array per sample).
 
@@ -648,8 +639,8 @@ def quality_loss(outputs: list[np.ndarray], reference: list[np.ndarray], labels:
     top1 = np.mean([np.mean(top1_of(o) != top1_of(r)) for o, r in zip(outputs, reference, strict=True)])
     kl = np.mean(
         [
-            np.mean(np.sum(pr * (np.log(pr) - np.log(_probabilities(o))), axis=-1))
-            for o, pr in ((o, _probabilities(r)) for o, r in zip(outputs, reference, strict=True))
+            np.mean(np.sum(pr * (np.log(pr) - np.log(as_probabilities(o))), axis=-1))
+            for o, pr in ((o, as_probabilities(r)) for o, r in zip(outputs, reference, strict=True))
         ]
     )
     num = sum(float(np.sum((np.asarray(o, np.float64) - r) ** 2)) for o, r in zip(outputs, reference, strict=True))

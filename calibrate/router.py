@@ -44,6 +44,22 @@ PASSES = {Feature.AMAX_RATIO: 2, Feature.CLIP_FRAC: 3, Feature.STD_OVER_STEP: 3,
 """Element passes each op feature costs (abs, compare, convert, multiply, reduce): the cost model."""
 
 
+def is_probabilities(y: np.ndarray) -> bool:
+    """Do the rows of the last axis already hold probabilities (non-negative, summing to 1)?"""
+    y = np.asarray(y, dtype=np.float64)
+    return bool(y.min() >= 0.0 and np.allclose(y.sum(axis=-1), 1.0, atol=1e-3))
+
+
+def as_probabilities(y: np.ndarray) -> np.ndarray:
+    """Rows of the last axis as probabilities: as they are if they already are, else softmax (clipped
+    away from 0 so logs stay finite)."""
+    y = np.asarray(y, dtype=np.float64)
+    if is_probabilities(y):
+        return np.clip(y, 1e-12, 1.0)
+    z = np.exp(y - y.max(axis=-1, keepdims=True))
+    return np.clip(z / z.sum(axis=-1, keepdims=True), 1e-12, 1.0)  # exp underflows to 0 for far-apart logits
+
+
 def _axes(x: ov.Output) -> ov.Node:
     return ops.constant(np.arange(len(x.get_partial_shape()), dtype=np.int64))
 
@@ -410,7 +426,7 @@ def collect_fit_data(
     ref = core.compile_model(fp32_model, "CPU", cfg).create_infer_request()
     n_in = len(fp32_model.inputs)
     first = [np.asarray(ref.infer(x)[0], np.float64) for x in data[: min(len(data), 16)]]
-    probabilities = all(o.min() >= 0.0 and np.allclose(o.sum(-1), 1.0, atol=1e-3) for o in first)
+    probabilities = all(is_probabilities(o) for o in first)
     keys: list[tuple[Feature, str | None]] = [(Feature.MARGIN, None)]
     keys += [(f, op) for op in ranges for f in OP_FEATURES if op in feature_inputs]
     probe = probe_model(fast_body, feature_inputs, keys, ranges, probabilities)
