@@ -10,7 +10,8 @@ precisions); ``benchmarks/pareto.py`` adds plain OpenVINO FP32 / BF16, NNCF INT8
 Protocol (DESIGN.md §5): latency on 1 thread, LATENCY hint, f32 hint (precision in the graph), one
 request per method with its policy written beforehand, methods interleaved in blocks of consecutive
 inputs (every method sees every input; the order rotates per block), median and mean per input;
-throughput with an async queue on all cores (THROUGHPUT hint); quality against the FP32 reference on
+throughput with an async queue on all cores (THROUGHPUT hint), the median of 5 interleaved rounds;
+quality against the FP32 reference on
 the *same* (shifted) inputs.
 """
 
@@ -98,16 +99,19 @@ def package_methods(pkg: Package, *, bf16_reference: bool = True, forced: bool =
 
 
 def adaptive_rows(pkg: Package, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ``auto`` policy at every budget of the dial: it runs exactly one of the measured static or
-    cascade configurations, so its rows are copies of those, renamed."""
+    """The ``auto`` policy at every budget of the dial and of the cascade: it runs exactly one of the
+    measured static or cascade configurations, so its rows are copies of those, renamed."""
     m = pkg.manifest
     by_name = {r["name"]: r for r in rows}
+    budgets = {lv.max_drop for lv in m.levels} | {p.max_drop for p in (m.router.points if m.router else [])}
     out = []
-    for lv in m.levels:
-        body = choose_body(m, lv.max_drop)
-        src = f"apsq cascade {lv.max_drop:g}" if body.level == m.cascade_level else f"apsq static mix {lv.max_drop:g}"
+    for d in sorted(budgets):
+        body = choose_body(m, d)
+        point = m.router.point_for(d) if m.router is not None else None
+        src = (f"apsq cascade {point.max_drop:g}" if body.level == m.cascade_level and point is not None
+               else f"apsq static mix {m.levels[body.level].max_drop:g}")  # fmt: skip
         if src in by_name:
-            out.append(by_name[src] | {"name": f"apsq adaptive {lv.max_drop:g}", "family": "apsq adaptive",
+            out.append(by_name[src] | {"name": f"apsq adaptive {d:g}", "family": "apsq adaptive", "max_drop": d,
                                        "runs": src})  # fmt: skip
     return out
 
@@ -166,10 +170,18 @@ def quality(meth: Method, reference: np.ndarray, labels: np.ndarray | None, task
 def throughput(compiled: ov.CompiledModel, x: np.ndarray, seconds: float = 2.0,
                setup: Callable[[ov.InferRequest], None] | None = None) -> float:  # fmt: skip
     """Inputs per second through an ``AsyncInferQueue`` (optimal number of requests) for ``seconds``."""
+    return _rate(_queue(compiled, setup), x, seconds)
+
+
+def _queue(compiled: ov.CompiledModel, setup: Callable[[ov.InferRequest], None] | None) -> ov.AsyncInferQueue:
     queue = ov.AsyncInferQueue(compiled)
     for req in queue:
         if setup is not None:
             setup(req)
+    return queue
+
+
+def _rate(queue: ov.AsyncInferQueue, x: np.ndarray, seconds: float) -> float:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for i in range(len(x)):
@@ -222,7 +234,7 @@ def run_suite(
     metric: str,
     task: Task | None = None,
     progress: Any = None,
-    throughput_s: float = 2.0,
+    throughput_s: float = 5.0,
     forced_shifts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Measure every method on ``x`` under each shift.
@@ -270,23 +282,41 @@ def run_suite(
 
 
 def _throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np.ndarray,
-                 seconds: float) -> dict[str, float]:  # fmt: skip
-    """Async throughput (all cores) of the static baselines and of the adaptive policy at each budget."""
+                 seconds: float, rounds: int = 5) -> dict[str, float]:  # fmt: skip
+    """Async throughput (all cores) of the static baselines and of the adaptive policy at each budget: the
+    median of ``rounds`` runs of ``seconds / rounds`` each, the configurations interleaved round by round
+    (a shared machine's load drifts; each round sees it for every configuration)."""
     from apsq_ov.runtime import AdaptiveInferRequest, compile_model
 
     core = ov.Core()
-    out = {}
+    queues: dict[str, ov.AsyncInferQueue] = {}
     for name, _, m, hint in plain:
-        compiled = core.compile_model(m, "CPU", {**THROUGHPUT, "INFERENCE_PRECISION_HINT": hint})
-        out[name] = throughput(compiled, x, seconds)
+        queues[name] = _queue(core.compile_model(m, "CPU", {**THROUGHPUT, "INFERENCE_PRECISION_HINT": hint}), None)
     adaptive = compile_model(pkg, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}, core=core)
-    for lv in pkg.manifest.levels:
+    m = pkg.manifest
+    budgets = sorted({lv.max_drop for lv in m.levels} | {p.max_drop for p in (m.router.points if m.router else [])})
+    same: dict[str, str] = {}  # budget name → the name of the budget that runs the same body and τ
+    bodies: dict[Any, str] = {}
+    for d in budgets:
+        name = f"apsq adaptive {d:g}"
+        key = choose_body(m, d)
+        if key in bodies:
+            same[name] = bodies[key]
+            continue
+        bodies[key] = name
 
-        def setup(req: ov.InferRequest, d: float = lv.max_drop) -> None:
+        def setup(req: ov.InferRequest, d: float = d) -> None:
             AdaptiveInferRequest(adaptive, req).set_policy(max_drop=d)
 
-        out[f"apsq adaptive {lv.max_drop:g}"] = throughput(adaptive.compiled_model, x, seconds, setup)
-    return out
+        queues[name] = _queue(adaptive.compiled_model, setup)
+    rates: dict[str, list[float]] = {k: [] for k in queues}
+    names = list(queues)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            rates[name].append(_rate(queues[name], x, seconds / rounds))
+    out = {k: float(np.median(v)) for k, v in rates.items()}
+    out |= {k: out[v] for k, v in same.items()}
+    return {k: out[k] for k in [*[n for n, *_ in plain], *[f"apsq adaptive {d:g}" for d in budgets]]}
 
 
 # ------------------------------------------------------------------------------------------- reports
@@ -303,7 +333,8 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
              f"(OpenVINO {result.get('openvino')}).",
              "Latency: 1 thread, LATENCY hint, f32 hint, median over all inputs (mean beside it), methods "
              "interleaved in blocks of 25 inputs; ratios against NNCF INT8 in the same run. Throughput: async "
-             "queue, all cores, THROUGHPUT hint, clean data. ★ = on the Pareto front of that table. "
+             "queue, all cores, THROUGHPUT hint, clean data, median of 5 interleaved rounds. ★ = on the Pareto "
+             "front of that table. "
              "Shifts marked *seen* are kinds the router was fitted on (milder copies of the calibration data: "
              + ", ".join(f"{k} {v:g}" for k, v in result.get("calibration_shifts", {}).items()) + "); the others "
              "calibration never saw.", ""]  # fmt: skip

@@ -175,6 +175,13 @@ def calibrate(
         typer.Option(help="Features the router may use (comma list of margin, amax_ratio, clip_frac, std_over_step, "
                      "nearzero_frac) [default: all; 'margin' = plain output-margin escalation]."),  # fmt: skip
     ] = None,
+    router_hold: Annotated[
+        str,
+        typer.Option(help="Where each max-drop's escalation threshold must keep the budget: 'shifts' (the "
+                     "calibration data and each --router-shifts copy: more escalation, the budget kept "
+                     "under those shifts) or 'clean' (the calibration data only: cheapest on undistorted "
+                     "inputs)."),  # fmt: skip
+    ] = "shifts",
 ) -> None:
     """Score, build and package an adaptive model: MODEL + --data -> OUT_DIR (model.xml/.bin + apsq.json).
 
@@ -201,6 +208,7 @@ def calibrate(
         router=router,
         router_shifts=tuple(x.strip() for x in router_shifts.split(",") if x.strip() and x.strip() != "none"),
         router_features=_parse_features(router_features),
+        router_hold=router_hold,
     )
     target = out_dir or model.with_suffix(".apsq")
     t0 = time.perf_counter()
@@ -280,7 +288,8 @@ def _print_router(m: Manifest) -> None:
         cost += (f"; measured: fast route {c['measured_fast_ms']:.3f} ms, with the router {c['measured_never_ms']:.3f}"
                  f" ms, always escalating {c['measured_always_ms']:.3f} ms")  # fmt: skip
     out.print(f"  in-graph cost: {cost}", highlight=False)
-    table = Table(title=f"escalation cascade: level {r.fast_level}, re-run on level {r.precise_level} when risk > τ")
+    table = Table(title=f"escalation cascade: level {r.fast_level}, re-run on level {r.precise_level} when risk > τ; "
+                  f"each τ keeps its budget on: {', '.join(r.hold)} (escalated, drop: clean calibration inputs)")
     for col in ("max_drop", "τ", "escalated", "pred. drop", "cascade ms", "static level ms"):
         table.add_column(col, justify="right")
     from apsq_ov.routing import level_for, level_ms
@@ -581,7 +590,9 @@ def bench(
         Path | None, typer.Option(help="Write a Pareto PNG per shift: FILE.png, FILE-<shift>.png (quality vs latency).")
     ] = None,
     throughput_seconds: Annotated[
-        float, typer.Option(min=0.0, help="Seconds of async throughput per method on clean data (0: skip).")
+        float,
+        typer.Option(min=0.0, help="Seconds of async throughput per method on clean data, in 5 interleaved "
+                     "rounds (median reported; 0: skip)."),  # fmt: skip
     ] = 1.0,
 ) -> None:
     """Measure every configuration the package offers — FP32 level (f32 and bf16 hints), each static

@@ -278,6 +278,8 @@ class Router:
     cost: dict[str, Any] = field(default_factory=dict)
     """in-graph cost: element passes, and measured ms where calibration ran on the target device"""
     shifts: list[str] = field(default_factory=list)
+    hold: list[str] = field(default_factory=lambda: ["clean"])
+    """the calibration distributions each budget's τ holds on (``clean`` and/or shift names)"""
 
     def point_for(self, max_drop: float) -> CascadePoint | None:
         """The point with the largest budget ≤ ``max_drop`` (None below the smallest)."""
@@ -300,6 +302,7 @@ class Router:
             "quality": self.quality,
             "cost": self.cost,
             "shifts": self.shifts,
+            "hold": self.hold,
         }
 
     @classmethod
@@ -315,6 +318,7 @@ class Router:
             quality=dict(d.get("quality", {})),
             cost=dict(d.get("cost", {})),
             shifts=[str(s) for s in d.get("shifts", [])],
+            hold=[str(s) for s in d.get("hold", ["clean"])],
         )
 
 

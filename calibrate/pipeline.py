@@ -48,7 +48,7 @@ from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, choose_body, level_for
 from apsq_ov.runtime import AdaptiveInferRequest, compile_adaptive
 
-from .router import CALIBRATION_SHIFTS, as_probabilities, cascade_points, collect_fit_data, fit_router
+from .router import CALIBRATION_SHIFTS, as_probabilities, cascade_budgets, cascade_points, collect_fit_data, fit_router
 from .selection import OBJECTIVE, OpCost, default_budgets, op_size, options, select_levels
 from .sensitivity import OpQuantInfo, SensitivityMetric, score_ops
 from .variants import (
@@ -91,6 +91,9 @@ class CalibrationConfig:
     :param router_budget: in-graph router cost cap, as a fraction of the fast route's latency.
     :param router_features: features the router may use (``None``: all; ``(MARGIN,)`` is plain
         output-margin escalation; the op features alone are the in-graph activation-statistics router).
+    :param router_hold: where each budget's τ must hold: ``clean`` (the calibration inputs) or ``shifts``
+        (those and every shifted copy in ``router_shifts``: a lower τ, more escalation on clean data, the
+        budget kept under the shifts the router saw).
     """
 
     device: str = "CPU"
@@ -108,6 +111,7 @@ class CalibrationConfig:
     router_shifts: tuple[str, ...] = CALIBRATION_SHIFTS
     router_budget: float = 0.05
     router_features: tuple[Feature, ...] | None = None
+    router_hold: str = "shifts"
 
     def __post_init__(self) -> None:
         check_max_drop(self.max_drop)
@@ -118,6 +122,8 @@ class CalibrationConfig:
         for name in self.router_shifts:
             if name not in CALIBRATION_SHIFTS:
                 raise ConfigError(f"unknown router shift {name!r}; use {', '.join(CALIBRATION_SHIFTS)}")
+        if self.router_hold not in ("clean", "shifts"):
+            raise ConfigError(f"router hold must be 'clean' or 'shifts', got {self.router_hold!r}")
         if not 0.0 < self.router_budget <= 1.0:
             raise ConfigError(f"router budget must be in (0, 1], got {self.router_budget}")
         for name in ("subset_size", "sensitivity_samples", "drop_samples"):
@@ -505,8 +511,10 @@ def _fit_router(
     if router is None:
         return None, f"not built: {note}"
     input_bytes = sum(4.0 * a.size for a in data[0])
-    router.points = cascade_points(router, rows, [lv.max_drop for lv in levels], levels[fast_k].predicted_ms,
-                                   levels[0].predicted_ms, profile.route_ms(input_bytes))  # fmt: skip
+    router.hold = ["clean", *config.router_shifts] if config.router_hold == "shifts" else ["clean"]
+    budgets = cascade_budgets([lv.max_drop for lv in levels])
+    router.points = cascade_points(router, rows, budgets, levels[fast_k].predicted_ms,
+                                   levels[0].predicted_ms, profile.route_ms(input_bytes), router.hold)  # fmt: skip
     return router, ""
 
 

@@ -462,16 +462,42 @@ def collect_fit_data(
     return fit_data, probabilities
 
 
+def cascade_budgets(levels: Sequence[float]) -> list[float]:
+    """The budgets the cascade gets a τ for: the dial's budgets in (0, 1) and the geometric mean of each
+    neighbouring pair. A cascade point is one number in the manifest (no body of its own), so the
+    cascade's dial is finer than the static one."""
+    inner = sorted({float(d) for d in levels if 0.0 < d < 1.0})
+    mids = [float(np.sqrt(a * b)) for a, b in zip(inner, inner[1:], strict=False)]
+    return sorted({round(d, 6) for d in [*inner, *mids]})
+
+
 def cascade_points(
-    router: Router, data: FitData, budgets: Sequence[float], fast_ms: float, precise_ms: float, if_ms: float
+    router: Router, data: FitData, budgets: Sequence[float], fast_ms: float, precise_ms: float, if_ms: float,
+    hold: Sequence[str] = ("clean",),
 ) -> list[CascadePoint]:
-    """τ for each budget in (0, 1) from the deployed risk on the clean calibration rows (fit and held-out:
-    the risk has a handful of weights, so the fit rows are no more optimistic than the bound allows);
-    predicted latency = fast route + escalation rate × (precise route + the If)."""
-    clean = data.shift == "clean"
-    risk = held_out_risk(router, data)[clean]
+    """τ for each budget in (0, 1) from the deployed risk on the calibration rows (fit and held-out: the
+    risk has a handful of weights, so the fit rows are no more optimistic than the bound allows).
+
+    The budget holds on every distribution in ``hold`` (``clean`` and/or shift names of ``data``): τ is
+    the lowest of their thresholds, so a shift the router saw escalates enough to keep its flips within
+    the budget too. Escalation, residual drop and predicted latency (fast route + escalation rate ×
+    (precise route + the If)) are on the clean rows: what a deployment on undistorted data pays."""
+    risk = held_out_risk(router, data)
     inner = sorted({float(d) for d in budgets if 0.0 < d < 1.0})
+    taus = np.full(len(inner), NEVER)
+    for name in dict.fromkeys(["clean", *hold]):
+        rows = data.shift == name
+        if not rows.any():
+            raise ValueError(f"hold: no calibration rows for {name!r} (have {sorted(set(data.shift))})")
+        if name in hold:
+            got = thresholds(risk[rows], data.flip[rows], inner)
+            taus = np.minimum(taus, [t for _, t, _, _ in got])
+    clean = data.shift == "clean"
+    rc, fc = risk[clean], data.flip[clean]
     points = []
-    for d, tau, esc, drop in thresholds(risk, data.flip[clean], inner):
-        points.append(CascadePoint(d, tau, esc, drop, fast_ms + esc * (precise_ms + if_ms)))
+    for d, tau in zip(inner, taus, strict=True):
+        esc = rc > tau
+        drop = float(np.sum(fc & ~esc)) / max(len(rc), 1)
+        e = float(np.mean(esc)) if len(rc) else 0.0
+        points.append(CascadePoint(d, float(tau), e, drop, fast_ms + e * (precise_ms + if_ms)))
     return points

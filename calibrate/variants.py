@@ -521,7 +521,9 @@ def build_package_model(
     full_extra = [state(MODES_STATE, np.full(len(names), Precision.FP32.code, np.int32))]
     if limited:
         full_extra.append(state(LIMITS_STATE, np.full(len(limited), 3.0e38, np.float32)))
-    outs = _top_dispatch(values, level_extra, full_extra, level_code, bodies, full, default_level)
+    # The cascade, then the default level, one If each (they are what runs); the rest in a tree below.
+    hot = ([len(bodies) - 1] if router is not None else []) + [default_level]
+    outs = _top_dispatch(values, level_extra, full_extra, level_code, bodies, full, hot)
     results = []
     for i, out in enumerate(outs[:n_out]):
         old = fp32_model.outputs[i]
@@ -732,46 +734,52 @@ def _top_dispatch(
     code: ov.Output,
     levels: Sequence[ov.Model],
     full: ov.Model,
-    default_level: int,
+    hot: Sequence[int],
 ) -> list[ov.Output]:
-    """``If(code == default, default level, If(code == full, full body, tree of the other levels))``.
+    """``If(code == hot[0], level hot[0], If(code == hot[1], …, If(code == full, full body, tree of the
+    other levels)))``.
 
-    Every If port costs time on each pass, so each branch is bound only to what it reads: level bodies
-    to the model ``inputs`` and ``level_extra`` (the escalate scalar), the full body to the inputs and
-    ``full_extra`` (the per-op state vectors).
+    Every If a body sits below costs its inputs' copy on each pass (the profile's ``if_per_mb_ms``), so
+    the bodies run most — the cascade, the default level — are ``hot``: one If each, in that order.
+    Each branch is bound only to what it reads: level bodies to the model ``inputs`` and ``level_extra``
+    (the escalate / τ scalars), the full body to the inputs and ``full_extra`` (the per-op state vectors).
     """
-    level_values = [*inputs, *level_extra]
     n_inputs = len(inputs)
-    node = opset8.if_op(ops.equal(code, ops.constant(np.int32(default_level))).output(0))
-    then_body = levels[default_level]
-    others = [(k, body) for k, body in enumerate(levels) if k != default_level]
-    # else body: the full body or one of the other levels
-    pl = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in level_values]
-    pf = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in full_extra]
-    pc = ops.parameter([], np.int32, name="level")
-    fp = full.get_parameters()
-    assert others, "the dial always has levels 0 and 1"
-    inner = opset8.if_op(ops.greater_equal(pc, ops.constant(np.int32(len(levels)))).output(0))
-    rest = _subtree([p.output(0) for p in pl], others)
-    inner.set_then_body(full)
-    inner.set_else_body(rest)  # both bodies before any input
-    rp = rest.get_parameters()
-    for i, q in enumerate(pl):
-        inner.set_input(q.output(0), fp[i] if i < n_inputs else None, rp[i])
-    for j, q in enumerate(pf):
-        inner.set_input(q.output(0), fp[n_inputs + j], None)
-    inner.set_input(pc.output(0), None, rp[-1])
-    outs = [inner.set_output(t, e) for t, e in zip(full.get_results(), rest.get_results(), strict=True)]
-    else_body = ov.Model([ops.result(o) for o in outs], [*pl, *pf, pc], "apsq/others")
-    node.set_then_body(then_body)
-    node.set_else_body(else_body)
-    tp = then_body.get_parameters()
-    for i, v in enumerate(level_values):
-        node.set_input(v, tp[i], pl[i])
-    for j, v in enumerate(full_extra):
-        node.set_input(v, None, pf[j])
-    node.set_input(code, None, pc)
-    return [node.set_output(t, e) for t, e in zip(then_body.get_results(), else_body.get_results(), strict=True)]
+    n_levels = len(levels)
+    rest = [(k, body) for k, body in enumerate(levels) if k not in hot]
+    assert rest, "the dial always has levels 0 and 1, and at most the cascade and one level are hot"
+
+    def dispatch(lv: list[ov.Output], fx: list[ov.Output], pc: ov.Output, hot: Sequence[int]) -> list[ov.Output]:
+        if not hot:  # If(code ≥ n_levels, full body, balanced tree of the other levels)
+            node = opset8.if_op(ops.greater_equal(pc, ops.constant(np.int32(n_levels))).output(0))
+            tree = _subtree(lv, rest)
+            node.set_then_body(full)
+            node.set_else_body(tree)  # both bodies before any input
+            fp, rp = full.get_parameters(), tree.get_parameters()
+            for i, v in enumerate(lv):
+                node.set_input(v, fp[i] if i < n_inputs else None, rp[i])
+            for j, v in enumerate(fx):
+                node.set_input(v, fp[n_inputs + j], None)
+            node.set_input(pc, None, rp[-1])
+            return [node.set_output(t, e) for t, e in zip(full.get_results(), tree.get_results(), strict=True)]
+        node = opset8.if_op(ops.equal(pc, ops.constant(np.int32(hot[0]))).output(0))
+        then_body = levels[hot[0]]
+        pl = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in lv]
+        pf = [ops.parameter(v.get_partial_shape(), v.get_element_type()) for v in fx]
+        code_p = ops.parameter([], np.int32, name="level")
+        outs = dispatch([p.output(0) for p in pl], [p.output(0) for p in pf], code_p.output(0), hot[1:])
+        else_body = ov.Model([ops.result(o) for o in outs], [*pl, *pf, code_p], "apsq/others")
+        node.set_then_body(then_body)
+        node.set_else_body(else_body)
+        tp = then_body.get_parameters()
+        for i, v in enumerate(lv):
+            node.set_input(v, tp[i], pl[i])
+        for j, v in enumerate(fx):
+            node.set_input(v, None, pf[j])
+        node.set_input(pc, None, code_p)
+        return [node.set_output(t, e) for t, e in zip(then_body.get_results(), else_body.get_results(), strict=True)]
+
+    return dispatch([*inputs, *level_extra], full_extra, code, list(dict.fromkeys(hot)))
 
 
 def _subtree(values: list[ov.Output], bodies: Sequence[tuple[int, ov.Model]]) -> ov.Model:

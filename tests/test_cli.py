@@ -243,3 +243,6 @@ def test_policy_errors_are_one_line(tiny_files, tmp_path):
     bad = one_line_error(run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "b",
                              "--router-features", "margin,colour"))  # fmt: skip
     assert "--router-features" in bad and "std_over_step" in bad
+    hold = one_line_error(run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "h",
+                              "--router-hold", "sometimes"))  # fmt: skip
+    assert "router hold" in hold and "'shifts'" in hold and not (tmp_path / "h").exists()

@@ -198,3 +198,63 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
     assert choose_body(m, 0.02).level != cascade  # the fast route alone fits: a static level serves it
     assert choose_body(m, 0.001, "cascade").tau == -NEVER
     assert m.full_level == cascade + 1
+
+
+def test_every_level_code_reaches_its_body_and_the_cascade_and_default_sit_one_if_deep(chain):
+    """The dispatch: the cascade, then the default level, are one If each below the top (every If a body
+    sits under copies its inputs); every other code still reaches its own body through the tree."""
+    model, q, units, data = chain
+    variants = {n: P3 for n in units}
+    fp32 = {n: OpChoice(Precision.FP32, Precision.FP32) for n in variants}
+    mid = {**fp32, "conv2": OpChoice(Precision.INT8, Precision.INT8), "fc": OpChoice(Precision.INT8, Precision.INT8)}
+    bf16 = {n: OpChoice(Precision.BF16, Precision.BF16) for n in variants}
+    int8 = {n: OpChoice(Precision.INT8, Precision.INT8) for n in variants}
+    levels = [fp32, mid, bf16, int8]
+    router = Router(fast_level=3, precise_level=0, terms=[Term(Feature.AMAX_RATIO, "conv2", 10.0)], bias=0.0,
+                    probabilities=False, ranges={"conv2": act_range(units["conv2"])})  # fmt: skip
+    pm = build_package_model(model, q, variants, levels, default_level=1, router=router, tau=NEVER)
+    top = next(n for n in pm.get_ordered_ops() if n.get_type_name() == "If")
+    cascade = {n.get_friendly_name() for n in top.get_then_body().get_ordered_ops()}
+    assert "apsq/cascade/escalate" in cascade  # the cascade: one If deep
+    second = next(n for n in top.get_else_body().get_ordered_ops() if n.get_type_name() == "If")
+    assert not any(n.get_type_name() == "If" for n in second.get_then_body().get_ordered_ops())  # level 1: static
+    req = ov.Core().compile_model(pm, "CPU", F32).create_infer_request()
+    states = {s.name: s for s in req.query_state()}
+    x = data[:1] * 0.5
+    F, B, I = Precision.FP32.code, Precision.BF16.code, Precision.INT8.code  # noqa: E741
+    expected = {0: [F, F, F], 1: [F, I, I], 2: [B, B, B], 3: [I, I, I], 4: [I, I, I], 5: [F, F, F]}
+    assert len(levels) + 2 == len(expected)  # levels, the cascade (τ = never: the fast route), the full body
+    for code, route in expected.items():
+        states[LEVEL_STATE].state = ov.Tensor(np.array(code, np.int32))
+        assert list(req.infer([x])["apsq_route"]) == route, code
+
+
+def test_cascade_thresholds_hold_the_budget_on_every_distribution_asked():
+    """``hold`` with a shift: τ is the lowest of the per-distribution thresholds, so the residual flips
+    stay within the budget (upper bound) on the shifted rows too; escalation is reported on clean."""
+    from apsq_ov.calibrate.router import cascade_budgets, cascade_points, upper_bound
+
+    rng = np.random.default_rng(0)
+    n = 400
+    margin = np.concatenate([rng.uniform(0.0, 1.0, n), rng.uniform(0.0, 0.6, n)])  # noise: smaller margins
+    flip = rng.random(2 * n) < np.exp(-6 * margin)
+    shift = np.array(["clean"] * n + ["noise"] * n)
+    data = FitData(raw=margin[:, None], keys=[(Feature.MARGIN, None)], flip=flip, sample=np.tile(np.arange(n), 2),
+                   shift=shift, held_out=np.zeros(2 * n, bool), elements={})  # fmt: skip
+    router = Router(fast_level=1, precise_level=0, terms=[Term(Feature.MARGIN, None, -1.0)], bias=0.0,
+                    probabilities=False, ranges={})  # fmt: skip
+    budgets = cascade_budgets([0.0, 0.01, 0.02, 0.04, 1.0])
+    assert budgets == pytest.approx([0.01, 0.014142, 0.02, 0.028284, 0.04])
+    clean = cascade_points(router, data, budgets, 1.0, 2.0, 0.0)
+    both = cascade_points(router, data, budgets, 1.0, 2.0, 0.0, hold=("clean", "noise"))
+    risk = -np.log(margin + 1e-6)
+    for c, b in zip(clean, both, strict=True):
+        assert b.tau <= c.tau and b.escalation >= c.escalation
+        for name in ("clean", "noise"):
+            rows = data.shift == name
+            residual = int(np.sum(flip[rows] & (risk[rows] <= b.tau)))
+            assert upper_bound(residual, n) <= b.max_drop + 1e-12 or b.tau == -NEVER
+        assert b.predicted_ms == pytest.approx(1.0 + b.escalation * 2.0)
+    assert any(b.tau < c.tau for c, b in zip(clean, both, strict=True))  # the shift really moved τ
+    with pytest.raises(ValueError, match="no calibration rows for 'blur'"):
+        cascade_points(router, data, budgets, 1.0, 2.0, 0.0, hold=("clean", "blur"))
