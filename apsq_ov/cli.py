@@ -177,11 +177,16 @@ def calibrate(
     ] = None,
     router_hold: Annotated[
         str,
-        typer.Option(help="Where each max-drop's escalation threshold must keep the budget: 'shifts' (the "
-                     "calibration data and each --router-shifts copy: more escalation, the budget kept "
-                     "under those shifts) or 'clean' (the calibration data only: cheapest on undistorted "
-                     "inputs)."),  # fmt: skip
-    ] = "shifts",
+        typer.Option(help="Where each max-drop's escalation threshold must keep the budget: 'clean' (the "
+                     "calibration data: the budget means what it says on data like yours) or 'shifts' "
+                     "(also on each --router-shifts copy: more escalation, the budget kept under those "
+                     "shifts)."),  # fmt: skip
+    ] = "clean",
+    bias_correction: Annotated[
+        str,
+        typer.Option(help="NNCF bias correction for the INT8 variants: 'full' (re-estimated on the quantized "
+                     "model: slower calibration, INT8 closer to FP32) or 'fast' (NNCF's default)."),  # fmt: skip
+    ] = "full",
 ) -> None:
     """Score, build and package an adaptive model: MODEL + --data -> OUT_DIR (model.xml/.bin + apsq.json).
 
@@ -209,6 +214,7 @@ def calibrate(
         router_shifts=tuple(x.strip() for x in router_shifts.split(",") if x.strip() and x.strip() != "none"),
         router_features=_parse_features(router_features),
         router_hold=router_hold,
+        bias_correction=bias_correction,
     )
     target = out_dir or model.with_suffix(".apsq")
     t0 = time.perf_counter()

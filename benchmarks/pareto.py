@@ -11,9 +11,11 @@ Models and data (DATA.md; everything installs offline from the README's commands
 * PP-OCRv4 rec — calibrated on 300 rendered real-English lines (seed 0), evaluated on 300 more (seed 1)
   (CER); needs ``pip install --no-deps rapidocr-onnxruntime==1.4.4``.
 
-Methods (``apsq_ov.bench``): plain OpenVINO FP32, BF16 (bf16 hint), NNCF INT8 (``nncf.quantize``), NNCF
-``quantize_with_accuracy_control`` at max_drop 0.005 / 0.01 / 0.02 (same calibration data; validation on
-a held-out part of it, the task metric); apsq-ov forced to each precision; apsq-ov's best static per-op
+Methods (``apsq_ov.bench``): plain OpenVINO FP32, BF16 (bf16 hint), NNCF INT8 (``nncf.quantize`` with NNCF's
+defaults, and with the settings apsq-ov calibrates with: ``apsq_ov.calibrate.quantize_settings`` — full bias
+correction, no overflow fix on VNNI), NNCF ``quantize_with_accuracy_control`` at max_drop 0.005 / 0.01 / 0.02
+with those same settings (same calibration data; validation on a held-out part of it, the task metric);
+apsq-ov forced to each precision; apsq-ov's best static per-op
 mix at every budget of its dial; the escalation cascade at every budget; and the adaptive policy
 (``auto``) at every budget. Shifts (``apsq_ov.shifts``): brightness, contrast, noise, blur, dark,
 pixelate (+ low_contrast, salt_pepper on Fashion-MNIST); the router was fitted on milder noise / dark /
@@ -21,7 +23,9 @@ contrast / blur copies of the calibration data, so those evaluated shifts are ma
 
 Writes ``results/pareto.json``, ``BENCHMARKS.md`` (repository root) and ``results/pareto_<model>_<shift>.png``.
 
-Usage: ``python benchmarks/pareto.py [--models fmnist,effnet,ocr] [--reuse] [--quick]``.
+Usage: ``python benchmarks/pareto.py [--models fmnist,effnet,ocr] [--reuse] [--reuse-nncf] [--limit N]``
+(``--reuse``: the packages calibrated under ``results/.cache/pareto``; ``--reuse-nncf``: the NNCF baselines
+saved there by an earlier run).
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ from rich.console import Console
 
 import apsq_ov
 from apsq_ov import bench
-from apsq_ov.calibrate import CalibrationConfig, calibrate, sample_order
+from apsq_ov.calibrate import CalibrationConfig, calibrate, quantize_settings, sample_order
 from apsq_ov.datasets import cer, ctc_greedy_decode, load_fashion_mnist, render_text_lines
+from apsq_ov.profiles import load_profile
 from apsq_ov.shifts import CALIBRATION
 
 HERE = Path(__file__).resolve().parent
@@ -69,9 +74,26 @@ def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> ap
     return pkg
 
 
-def accuracy_control(model: ov.Model, calib: list[np.ndarray], held: list[np.ndarray],
-                     score: Any) -> dict[str, ov.Model]:  # fmt: skip
-    """NNCF ``quantize_with_accuracy_control`` at each max_drop in :data:`AC_DROPS`.
+def _settings() -> dict[str, Any]:
+    """The ``nncf.quantize`` arguments apsq-ov calibrates with on this machine (no ``description``)."""
+    return {k: v for k, v in quantize_settings(load_profile("CPU")).items() if k != "description"}
+
+
+def _cached(name: str, reuse: bool, build: Any) -> ov.Model:
+    """An NNCF baseline model, saved under the cache (``--reuse-nncf`` loads it instead of rebuilding)."""
+    path = CACHE / "nncf" / f"{name}.xml"
+    if reuse and path.is_file():
+        return ov.Core().read_model(path)
+    model = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, path, compress_to_fp16=False)
+    return model
+
+
+def accuracy_control(tag: str, model: ov.Model, calib: list[np.ndarray], held: list[np.ndarray], score: Any,
+                     reuse: bool) -> dict[str, ov.Model]:  # fmt: skip
+    """NNCF ``quantize_with_accuracy_control`` at each max_drop in :data:`AC_DROPS`, with the quantization
+    settings apsq-ov calibrates with (:func:`_settings`).
 
     :param score: ``score(compiled, sample_index) -> float`` on the held-out samples (the task metric).
     """
@@ -79,28 +101,41 @@ def accuracy_control(model: ov.Model, calib: list[np.ndarray], held: list[np.nda
 
     nncf.set_log_level(logging.ERROR)
     items = [(x, k) for k, x in enumerate(held)]
+    settings = _settings()
 
     def validate(compiled: ov.CompiledModel, data) -> float:
         return float(np.mean([score(compiled(x)[0], k) for x, k in data]))
 
     out = {}
     for d in AC_DROPS:
-        t0 = time.perf_counter()
-        with console.status(f"NNCF quantize_with_accuracy_control max_drop {d}"), \
-                contextlib.redirect_stdout(io.StringIO()):  # fmt: skip
-            out[f"NNCF accuracy control {d:g}"] = nncf.quantize_with_accuracy_control(
-                model.clone(), nncf.Dataset(calib), nncf.Dataset(items), validate, max_drop=d,
-                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
-            )  # fmt: skip
-        console.print(f"accuracy control {d}: {time.perf_counter() - t0:.0f} s")
+
+        def build(d: float = d) -> ov.Model:
+            t0 = time.perf_counter()
+            with console.status(f"NNCF quantize_with_accuracy_control max_drop {d}"), \
+                    contextlib.redirect_stdout(io.StringIO()):  # fmt: skip
+                q = nncf.quantize_with_accuracy_control(
+                    model.clone(), nncf.Dataset(calib), nncf.Dataset(items), validate, max_drop=d,
+                    drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
+                    fast_bias_correction=settings["fast_bias_correction"],
+                    advanced_quantization_parameters=settings.get("advanced_parameters"),
+                )  # fmt: skip
+            console.print(f"accuracy control {d}: {time.perf_counter() - t0:.0f} s")
+            return q
+
+        out[f"NNCF accuracy control {d:g}"] = _cached(f"{tag}_ac_{d:g}", reuse, build)
     return out
 
 
-def nncf_int8(model: ov.Model, calib: list[np.ndarray]) -> ov.Model:
+def nncf_int8(tag: str, model: ov.Model, calib: list[np.ndarray], reuse: bool) -> dict[str, ov.Model]:
+    """``nncf.quantize`` with NNCF's defaults, and with the settings apsq-ov calibrates with."""
     import nncf
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        return nncf.quantize(model.clone(), nncf.Dataset(calib), subset_size=len(calib))
+    def build(**kwargs: Any) -> ov.Model:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return nncf.quantize(model.clone(), nncf.Dataset(calib), subset_size=len(calib), **kwargs)
+
+    return {"NNCF INT8": _cached(f"{tag}_int8", reuse, build),
+            "NNCF INT8, apsq settings": _cached(f"{tag}_int8_apsq", reuse, lambda: build(**_settings()))}  # fmt: skip
 
 
 def fmnist(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,8 +151,9 @@ def fmnist(args: argparse.Namespace) -> dict[str, Any]:
     calib = [x_train[i : i + 1] for i in subset]
     held_idx = pick[sample_order(len(pick), 0)[300:]]
     held = [x_train[i : i + 1] for i in held_idx]
-    statics = {"NNCF INT8": nncf_int8(model, calib)}
-    statics |= accuracy_control(model, calib, held, lambda y, k: float(np.argmax(y) == y_train[held_idx[k]]))
+    statics = nncf_int8("fmnist", model, calib, args.reuse_nncf)
+    statics |= accuracy_control("fmnist", model, calib, held,
+                                lambda y, k: float(np.argmax(y) == y_train[held_idx[k]]), args.reuse_nncf)  # fmt: skip
     x_test, y_test = load_fashion_mnist("test")
     n = args.limit or len(x_test)
     shifts = ["clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate", "low_contrast", "salt_pepper"]
@@ -141,8 +177,9 @@ def effnet(args: argparse.Namespace) -> dict[str, Any]:
     fp32 = ov.Core().compile_model(model, "CPU", F32)
     held_ref = [int(np.argmax(fp32(held_x[i : i + 1])[0])) for i in range(len(held_x))]
     held = [held_x[i : i + 1] for i in range(len(held_x))]
-    statics = {"NNCF INT8": nncf_int8(model, calib)}
-    statics |= accuracy_control(model, calib, held, lambda y, k: float(np.argmax(y) == held_ref[k]))
+    statics = nncf_int8("effnet", model, calib, args.reuse_nncf)
+    statics |= accuracy_control("effnet", model, calib, held, lambda y, k: float(np.argmax(y) == held_ref[k]),
+                                args.reuse_nncf)  # fmt: skip
     fresh = photo_crops(args.limit or 500, seed=1)
     shifts = ["clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate"]
     return bench.run_suite("EfficientNet-Lite0", pkg, model, statics, fresh, shifts, labels=None,
@@ -168,9 +205,10 @@ def ocr(args: argparse.Namespace) -> dict[str, Any]:
     calib = [calib_x[i : i + 1] for i in order[:300]]
     held_x, held_texts = render_text_lines(60, seed=7)
     held = [held_x[i : i + 1] for i in range(len(held_x))]
-    statics = {"NNCF INT8": nncf_int8(model, calib)}
-    statics |= accuracy_control(model, calib, held,
-                                lambda y, k: 1.0 - cer(ctc_greedy_decode(y[0], charset), held_texts[k]))  # fmt: skip
+    statics = nncf_int8("ocr", model, calib, args.reuse_nncf)
+    statics |= accuracy_control("ocr", model, calib, held,
+                                lambda y, k: 1.0 - cer(ctc_greedy_decode(y[0], charset), held_texts[k]),
+                                args.reuse_nncf)  # fmt: skip
     test_x, texts = render_text_lines(args.limit or 300, seed=1)
 
     def task(outputs: np.ndarray, k: np.ndarray) -> float:  # 1 − mean CER over the inputs
@@ -186,6 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="fmnist,effnet,ocr")
     ap.add_argument("--reuse", action="store_true", help="reuse packages calibrated under results/.cache/pareto")
+    ap.add_argument("--reuse-nncf", action="store_true", help="reuse the NNCF baselines saved there by an earlier run")
     ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N inputs only (a quick look)")
     args = ap.parse_args()
     runners = {"fmnist": fmnist, "effnet": effnet, "ocr": ocr}

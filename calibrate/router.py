@@ -464,10 +464,11 @@ def collect_fit_data(
 
 def cascade_budgets(levels: Sequence[float]) -> list[float]:
     """The budgets the cascade gets a τ for: the dial's budgets in (0, 1) and the geometric mean of each
-    neighbouring pair. A cascade point is one number in the manifest (no body of its own), so the
-    cascade's dial is finer than the static one."""
+    neighbouring pair (the largest paired with 1). A cascade point is one number in the manifest (no body
+    of its own), so the cascade's dial is finer than the static one."""
     inner = sorted({float(d) for d in levels if 0.0 < d < 1.0})
-    mids = [float(np.sqrt(a * b)) for a, b in zip(inner, inner[1:], strict=False)]
+    edges = [*inner, 1.0] if inner else []
+    mids = [float(np.sqrt(a * b)) for a, b in zip(edges, edges[1:], strict=False)]
     return sorted({round(d, 6) for d in [*inner, *mids]})
 
 

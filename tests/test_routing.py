@@ -108,3 +108,24 @@ def test_malformed_profile_names_the_file(tmp_path):
     data["default_precisions"] = ["int8"]
     with pytest.raises(ProfileError, match="default_precisions: must include fp32"):
         DeviceProfile.from_json(data)
+
+
+def test_quantize_settings_follow_the_profiles_int8_hardware():
+    """No overflow fix where 8-bit dot products cannot saturate (VNNI/AMX CPUs, GPUs); NNCF's default
+    first-layer fix elsewhere; full bias correction unless asked for the fast one."""
+    import dataclasses
+
+    import nncf
+
+    from apsq_ov.calibrate import quantize_settings
+
+    cpu = load_profile("CPU")
+    assert cpu.int8_hardware == "VNNI"
+    s = quantize_settings(cpu)
+    assert s["fast_bias_correction"] is False and s["advanced_parameters"].overflow_fix == nncf.OverflowFix.DISABLE
+    old = dataclasses.replace(cpu, int8_hardware="INT8 without VNNI (no vnni flag in /proc/cpuinfo)")
+    s = quantize_settings(old, "fast")
+    assert s["fast_bias_correction"] is True and "advanced_parameters" not in s
+    assert "first-layer overflow fix" in s["description"] and "fast bias correction" in s["description"]
+    gen11 = load_profile("GPU", "GPU.gen11")  # no INT8 hardware at all, but a GPU: no saturation
+    assert "advanced_parameters" in quantize_settings(gen11)
