@@ -187,6 +187,8 @@ def choose_body(manifest: Manifest, max_drop: float, policy: str = "auto") -> Bo
     point = router.point_for(max_drop)
     if policy == "cascade":  # below the smallest budget: escalate every input
         return Body(len(manifest.levels), -NEVER if point is None else point.tau)
-    if point is None or point.tau >= NEVER:  # the fast route alone fits: a static level serves it
+    if point is None:
         return Body(k)
+    # Where the fast route alone fits (τ = never) the static level usually serves it; the cascade still
+    # wins where it was measured faster (it sits one If below the top of the dispatch, the level deeper).
     return Body(len(manifest.levels), point.tau) if point.ms < level_ms(manifest.levels[k]) else Body(k)

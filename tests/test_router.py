@@ -195,7 +195,10 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
     assert choose_body(m, 0.005).level == cascade and choose_body(m, 0.005).tau == 0.3  # 1.2 ms beats the level
     assert choose_body(m, 0.01).level == k  # the level (measured) beats a 9 ms cascade
     assert choose_body(m, 0.01, "cascade").tau == 0.7 and choose_body(m, 0.005, "static").level != cascade
-    assert choose_body(m, 0.02).level != cascade  # the fast route alone fits: a static level serves it
+    assert choose_body(m, 0.02).level == cascade  # τ = never, measured faster than the level: still the cascade
+    never = [*points[:2], CascadePoint(0.02, NEVER, 0.0, 0.015, 5.0)]
+    m2 = dataclasses.replace(m, router=dataclasses.replace(router, points=never))
+    assert choose_body(m2, 0.02).level != cascade  # the fast route alone fits and the level is faster
     assert choose_body(m, 0.001, "cascade").tau == -NEVER
     assert m.full_level == cascade + 1
 
