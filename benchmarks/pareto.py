@@ -76,7 +76,7 @@ def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> ap
 
 def _settings() -> dict[str, Any]:
     """The ``nncf.quantize`` arguments apsq-ov calibrates with on this machine (no ``description``)."""
-    return {k: v for k, v in quantize_settings(load_profile("CPU")).items() if k != "description"}
+    return quantize_settings(load_profile("CPU")).kwargs
 
 
 def _cached(name: str, reuse: bool, build: Any) -> ov.Model:

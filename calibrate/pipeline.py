@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openvino as ov
@@ -228,9 +229,8 @@ def calibrate_model(
         return [samples.sample(int(i), batch) for i in idx]
 
     q_model = None
-    settings = {"description": None}
+    settings = quantize_settings(profile, config.bias_correction)
     if Precision.INT8 in precisions:
-        settings = quantize_settings(profile, config.bias_correction)
         q_model = _nncf_quantize(model, batches(calib_idx), progress, settings)
     q4_model = _nncf_compress_int4(model, progress) if Precision.INT4 in precisions else None
     units = find_routable_ops(model, q_model, q4_model)
@@ -295,7 +295,7 @@ def calibrate_model(
             "samples": int(n_batches * batch),
             "subset_size": int(len(calib_idx) * batch),
             "seed": config.seed,
-            "quantizer": settings["description"] if q_model is not None else None,
+            "quantizer": settings.description if q_model is not None else None,
             "drop_metric": DROP_METRIC,
             "drop_samples": int(len(drop_idx) * batch),
             "sensitivity_samples": int(len(sens_idx) * batch),
@@ -615,8 +615,17 @@ def _escalations(fp32_model: ov.Model, units: list[RoutableOp], data: list[list[
 NO_SATURATION = ("VNNI", "AMX", "DP4A", "XMX")
 
 
-def quantize_settings(profile: DeviceProfile, bias_correction: str = "full") -> dict:
-    """``nncf.quantize`` keyword arguments for ``profile``'s device (plus a ``description``).
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """How calibration calls ``nncf.quantize``: its keyword arguments and a one-line description (the
+    manifest's ``calibration.quantizer``)."""
+
+    kwargs: dict[str, Any]
+    description: str
+
+
+def quantize_settings(profile: DeviceProfile, bias_correction: str = "full") -> QuantizeSettings:
+    """The ``nncf.quantize`` settings for ``profile``'s device.
 
     NNCF's default overflow fix quantizes the first layer's weights to 7 bits against the saturation of
     pre-VNNI CPUs; where the profile's INT8 hardware cannot saturate (or the device is a GPU) it is off.
@@ -627,24 +636,22 @@ def quantize_settings(profile: DeviceProfile, bias_correction: str = "full") -> 
     import nncf
 
     saturates = not profile.device.startswith("GPU") and profile.int8_hardware not in NO_SATURATION
-    kwargs: dict = {"fast_bias_correction": bias_correction == "fast"}
+    kwargs: dict[str, Any] = {"fast_bias_correction": bias_correction == "fast"}
     if not saturates:
         kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)
     fix = "first-layer overflow fix" if saturates else f"no overflow fix ({profile.int8_hardware} INT8)"
-    kwargs["description"] = f"nncf.quantize (preset performance, {bias_correction} bias correction, {fix})"
-    return kwargs
+    return QuantizeSettings(kwargs, f"nncf.quantize (preset performance, {bias_correction} bias correction, {fix})")
 
 
 def _nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Progress | None,
-                   settings: dict) -> ov.Model:  # fmt: skip
+                   settings: QuantizeSettings) -> ov.Model:  # fmt: skip
     import nncf  # heavy: imported only when calibrating
 
     nncf.set_log_level(logging.ERROR)
     if progress:
         progress("nncf.quantize", 0, 1)
-    kwargs = {k: v for k, v in settings.items() if k != "description"}
     try:
-        q = nncf.quantize(model.clone(), nncf.Dataset(data), subset_size=len(data), **kwargs)
+        q = nncf.quantize(model.clone(), nncf.Dataset(data), subset_size=len(data), **settings.kwargs)
     except Exception as exc:  # NNCF raises many types; translate them all at this boundary
         raise CalibrationError(f"nncf.quantize failed: {type(exc).__name__}: {exc}") from exc
     if progress:

@@ -74,8 +74,8 @@ def test_forced_int8_matches_plain_nncf_within_0_2_pt(fm):
     model = ov.Core().read_model(apsq_ov.embedded_model())
     model.reshape([1, 1, 28, 28])
     settings = quantize_settings(load_profile("CPU"))
-    assert apsq_ov.Package.load(fm["pkg"]).manifest.calibration["quantizer"] == settings.pop("description")
-    q = nncf.quantize(model, nncf.Dataset([x[None] for x in fm["x_train"]]), subset_size=300, **settings)
+    assert apsq_ov.Package.load(fm["pkg"]).manifest.calibration["quantizer"] == settings.description
+    q = nncf.quantize(model, nncf.Dataset([x[None] for x in fm["x_train"]]), subset_size=300, **settings.kwargs)
     nncf_acc = float(np.mean(plain(q, fm["x"]).argmax(1) == fm["y"]))
     assert abs(summary["accuracy"] - nncf_acc) <= 0.002, (summary["accuracy"], nncf_acc)
 
