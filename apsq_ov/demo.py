@@ -51,7 +51,7 @@ def run_demo(
     """
     import nncf
 
-    from apsq_ov.calibrate import CalibrationConfig, calibrate, sample_order
+    from apsq_ov.calibrate import CalibrationConfig, calibrate, quantize_settings, sample_order
     from apsq_ov.runtime import compile_model
 
     out = Path(out_dir)
@@ -75,11 +75,14 @@ def run_demo(
     latency_cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     static = core.read_model(embedded_model())
     static.reshape([1, 1, 28, 28])
-    config = package.manifest.calibration
+    m = package.manifest
+    config = m.calibration
     same_subset = pick[sample_order(len(pick), config["seed"])[: config["subset_size"]]]  # what NNCF saw in calibrate
-    int8 = nncf.quantize(
-        static.clone(), nncf.Dataset([x_train[i : i + 1] for i in same_subset]), subset_size=len(same_subset)
-    )
+    subset = nncf.Dataset([x_train[i : i + 1] for i in same_subset])
+    int8 = nncf.quantize(static.clone(), subset, subset_size=len(same_subset))
+    # The same, with the settings calibration gave NNCF (apsq-ov's INT8 route is this graph)
+    settings = quantize_settings(m.profile)
+    int8_apsq = nncf.quantize(static.clone(), subset, subset_size=len(same_subset), **settings.kwargs)
     configs: list[tuple[str, Any]] = [
         (
             "OpenVINO FP32 (static)",
@@ -89,10 +92,12 @@ def run_demo(
             "OpenVINO BF16 (static)",
             core.compile_model(static, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "bf16"}),
         ),
-        ("NNCF INT8 (static)", core.compile_model(int8, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "f32"})),
-    ]
+        ("NNCF INT8 (static, NNCF defaults)",
+         core.compile_model(int8, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "f32"})),
+        (f"NNCF INT8 (static; {settings.description[settings.description.index('(') + 1 : -1]})",
+         core.compile_model(int8_apsq, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "f32"})),
+    ]  # fmt: skip
     adaptive = compile_model(package, "CPU", latency_cfg)
-    m = package.manifest
     default = adaptive.plan(max_drop=m.default_max_drop)
     policies: list[tuple[str, dict[str, Any]]] = [
         (f"apsq-ov static level, max-drop {lv.max_drop:g}" + (" (default)" if i == default.level else ""),
