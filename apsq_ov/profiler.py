@@ -149,6 +149,11 @@ def _cpu_info() -> tuple[str, set[str]]:
     return model or platform.processor() or platform.machine(), flags
 
 
+def host_int8_hardware() -> str:
+    """This machine's CPU INT8 hardware, as a profile names it (``VNNI``, ``AMX``, ``INT8 without VNNI …``)."""
+    return _int8_hardware("CPU", ["INT8"], _cpu_info()[1])
+
+
 def _int8_hardware(plugin: str, caps: Sequence[str], flags: set[str]) -> str:
     if "INT8" not in caps:
         return "none"

@@ -49,6 +49,7 @@ import apsq_ov
 from apsq_ov import bench
 from apsq_ov.calibrate import CalibrationConfig, calibrate, quantize_settings, sample_order
 from apsq_ov.datasets import cer, ctc_greedy_decode, load_fashion_mnist, render_text_lines
+from apsq_ov.profiler import host_int8_hardware
 from apsq_ov.profiles import load_profile
 from apsq_ov.shifts import CALIBRATION
 
@@ -76,7 +77,7 @@ def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> ap
 
 def _settings() -> dict[str, Any]:
     """The ``nncf.quantize`` arguments apsq-ov calibrates with on this machine (no ``description``)."""
-    return quantize_settings(load_profile("CPU")).kwargs
+    return quantize_settings(load_profile("CPU"), host_int8_hardware=host_int8_hardware()).kwargs
 
 
 def _cached(name: str, reuse: bool, build: Any) -> ov.Model:

@@ -45,6 +45,7 @@ from apsq_ov.package import (
     write_package,
 )
 from apsq_ov.precision import Precision
+from apsq_ov.profiler import host_int8_hardware
 from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, choose_body, level_for
 from apsq_ov.runtime import AdaptiveInferRequest, compile_adaptive
@@ -229,7 +230,9 @@ def calibrate_model(
         return [samples.sample(int(i), batch) for i in idx]
 
     q_model = None
-    settings = quantize_settings(profile, config.bias_correction)
+    # Where the package targets this machine's CPU, its own INT8 hardware must not saturate either.
+    host = host_int8_hardware() if _runs_here(config.device, profile) else None
+    settings = quantize_settings(profile, config.bias_correction, host)
     if Precision.INT8 in precisions:
         q_model = _nncf_quantize(model, batches(calib_idx), progress, settings)
     q4_model = _nncf_compress_int4(model, progress) if Precision.INT4 in precisions else None
@@ -624,22 +627,29 @@ class QuantizeSettings:
     description: str
 
 
-def quantize_settings(profile: DeviceProfile, bias_correction: str = "full") -> QuantizeSettings:
+def quantize_settings(
+    profile: DeviceProfile, bias_correction: str = "full", host_int8_hardware: str | None = None
+) -> QuantizeSettings:
     """The ``nncf.quantize`` settings for ``profile``'s device.
 
     NNCF's default overflow fix quantizes the first layer's weights to 7 bits against the saturation of
-    pre-VNNI CPUs; where the profile's INT8 hardware cannot saturate (or the device is a GPU) it is off.
+    pre-VNNI CPUs; where the profile's INT8 hardware cannot saturate (or the device is a GPU) it is off,
+    unless ``host_int8_hardware`` (this machine's CPU, when the package targets it) says it can.
     ``full`` bias correction (``fast_bias_correction=False``) re-estimates each bias on the quantized
     model's own activations. Measured on EfficientNet-Lite0 (500 fresh crops, this machine): top-1
     agreement with FP32 83.0% (NNCF's defaults) → 91.6% (both), the same latency (1.00x).
     """
     import nncf
 
-    saturates = not profile.device.startswith("GPU") and profile.int8_hardware not in NO_SATURATION
+    saturates = not profile.device.startswith("GPU") and (
+        profile.int8_hardware not in NO_SATURATION
+        or (host_int8_hardware is not None and host_int8_hardware not in NO_SATURATION)
+    )
     kwargs: dict[str, Any] = {"fast_bias_correction": bias_correction == "fast"}
     if not saturates:
         kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)
-    fix = "first-layer overflow fix" if saturates else f"no overflow fix ({profile.int8_hardware} INT8)"
+    hw = host_int8_hardware if saturates and host_int8_hardware is not None else profile.int8_hardware
+    fix = f"first-layer overflow fix ({hw} INT8)" if saturates else f"no overflow fix ({hw} INT8)"
     return QuantizeSettings(kwargs, f"nncf.quantize (preset performance, {bias_correction} bias correction, {fix})")
 
 

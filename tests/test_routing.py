@@ -127,5 +127,8 @@ def test_quantize_settings_follow_the_profiles_int8_hardware():
                             "fast")  # fmt: skip
     assert old.kwargs == {"fast_bias_correction": True}
     assert "first-layer overflow fix" in old.description and "fast bias correction" in old.description
+    host = quantize_settings(cpu, host_int8_hardware="INT8 without VNNI (no vnni flag in /proc/cpuinfo)")
+    assert "advanced_parameters" not in host.kwargs  # a VNNI profile, calibrated for a CPU without VNNI
+    assert "advanced_parameters" in quantize_settings(cpu, host_int8_hardware="AMX").kwargs
     gen11 = load_profile("GPU", "GPU.gen11")  # no INT8 hardware at all, but a GPU: no saturation
     assert "advanced_parameters" in quantize_settings(gen11).kwargs
