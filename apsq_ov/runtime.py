@@ -83,7 +83,10 @@ class AdaptiveCompiledModel:
         self.device = device
         names = [out.get_any_name() if out.get_names() else "" for out in compiled.outputs]
         self._route_index = names.index(ROUTE_OUTPUT)
-        self._output_names = [n or f"output{i}" for i, n in enumerate(names) if i != self._route_index]
+        found = [n or f"output{i}" for i, n in enumerate(names) if i != self._route_index]
+        # The manifest's names are the model's as calibration read them (``output<i>`` where it had none);
+        # the IR written to disk may carry generated tensor names for those, so the manifest wins.
+        self._output_names = list(manifest.outputs) if len(manifest.outputs) == len(found) else found
         self._output_ports = [i for i in range(len(names)) if i != self._route_index]
         self._plans: dict[tuple, Plan] = {}
         fast = manifest.fast_route_codes

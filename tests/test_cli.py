@@ -246,3 +246,24 @@ def test_policy_errors_are_one_line(tiny_files, tmp_path):
     hold = one_line_error(run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "h",
                               "--router-hold", "sometimes"))  # fmt: skip
     assert "router hold" in hold and "'shifts'" in hold and not (tmp_path / "h").exists()
+
+
+def test_unnamed_model_output_keeps_the_manifests_name(tmp_path):
+    """A model whose output tensor has no name: the manifest calls it ``output0`` and so does ``infer``'s
+    npz, though the package IR on disk may carry a generated tensor name for it."""
+    from tests.models import conv_chain, save
+
+    model = conv_chain()
+    model.outputs[0].get_tensor().set_names(set())
+    src = save(model, tmp_path / "m.xml")
+    np.savez(tmp_path / "c.npz", x=conv_chain_data(16))
+    pkg = tmp_path / "pkg"
+    result = run("calibrate", src, "--data", tmp_path / "c.npz", "-o", pkg, "--subset-size", "16",
+                 "--drop-samples", "8", "--no-router")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((pkg / "apsq.json").read_text())["outputs"] == ["output0"]
+    inp, out = tmp_path / "in.npy", tmp_path / "out.npz"
+    np.save(inp, conv_chain_data(3, seed=5))
+    assert run("infer", pkg, "--input", inp, "--output", out).exit_code == 0
+    with np.load(out) as z:
+        assert z["output0"].shape == (3, 4)
