@@ -103,9 +103,8 @@ def adaptive_rows(pkg: Package, rows: list[dict[str, Any]]) -> list[dict[str, An
     measured static or cascade configurations, so its rows are copies of those, renamed."""
     m = pkg.manifest
     by_name = {r["name"]: r for r in rows}
-    budgets = {lv.max_drop for lv in m.levels} | {p.max_drop for p in (m.router.points if m.router else [])}
     out = []
-    for d in sorted(budgets):
+    for d in m.budgets:
         body = choose_body(m, d)
         point = m.router.point_for(d) if m.router is not None else None
         src = (f"apsq cascade {point.max_drop:g}" if body.level == m.cascade_level and point is not None
@@ -294,7 +293,7 @@ def _throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: n
         queues[name] = _queue(core.compile_model(m, "CPU", {**THROUGHPUT, "INFERENCE_PRECISION_HINT": hint}), None)
     adaptive = compile_model(pkg, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}, core=core)
     m = pkg.manifest
-    budgets = sorted({lv.max_drop for lv in m.levels} | {p.max_drop for p in (m.router.points if m.router else [])})
+    budgets = m.budgets
     same: dict[str, str] = {}  # budget name → the name of the budget that runs the same body and τ
     bodies: dict[Any, str] = {}
     for d in budgets:

@@ -51,8 +51,7 @@ def run_demo(
     """
     import nncf
 
-    from apsq_ov.calibrate import CalibrationConfig, calibrate, quantize_settings, sample_order
-    from apsq_ov.profiler import host_int8_hardware
+    from apsq_ov.calibrate import CalibrationConfig, calibrate, calibration_quantize_settings, sample_order
     from apsq_ov.runtime import compile_model
 
     out = Path(out_dir)
@@ -82,7 +81,7 @@ def run_demo(
     subset = nncf.Dataset([x_train[i : i + 1] for i in same_subset])
     int8 = nncf.quantize(static.clone(), subset, subset_size=len(same_subset))
     # The same, with the settings calibration gave NNCF (apsq-ov's INT8 route is this graph)
-    settings = quantize_settings(m.profile, host_int8_hardware=host_int8_hardware())
+    settings = calibration_quantize_settings(profile=m.profile)
     int8_apsq = nncf.quantize(static.clone(), subset, subset_size=len(same_subset), **settings.kwargs)
     configs: list[tuple[str, Any]] = [
         (

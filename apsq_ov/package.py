@@ -356,6 +356,12 @@ class Manifest:
         return None if self.router is None else len(self.levels)
 
     @property
+    def budgets(self) -> list[float]:
+        """Every max_drop the package has a level or a cascade threshold for, ascending."""
+        points = self.router.points if self.router is not None else []
+        return sorted({lv.max_drop for lv in self.levels} | {p.max_drop for p in points})
+
+    @property
     def fast_route_codes(self) -> list[int] | None:
         """The route (precision code per routed op) of the cascade's fast level: what ``apsq_route``
         reads when the router does not escalate (None without a router)."""

@@ -12,7 +12,7 @@ Models and data (DATA.md; everything installs offline from the README's commands
   (CER); needs ``pip install --no-deps rapidocr-onnxruntime==1.4.4``.
 
 Methods (``apsq_ov.bench``): plain OpenVINO FP32, BF16 (bf16 hint), NNCF INT8 (``nncf.quantize`` with NNCF's
-defaults, and with the settings apsq-ov calibrates with: ``apsq_ov.calibrate.quantize_settings`` — full bias
+defaults, and with the settings apsq-ov calibrates with: ``apsq_ov.calibrate.calibration_quantize_settings`` — full bias
 correction, no overflow fix on VNNI), NNCF ``quantize_with_accuracy_control`` at max_drop 0.005 / 0.01 / 0.02
 with those same settings (same calibration data; validation on a held-out part of it, the task metric);
 apsq-ov forced to each precision; apsq-ov's best static per-op
@@ -47,10 +47,8 @@ from rich.console import Console
 
 import apsq_ov
 from apsq_ov import bench
-from apsq_ov.calibrate import CalibrationConfig, calibrate, quantize_settings, sample_order
+from apsq_ov.calibrate import CalibrationConfig, calibrate, calibration_quantize_settings, sample_order
 from apsq_ov.datasets import cer, ctc_greedy_decode, load_fashion_mnist, render_text_lines
-from apsq_ov.profiler import host_int8_hardware
-from apsq_ov.profiles import load_profile
 from apsq_ov.shifts import CALIBRATION
 
 HERE = Path(__file__).resolve().parent
@@ -77,7 +75,7 @@ def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> ap
 
 def _settings() -> dict[str, Any]:
     """The ``nncf.quantize`` arguments apsq-ov calibrates with on this machine (no ``description``)."""
-    return quantize_settings(load_profile("CPU"), host_int8_hardware=host_int8_hardware()).kwargs
+    return calibration_quantize_settings().kwargs
 
 
 def _cached(name: str, reuse: bool, build: Any) -> ov.Model:

@@ -43,12 +43,10 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import apsq_ov  # noqa: E402
-from apsq_ov.calibrate import CalibrationConfig, calibrate, quantize_settings, sample_order  # noqa: E402
+from apsq_ov.calibrate import CalibrationConfig, calibrate, calibration_quantize_settings, sample_order  # noqa: E402
 from apsq_ov.cli import app  # noqa: E402
 from apsq_ov.datasets import cer, ctc_greedy_decode, load_fashion_mnist, render_text_lines  # noqa: E402
 from apsq_ov.precision import Precision  # noqa: E402
-from apsq_ov.profiler import host_int8_hardware  # noqa: E402
-from apsq_ov.profiles import load_profile  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 console = Console()
@@ -152,7 +150,7 @@ def nncf_accuracy_control(case: Case, held: np.ndarray) -> dict[str, Any]:
         return float(np.mean(scores))
 
     # the same nncf.quantize settings calibration used (full bias correction, no overflow fix on VNNI)
-    settings = quantize_settings(load_profile("CPU"), case.config.bias_correction, host_int8_hardware()).kwargs
+    settings = calibration_quantize_settings(case.config).kwargs
     t0 = time.perf_counter()
     nncf.quantize_with_accuracy_control(
         model, calib, nncf.Dataset(items), validate, max_drop=case.ac_max_drop, drop_type=nncf.DropType.ABSOLUTE,

@@ -3,7 +3,15 @@ default policy → the package. Read in this order: :mod:`.pipeline` (the phases
 :mod:`.sensitivity` (scores), :mod:`.variants` (the adaptive IR).
 """
 
-from .pipeline import CalibrationConfig, calibrate, calibrate_model, quantize_settings, read_model, sample_order
+from .pipeline import (
+    CalibrationConfig,
+    calibrate,
+    calibrate_model,
+    calibration_quantize_settings,
+    quantize_settings,
+    read_model,
+    sample_order,
+)
 from .sensitivity import SensitivityMetric
 
 __all__ = [
@@ -11,6 +19,7 @@ __all__ = [
     "SensitivityMetric",
     "calibrate",
     "calibrate_model",
+    "calibration_quantize_settings",
     "quantize_settings",
     "read_model",
     "sample_order",

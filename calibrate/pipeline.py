@@ -230,9 +230,7 @@ def calibrate_model(
         return [samples.sample(int(i), batch) for i in idx]
 
     q_model = None
-    # Where the package targets this machine's CPU, its own INT8 hardware must not saturate either.
-    host = host_int8_hardware() if _runs_here(config.device, profile) else None
-    settings = quantize_settings(profile, config.bias_correction, host)
+    settings = calibration_quantize_settings(config, profile)
     if Precision.INT8 in precisions:
         q_model = _nncf_quantize(model, batches(calib_idx), progress, settings)
     q4_model = _nncf_compress_int4(model, progress) if Precision.INT4 in precisions else None
@@ -651,6 +649,18 @@ def quantize_settings(
     hw = host_int8_hardware if saturates and host_int8_hardware is not None else profile.int8_hardware
     fix = f"first-layer overflow fix ({hw} INT8)" if saturates else f"no overflow fix ({hw} INT8)"
     return QuantizeSettings(kwargs, f"nncf.quantize (preset performance, {bias_correction} bias correction, {fix})")
+
+
+def calibration_quantize_settings(
+    config: CalibrationConfig | None = None, profile: DeviceProfile | None = None
+) -> QuantizeSettings:
+    """The settings :func:`calibrate` gives ``nncf.quantize`` for ``config`` (default: the defaults) and
+    its device's profile: where the package targets this machine's CPU, the host's own INT8 hardware
+    must not saturate either. What baselines meant to match apsq-ov's INT8 route should use."""
+    config = config or CalibrationConfig()
+    profile = profile or load_profile(config.device, config.profile)
+    host = host_int8_hardware() if _runs_here(config.device, profile) else None
+    return quantize_settings(profile, config.bias_correction, host)
 
 
 def _nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Progress | None,

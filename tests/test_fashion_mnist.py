@@ -67,14 +67,12 @@ def test_forced_fp32_equals_plain_openvino_fp32(fm):
 
 def test_forced_int8_matches_plain_nncf_within_0_2_pt(fm):
     """Forced INT8 = ``nncf.quantize`` with the settings calibration used (the manifest names them)."""
-    from apsq_ov.calibrate import quantize_settings
-    from apsq_ov.profiler import host_int8_hardware
-    from apsq_ov.profiles import load_profile
+    from apsq_ov.calibrate import calibration_quantize_settings
 
     summary, _ = infer(fm, "int8", "--precision", "int8")
     model = ov.Core().read_model(apsq_ov.embedded_model())
     model.reshape([1, 1, 28, 28])
-    settings = quantize_settings(load_profile("CPU"), host_int8_hardware=host_int8_hardware())
+    settings = calibration_quantize_settings()
     assert apsq_ov.Package.load(fm["pkg"]).manifest.calibration["quantizer"] == settings.description
     q = nncf.quantize(model, nncf.Dataset([x[None] for x in fm["x_train"]]), subset_size=300, **settings.kwargs)
     nncf_acc = float(np.mean(plain(q, fm["x"]).argmax(1) == fm["y"]))
