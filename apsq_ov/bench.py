@@ -10,9 +10,13 @@ precisions); ``benchmarks/pareto.py`` adds plain OpenVINO FP32 / BF16, NNCF INT8
 Protocol (DESIGN.md §5): latency on 1 thread, LATENCY hint, f32 hint (precision in the graph), one
 request per method with its policy written beforehand, methods interleaved in blocks of consecutive
 inputs (every method sees every input; the order rotates per block), median and mean per input;
-throughput with an async queue on all cores (THROUGHPUT hint), the median of 5 interleaved rounds;
-quality against the FP32 reference on
-the *same* (shifted) inputs.
+throughput with an async queue on all cores (THROUGHPUT hint), the median of interleaved rounds;
+quality against the FP32 reference on the *same* (shifted) inputs.
+
+Every model is compiled ``compiles`` times (default 3) and the blocks (and throughput rounds) take
+the copies in turn: on this machine one graph compiled four times in one process ran at medians up to
+8% apart (each copy's memory lands differently), which is as large as the differences a table of
+INT8-class routes has to resolve. The median over inputs then spans every copy.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class Method:
     family: str
     request: ov.InferRequest
     max_drop: float | None = None
+    spares: list[ov.InferRequest] = field(default_factory=list)
+    """requests on other compiled copies of the same model, taken in turn block by block"""
     fast_codes: np.ndarray | None = None
     outputs: list[np.ndarray] = field(default_factory=list)
     index: list[int] = field(default_factory=list)
@@ -62,27 +68,42 @@ def _state(request: ov.InferRequest, values: dict[str, np.ndarray]) -> ov.InferR
     return request
 
 
-def package_methods(pkg: Package, *, bf16_reference: bool = True, forced: bool = True) -> list[Method]:
+def plain_method(name: str, family: str, model: ov.Model, hint: str, compiles: int = 1, core: ov.Core | None = None,
+                 state: dict[str, np.ndarray] | None = None) -> Method:  # fmt: skip
+    """A method running ``model`` as it is under the ``hint`` inference precision, compiled ``compiles`` times."""
+    core = core or ov.Core()
+    cfg = {**LATENCY, "INFERENCE_PRECISION_HINT": hint}
+    reqs = [_state(core.compile_model(model, "CPU", cfg).create_infer_request(), state or {})
+            for _ in range(max(compiles, 1))]  # fmt: skip
+    return Method(name, family, reqs[0], spares=reqs[1:])
+
+
+def package_methods(
+    pkg: Package, *, bf16_reference: bool = True, forced: bool = True, compiles: int = 1
+) -> list[Method]:
     """The methods a package runs: its FP32 level (f32 hint, and bf16 hint as the BF16 baseline), every
-    static level, the cascade at every budget that escalates some inputs, and forced precisions."""
+    static level, the cascade at every budget that escalates some inputs, and forced precisions (each
+    on ``compiles`` compiled copies of the package)."""
     from apsq_ov.runtime import compile_model
 
     m = pkg.manifest
     core = ov.Core()
-    compiled = compile_model(pkg, "CPU", LATENCY, core=core)
+    copies = [compile_model(pkg, "CPU", LATENCY, core=core) for _ in range(max(compiles, 1))]
     out: list[Method] = []
 
     def add(name: str, family: str, policy: dict[str, Any], max_drop: float | None = None) -> Method:
-        req = compiled.create_infer_request()
-        req.set_policy(**policy)
-        method = Method(name, family, req.request, max_drop)
+        reqs = []
+        for compiled in copies:
+            req = compiled.create_infer_request()
+            req.set_policy(**policy)
+            reqs.append(req.request)
+        method = Method(name, family, reqs[0], max_drop, spares=reqs[1:])
         out.append(method)
         return method
 
     if bf16_reference:
-        bf16 = core.compile_model(pkg.read_model(core), "CPU", {**LATENCY, "INFERENCE_PRECISION_HINT": "bf16"})
-        out.append(Method("package FP32 level, bf16 hint", "baseline",
-                          _state(bf16.create_infer_request(), {LEVEL_STATE: np.array(0, np.int32)})))  # fmt: skip
+        out.append(plain_method("package FP32 level, bf16 hint", "baseline", pkg.read_model(core), "bf16", compiles,
+                                core, {LEVEL_STATE: np.array(0, np.int32)}))  # fmt: skip
     for prec in m.precisions if forced else ():
         add(f"apsq forced {prec.value} (every op behind an If)", "apsq forced", {"precision": prec})
     for lv in m.levels:
@@ -120,8 +141,9 @@ def measure(methods: Sequence[Method], x: np.ndarray, *, block: int = 25, progre
     """Every input through every method, block by block (see the module docstring)."""
     clock = time.perf_counter
     for meth in methods:
-        for i in range(min(5, len(x))):
-            meth.request.infer([x[i : i + 1]])
+        for req in [meth.request, *meth.spares]:
+            for i in range(min(5, len(x))):
+                req.infer([x[i : i + 1]])
     task = None
     if progress is not None:
         task = progress.add_task(desc, total=len(x))
@@ -129,9 +151,11 @@ def measure(methods: Sequence[Method], x: np.ndarray, *, block: int = 25, progre
         k = b % len(methods)
         stop = min(start + block, len(x))
         for meth in [*methods[k:], *methods[:k]]:
+            reqs = [meth.request, *meth.spares]
+            req = reqs[b % len(reqs)]
             for i in range(start, stop):
                 t0 = clock()
-                res = meth.request.infer([x[i : i + 1]])
+                res = req.infer([x[i : i + 1]])
                 meth.ms.append((clock() - t0) * 1e3)
                 meth.outputs.append(np.array(res[0]))
                 meth.index.append(i)
@@ -235,6 +259,7 @@ def run_suite(
     progress: Any = None,
     throughput_s: float = 5.0,
     forced_shifts: Sequence[str] | None = None,
+    compiles: int = 3,
 ) -> dict[str, Any]:
     """Measure every method on ``x`` under each shift.
 
@@ -243,6 +268,7 @@ def run_suite(
     :param metric: ``accuracy``, ``agreement`` or the name of ``task``'s quality.
     :param forced_shifts: the shifts to measure forced precisions on (``None``: all). Every op behind its
         own If is slow on big models; its quality is the plain precision's.
+    :param compiles: compiled copies of every model, taken in turn (see the module docstring).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -250,7 +276,7 @@ def run_suite(
     lo, hi = float(x.min()), float(x.max())
     key = {"accuracy": "accuracy", "agreement": "agreement"}.get(metric, "task")
     result: dict[str, Any] = {"model": model_name, "metric": metric, "samples": int(len(x)), "package": str(pkg.path),
-                              "value_range": [lo, hi], "shifts": {}}  # fmt: skip
+                              "value_range": [lo, hi], "compiles": max(compiles, 1), "shifts": {}}  # fmt: skip
     plain: list[tuple[str, str, ov.Model, str]] = []
     if model is not None:
         plain += [("OpenVINO FP32", "baseline", model, "f32"), ("OpenVINO BF16 (bf16 hint)", "baseline", model, "bf16")]
@@ -260,10 +286,9 @@ def run_suite(
     with Progress(*cols, console=progress, disable=progress is None) as bar:
         for s in shifts:
             xs = apply_shift(x, s, lo, hi, seed=1)
-            methods = [Method(n, f, core.compile_model(m, "CPU", {**LATENCY, "INFERENCE_PRECISION_HINT": h})
-                              .create_infer_request()) for n, f, m, h in plain]  # fmt: skip
+            methods = [plain_method(n, f, m, h, compiles, core) for n, f, m, h in plain]
             forced = forced_shifts is None or s in forced_shifts
-            methods += package_methods(pkg, bf16_reference=model is None, forced=forced)
+            methods += package_methods(pkg, bf16_reference=model is None, forced=forced, compiles=compiles)
             measure(methods, xs, progress=bar, desc=f"{model_name} · {s} · {len(methods)} methods")
             ref = next(m for m in methods if m.name == "OpenVINO FP32" or (m.family == "apsq static mix"
                                                                            and m.max_drop == 0.0))  # fmt: skip
@@ -275,23 +300,26 @@ def run_suite(
             entry: dict[str, Any] = {"rows": rows, "seen_by_calibration": s in CALIBRATION,
                                      "dominance": dominance(rows, key)}  # fmt: skip
             if s == "clean" and throughput_s > 0:
-                entry["throughput"] = _throughputs(pkg, plain, xs, throughput_s)
+                entry["throughput"] = _throughputs(pkg, plain, xs, throughput_s, compiles=compiles)
             result["shifts"][s] = entry
     return result
 
 
 def _throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np.ndarray,
-                 seconds: float, rounds: int = 5) -> dict[str, float]:  # fmt: skip
+                 seconds: float, rounds: int = 6, compiles: int = 3) -> dict[str, float]:  # fmt: skip
     """Async throughput (all cores) of the static baselines and of the adaptive policy at each budget: the
     median of ``rounds`` runs of ``seconds / rounds`` each, the configurations interleaved round by round
-    (a shared machine's load drifts; each round sees it for every configuration)."""
+    (a shared machine's load drifts; each round sees it for every configuration), round ``r`` on compiled
+    copy ``r % compiles`` of each model."""
     from apsq_ov.runtime import AdaptiveInferRequest, compile_model
 
     core = ov.Core()
-    queues: dict[str, ov.AsyncInferQueue] = {}
+    k = max(compiles, 1)
+    queues: dict[str, list[ov.AsyncInferQueue]] = {}
     for name, _, m, hint in plain:
-        queues[name] = _queue(core.compile_model(m, "CPU", {**THROUGHPUT, "INFERENCE_PRECISION_HINT": hint}), None)
-    adaptive = compile_model(pkg, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}, core=core)
+        cfg = {**THROUGHPUT, "INFERENCE_PRECISION_HINT": hint}
+        queues[name] = [_queue(core.compile_model(m, "CPU", cfg), None) for _ in range(k)]
+    copies = [compile_model(pkg, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}, core=core) for _ in range(k)]
     m = pkg.manifest
     budgets = m.budgets
     same: dict[str, str] = {}  # budget name → the name of the budget that runs the same body and τ
@@ -303,19 +331,21 @@ def _throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: n
             same[name] = bodies[key]
             continue
         bodies[key] = name
+        queues[name] = []
+        for adaptive in copies:
 
-        def setup(req: ov.InferRequest, d: float = d) -> None:
-            AdaptiveInferRequest(adaptive, req).set_policy(max_drop=d)
+            def setup(req: ov.InferRequest, d: float = d, adaptive: Any = adaptive) -> None:
+                AdaptiveInferRequest(adaptive, req).set_policy(max_drop=d)
 
-        queues[name] = _queue(adaptive.compiled_model, setup)
-    rates: dict[str, list[float]] = {k: [] for k in queues}
+            queues[name].append(_queue(adaptive.compiled_model, setup))
+    rates: dict[str, list[float]] = {n: [] for n in queues}
     names = list(queues)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            rates[name].append(_rate(queues[name], x, seconds / rounds))
-    out = {k: float(np.median(v)) for k, v in rates.items()}
-    out |= {k: out[v] for k, v in same.items()}
-    return {k: out[k] for k in [*[n for n, *_ in plain], *[f"apsq adaptive {d:g}" for d in budgets]]}
+            rates[name].append(_rate(queues[name][r % k], x, seconds / rounds))
+    out = {n: float(np.median(v)) for n, v in rates.items()}
+    out |= {n: out[v] for n, v in same.items()}
+    return {n: out[n] for n in [*[n for n, *_ in plain], *[f"apsq adaptive {d:g}" for d in budgets]]}
 
 
 # ------------------------------------------------------------------------------------------- reports
@@ -332,8 +362,10 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
              f"(OpenVINO {result.get('openvino')}).",
              "Latency: 1 thread, LATENCY hint, f32 hint, median over all inputs (mean beside it), methods "
              "interleaved in blocks of 25 inputs; ratios against NNCF INT8 in the same run. Throughput: async "
-             "queue, all cores, THROUGHPUT hint, clean data, median of 5 interleaved rounds. ★ = on the Pareto "
-             "front of that table. "
+             "queue, all cores, THROUGHPUT hint, clean data, median of 6 interleaved rounds. Every model compiled "
+             + ", ".join(sorted({f"{r.get('compiles', 1)}x" for r in result.get("models", {}).values()}))
+             + ", the blocks and rounds taking the copies in turn (one graph compiled twice can run several % "
+             "apart). ★ = on the Pareto front of that table. "
              "Shifts marked *seen* are kinds the router was fitted on (milder copies of the calibration data: "
              + ", ".join(f"{k} {v:g}" for k, v in result.get("calibration_shifts", {}).items()) + "); the others "
              "calibration never saw.", ""]  # fmt: skip

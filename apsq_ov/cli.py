@@ -597,9 +597,14 @@ def bench(
     ] = None,
     throughput_seconds: Annotated[
         float,
-        typer.Option(min=0.0, help="Seconds of async throughput per method on clean data, in 5 interleaved "
+        typer.Option(min=0.0, help="Seconds of async throughput per method on clean data, in 6 interleaved "
                      "rounds (median reported; 0: skip)."),  # fmt: skip
     ] = 1.0,
+    compiles: Annotated[
+        int,
+        typer.Option(min=1, help="Compile every model this many times and take the copies in turn: one graph "
+                     "compiled twice can run several % apart, as much as INT8-class routes differ."),  # fmt: skip
+    ] = 3,
 ) -> None:
     """Measure every configuration the package offers — FP32 level (f32 and bf16 hints), each static
     per-op mix, the cascade and the adaptive policy at each budget, forced precisions — on clean and
@@ -624,7 +629,7 @@ def bench(
     metric = "accuracy" if labels is not None else "agreement"
     result = bench_mod.run_suite(m.source_model.get("name", str(package)), pkg, None, {}, x, shifts, labels=labels,
                                  metric=metric, progress=None if json_out else out,
-                                 throughput_s=throughput_seconds)  # fmt: skip
+                                 throughput_s=throughput_seconds, compiles=compiles)  # fmt: skip
     key = metric
     if plot is not None:
         for s, entry in result["shifts"].items():

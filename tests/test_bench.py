@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import openvino as ov
 from typer.testing import CliRunner
 
-from apsq_ov.bench import dominance, pareto_flags
+from apsq_ov.bench import dominance, measure, package_methods, pareto_flags, plain_method
 from apsq_ov.cli import app
 from tests.models import conv_chain_data
 
@@ -38,10 +39,14 @@ def test_bench_cli_json_and_plots(tiny_files, tmp_path):
     np.savez(data, x=conv_chain_data(30, seed=5))
     png = tmp_path / "p.png"
     result = runner.invoke(app, ["bench", str(tiny_files["package"].path), "--data", str(data), "--shift", "noise",
-                                 "--json", "--plot", str(png), "--throughput-seconds", "0"])  # fmt: skip
+                                 "--json", "--plot", str(png), "--throughput-seconds", "0.3",
+                                 "--compiles", "2"])  # fmt: skip
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert set(doc["shifts"]) == {"clean", "noise"} and doc["samples"] == 30
+    assert set(doc["shifts"]) == {"clean", "noise"} and doc["samples"] == 30 and doc["compiles"] == 2
+    tp = doc["shifts"]["clean"]["throughput"]
+    assert {f"apsq adaptive {d:g}" for d in tiny_files["package"].manifest.budgets} == set(tp)
+    assert all(v > 0 for v in tp.values())
     rows = {r["name"]: r for r in doc["shifts"]["clean"]["rows"]}
     m = tiny_files["package"].manifest
     assert {f"apsq static mix {lv.max_drop:g}" for lv in m.levels} <= set(rows)
@@ -51,3 +56,32 @@ def test_bench_cli_json_and_plots(tiny_files, tmp_path):
     assert doc["shifts"]["noise"]["seen_by_calibration"] and png.is_file() and (tmp_path / "p-noise.png").is_file()
     bad = runner.invoke(app, ["bench", str(tiny_files["package"].path), "--data", str(data), "--shift", "fog"])
     assert bad.exit_code == 2 and "fog" in bad.output
+
+
+class _Counting:
+    """A real OpenVINO request that counts its inferences (to see which compiled copy ran a block)."""
+
+    def __init__(self, request: ov.InferRequest) -> None:
+        self.request, self.calls = request, 0
+
+    def infer(self, inputs):
+        self.calls += 1
+        return self.request.infer(inputs)
+
+
+def test_measure_takes_every_compiled_copy_in_turn(tiny_files):
+    x = conv_chain_data(100, seed=6)
+    plain = plain_method("FP32", "baseline", ov.Core().read_model(tiny_files["model"]), "f32", compiles=3)
+    pkg_methods = package_methods(tiny_files["package"], bf16_reference=False, forced=False, compiles=2)
+    assert len(plain.spares) == 2 and all(len(m.spares) == 1 for m in pkg_methods)
+    methods = [plain, pkg_methods[0]]
+    counters = [[_Counting(r) for r in (m.request, *m.spares)] for m in methods]
+    for m, c in zip(methods, counters, strict=True):
+        m.request, m.spares = c[0], c[1:]  # type: ignore[assignment]
+    measure(methods, x, block=25)  # 4 blocks: copies 0, 1, 2, 0 (plain) and 0, 1, 0, 1 (package)
+    assert [c.calls for c in counters[0]] == [5 + 50, 5 + 25, 5 + 25]
+    assert [c.calls for c in counters[1]] == [5 + 50, 5 + 50]
+    ref = ov.Core().compile_model(tiny_files["model"], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    expect = np.stack([ref(x[i : i + 1])[0] for i in range(len(x))])
+    got = np.stack(plain.outputs)[np.argsort(plain.index)]
+    assert np.allclose(got, expect, rtol=1e-5, atol=1e-6)  # every copy computes the same model
