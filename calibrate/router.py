@@ -5,7 +5,8 @@ Where it sits in the data flow: calibration's last phase, after the levels are s
 (:mod:`.selection`). The *fast route* is the package's fastest level body, the *precise route*
 level 0 (plain FP32). Calibration runs the fast route on the calibration data and on shifted copies
 of it (:data:`CALIBRATION_SHIFTS`) with every candidate feature as an extra output, labels each input
-by whether the fast route's top-1 differs from FP32's, and fits a logistic risk over a few
+by the fraction of its output positions whose top-1 differs from FP32's (the levels' drop metric; for a
+classifier, whether its top-1 flips), and fits a logistic risk over a few
 ``(feature, op)`` terms chosen by cross-validated AUC under an in-graph cost cap
 (:func:`fit_router`). In the package IR the cascade body computes the same features and risk with
 graph ops (weights are constants, :func:`risk_output`) and re-runs the input on the precise route when
@@ -203,24 +204,40 @@ def log_features(raw: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(np.nan_to_num(raw, nan=0.0, posinf=1e30), 0.0) + EPS)
 
 
+def _soft(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a soft label ``y`` in [0, 1] as a positive of weight ``y`` and a negative of weight ``1 − y``
+    (rows, labels, weights; zero weights dropped): a 0/1 label stays exactly the row it was."""
+    y = np.asarray(y, np.float64)
+    rows = np.concatenate([np.arange(len(y)), np.arange(len(y))])
+    labels = np.concatenate([np.ones(len(y), int), np.zeros(len(y), int)])
+    weights = np.concatenate([y, 1.0 - y])
+    keep = weights > 0
+    return rows[keep], labels[keep], weights[keep]
+
+
 def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC of ``score`` for label ``y``; a soft label (a fraction of positions flipped) counts as that
+    weight of positive and the rest of negative (for 0/1 labels: the usual AUC)."""
     from sklearn.metrics import roc_auc_score
 
-    if y.min() == y.max():
+    rows, labels, weights = _soft(y)
+    if len(set(labels.tolist())) < 2:
         return float("nan")
-    return float(roc_auc_score(y, score))
+    return float(roc_auc_score(labels, np.asarray(score)[rows], sample_weight=weights))
 
 
 def _logistic(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """L2 logistic regression on standardised columns; weights and bias folded back to raw columns."""
+    """L2 logistic regression on standardised columns (soft labels as in :func:`_auc`: the fit then models
+    the per-position flip rate); weights and bias folded back to raw columns."""
     from sklearn.linear_model import LogisticRegression
 
     mu, sd = X.mean(0), X.std(0)
     sd[sd < 1e-12] = 1.0
     clf = LogisticRegression(C=1.0, max_iter=2000)
+    rows, labels, weights = _soft(y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        clf.fit((X - mu) / sd, y)
+        clf.fit(((X - mu) / sd)[rows], labels, sample_weight=weights)
     w = clf.coef_[0] / sd
     b = float(clf.intercept_[0] - np.sum(clf.coef_[0] * mu / sd))
     return w, b
@@ -232,11 +249,11 @@ def _cv_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5) ->
 
     n_groups = len(np.unique(groups))
     k = min(folds, n_groups)
-    if k < 2 or y.min() == y.max():
+    if k < 2 or y.min() == y.max() or not (y > 0).any() or not (y < 1).any():
         return float("nan")
     oof = np.zeros(len(y))
     for fit, test in GroupKFold(n_splits=k).split(X, y, groups):
-        if y[fit].min() == y[fit].max():
+        if not (y[fit] > 0).any() or not (y[fit] < 1).any():
             oof[test] = 0.0
             continue
         w, b = _logistic(X[fit], y[fit])
@@ -252,7 +269,7 @@ class FitData:
     """(rows, candidates) raw feature values"""
     keys: list[tuple[Feature, str | None]]
     flip: np.ndarray
-    """fast route top-1 ≠ FP32 top-1"""
+    """fast route top-1 ≠ FP32 top-1 (at any position)"""
     sample: np.ndarray
     """source calibration sample of each row"""
     shift: np.ndarray
@@ -261,6 +278,14 @@ class FitData:
     """row is in the held-out split (by source sample)"""
     elements: dict[str, int]
     """elements of each candidate op's input"""
+    weight: np.ndarray | None = None
+    """fraction of the output's positions whose top-1 differs (the levels' drop metric); ``None``: ``flip``"""
+
+    @property
+    def loss(self) -> np.ndarray:
+        """What the router predicts and a budget bounds, per row: the fraction of positions flipped (one
+        position: the flip itself)."""
+        return self.flip.astype(np.float64) if self.weight is None else np.asarray(self.weight, np.float64)
 
 
 def select_terms(
@@ -271,10 +296,10 @@ def select_terms(
     in-graph cost (Σ elements × passes of the op features) stays within ``cap_elements``."""
     fit = ~data.held_out
     X = log_features(data.raw[fit])
-    y, groups = data.flip[fit].astype(int), data.sample[fit]
+    y, groups = data.loss[fit], data.sample[fit]
     allowed = [j for j, (f, _) in enumerate(data.keys) if allow is None or f in allow]
     # Pre-screen on univariate AUC (sign-free) so the greedy loop stays small.
-    uni = {j: abs(_auc(y, X[:, j]) - 0.5) if y.min() != y.max() else 0.0 for j in allowed}
+    uni = {j: abs(np.nan_to_num(_auc(y, X[:, j]), nan=0.5) - 0.5) for j in allowed}
     pool = sorted(allowed, key=lambda j: -np.nan_to_num(uni[j]))[:24]
     chosen: list[int] = []
     best, spent = 0.5, 0.0
@@ -297,37 +322,44 @@ def select_terms(
     return chosen
 
 
+LABEL = "fast route top-1 differs from FP32 top-1"
+LABEL_POSITIONS = ("fraction of output positions whose fast-route top-1 differs from FP32's (soft label; the levels' "
+                   "drop metric)")  # fmt: skip
+
 CONFIDENCE = 0.9
 """A cascade point's τ keeps the disagreement it leaves within max_drop with this one-sided confidence
 (Clopper-Pearson upper bound on the calibration inputs): the point estimate on a few hundred inputs is
 optimistic exactly where the flips are few."""
 
 
-def upper_bound(k: int, n: int, confidence: float = CONFIDENCE) -> float:
-    """One-sided Clopper-Pearson upper bound of a rate observed as ``k`` of ``n``."""
+def upper_bound(k: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson upper bound of a rate observed as ``k`` of ``n`` (``k`` may be a sum of
+    per-input fractions in [0, 1]: the binomial bound with a fractional count)."""
     from scipy.stats import beta
 
     return 1.0 if k >= n else float(beta.ppf(confidence, k + 1, n - k))
 
 
 def thresholds(
-    risk: np.ndarray, flip: np.ndarray, budgets: Sequence[float], confidence: float = CONFIDENCE
+    risk: np.ndarray, loss: np.ndarray, budgets: Sequence[float], confidence: float = CONFIDENCE
 ) -> list[tuple[float, float, float, float]]:
-    """Per budget, the τ that escalates the fewest inputs while the flips it leaves un-escalated stay within
-    the budget (upper bound at ``confidence``): ``(budget, tau, escalation, residual drop)`` on these inputs.
-    Where no τ but escalating everything qualifies, τ = −NEVER (the precise route for every input)."""
+    """Per budget, the τ that escalates the fewest inputs while the loss it leaves un-escalated (flips, or
+    per input the fraction of positions flipped) stays within the budget (upper bound at ``confidence``):
+    ``(budget, tau, escalation, residual drop)`` on these inputs. Where no τ but escalating everything
+    qualifies, τ = −NEVER (the precise route for every input)."""
     n = len(risk)
+    loss = np.asarray(loss, np.float64)
     order = np.sort(np.unique(risk))[::-1]
     out = []
     for d in budgets:
         tau = -NEVER
         for t in [NEVER, *order]:  # lowering τ escalates more; stop at the first τ within budget
-            residual = int(np.sum(flip & (risk <= t)))
+            residual = float(np.sum(loss[risk <= t]))
             if upper_bound(residual, n, confidence) <= d + 1e-12:
                 tau = t
                 break
         esc = risk > tau
-        out.append((float(d), float(tau), float(np.mean(esc)) if n else 0.0, float(np.sum(flip & ~esc)) / max(n, 1)))
+        out.append((float(d), float(tau), float(np.mean(esc)) if n else 0.0, float(np.sum(loss[~esc])) / max(n, 1)))
     return out
 
 
@@ -347,15 +379,16 @@ def fit_router(
     if not chosen:
         return None, "no feature predicts a flip better than chance on the fit split"
     X = log_features(data.raw)
-    w, b = _logistic(X[fit][:, chosen], data.flip[fit].astype(int))
+    y = data.loss
+    w, b = _logistic(X[fit][:, chosen], y[fit])
     risk = X[:, chosen] @ w + b
-    y = data.flip.astype(int)
     quality: dict[str, Any] = {
-        "label": "fast route top-1 differs from FP32 top-1",
+        "label": LABEL if data.weight is None or np.array_equal(data.loss, data.flip) else LABEL_POSITIONS,
         "rows_fit": int(fit.sum()),
         "rows_held_out": int(held.sum()),
         "flip_rate_fit": float(y[fit].mean()),
         "flip_rate_held_out": float(y[held].mean()),
+        "any_position_flip_rate": float(data.flip.mean()),
         "auc_held_out": _auc(y[held], risk[held]),
         "auc_held_out_by_shift": {
             s: _auc(y[held & (data.shift == s)], risk[held & (data.shift == s)]) for s in sorted(set(data.shift))
@@ -436,7 +469,7 @@ def collect_fit_data(
     lo = [float(min(np.min(x[i]) for x in data)) for i in range(n_in)]
     hi = [float(max(np.max(x[i]) for x in data)) for i in range(n_in)]
     names = ["clean", *shifts]
-    raw, flip, sample, shift, held = [], [], [], [], []
+    raw, flip, weight, sample, shift, held = [], [], [], [], [], []
     total, done = len(data) * len(names), 0
     for s, x in enumerate(data):
         for k, name in enumerate(names):
@@ -448,7 +481,9 @@ def collect_fit_data(
             out = fast.infer([*xs, *extra])
             y_fast = np.asarray(out[0])
             raw.append([float(out[n_out + 1 + j]) for j in range(len(keys))])
-            flip.append(bool(np.any(y_ref.argmax(-1) != y_fast.argmax(-1))))
+            differs = y_ref.argmax(-1) != y_fast.argmax(-1)
+            flip.append(bool(np.any(differs)))
+            weight.append(float(np.mean(differs)))
             sample.append(s)
             shift.append(name)
             held.append(bool(held_out[s]))
@@ -457,7 +492,7 @@ def collect_fit_data(
                 progress(done, total)
     fit_data = FitData(
         raw=np.array(raw, np.float64), keys=keys, flip=np.array(flip), sample=np.array(sample),
-        shift=np.array(shift), held_out=np.array(held), elements=dict(elements),
+        shift=np.array(shift), held_out=np.array(held), elements=dict(elements), weight=np.array(weight),
     )  # fmt: skip
     return fit_data, probabilities
 
@@ -491,14 +526,14 @@ def cascade_points(
         if not rows.any():
             raise ValueError(f"hold: no calibration rows for {name!r} (have {sorted(set(data.shift))})")
         if name in hold:
-            got = thresholds(risk[rows], data.flip[rows], inner)
+            got = thresholds(risk[rows], data.loss[rows], inner)
             taus = np.minimum(taus, [t for _, t, _, _ in got])
     clean = data.shift == "clean"
-    rc, fc = risk[clean], data.flip[clean]
+    rc, fc = risk[clean], data.loss[clean]
     points = []
     for d, tau in zip(inner, taus, strict=True):
         esc = rc > tau
-        drop = float(np.sum(fc & ~esc)) / max(len(rc), 1)
+        drop = float(np.sum(fc[~esc])) / max(len(rc), 1)
         e = float(np.mean(esc)) if len(rc) else 0.0
         points.append(CascadePoint(d, float(tau), e, drop, fast_ms + e * (precise_ms + if_ms)))
     return points

@@ -11,6 +11,7 @@ from openvino import opset13 as ops
 
 from apsq_ov.calibrate.router import (
     FitData,
+    cascade_points,
     feature_output,
     fit_router,
     margin_output,
@@ -132,6 +133,46 @@ def test_fit_router_finds_the_margin_on_a_synthetic_signal():
     assert router is not None, reason
     assert router.terms[0].key == (Feature.MARGIN, None) and router.terms[0].weight < 0
     assert router.quality["auc_held_out"] > 0.75
+
+
+def test_sequence_outputs_are_labelled_by_the_fraction_of_positions_flipped():
+    """A 40-position output (as PP-OCR's) flips *some* position on most inputs. The router's label and
+    the budget are the fraction of positions flipped (the levels' drop metric): on 0/1 labels everything
+    is as before; on fractions the fit tracks the rate, and a budget the *any position* label could only
+    meet by escalating nearly everything holds with few escalations."""
+    from apsq_ov.calibrate.router import _auc, _logistic, upper_bound
+
+    rng = np.random.default_rng(3)
+    n, positions = 600, 40
+    margin = rng.uniform(0.0, 1.0, n)
+    rate = 0.01 + 0.3 * np.exp(-6 * margin)  # per-position flip probability: small margin → many flipped
+    flipped = rng.binomial(positions, rate)
+    weight = flipped / positions
+    flip = flipped > 0
+    assert flip.mean() > 0.6  # "any position flipped" is the common case
+    X = np.log(margin + 1e-6)[:, None]
+    w, _ = _logistic(X, weight)
+    assert w[0] < 0  # the soft-label fit follows the rate down the margin
+    from sklearn.metrics import roc_auc_score
+
+    assert _auc(flip.astype(float), -margin) == pytest.approx(roc_auc_score(flip, -margin))  # 0/1: the usual AUC
+    assert 0.5 < _auc(weight, -margin) <= 1.0
+    risk = -margin
+    ((d, tau, esc, drop),) = thresholds(risk, weight, [0.03])
+    kept = risk <= tau
+    assert upper_bound(float(weight[kept].sum()), n) <= d and drop == pytest.approx(weight[kept].sum() / n)
+    ((_, _, esc_any, _),) = thresholds(risk, flip, [0.03])
+    assert esc < 0.5 < esc_any  # the positions budget escalates a minority; "any position" nearly all
+    data = FitData(raw=margin[:, None], keys=[(Feature.MARGIN, None)], flip=flip, sample=np.arange(n),
+                   shift=np.array(["clean"] * n), held_out=np.arange(n) >= n // 2, elements={},
+                   weight=weight)  # fmt: skip
+    router, reason = fit_router(data, cap_elements=1e9, probabilities=False, ranges={}, fast_level=1,
+                                precise_level=0, shifts=[])  # fmt: skip
+    assert router is not None, reason
+    assert "fraction of output positions" in router.quality["label"]
+    assert router.quality["flip_rate_held_out"] == pytest.approx(weight[n // 2 :].mean())
+    (point,) = cascade_points(router, data, [0.03], fast_ms=1.0, precise_ms=2.0, if_ms=0.0)
+    assert point.escalation < 0.5
 
 
 def test_calibration_shifts_stay_in_range_and_change_the_data():
