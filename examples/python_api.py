@@ -35,12 +35,3 @@ for i in range(3):
 first_op = compiled.route_ops[0]
 result = request.infer(test_images[:1], precision="int8", precision_map={first_op: "fp32"})
 print("pinned route:", [p.value for p in result.route_precisions().values()])
-
-# Serving for throughput: the escalation cascade with its escalations run 8 at a time on the host.
-queue = apsq_ov.EscalationQueue(out, max_drop=0.01, batch=8)
-correct = []
-queue.set_callback(lambda res, i: correct.append(int(np.argmax(res["logits"])) == test_labels[i]))
-for i in range(1000):
-    queue.start_async({"images": test_images[i : i + 1]}, i)
-queue.wait_all()
-print(f"served 1000 images, {queue.escalated} escalated to FP32, accuracy {np.mean(correct):.3f}")
