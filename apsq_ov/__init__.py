@@ -23,7 +23,6 @@ from apsq_ov.errors import (
     ProfileError,
     UnsupportedPrecisionError,
 )
-from apsq_ov.escalation import EscalationQueue
 from apsq_ov.package import Package
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile, load_profile
@@ -54,7 +53,6 @@ __all__ = [
     "DataError",
     "DeviceError",
     "DeviceProfile",
-    "EscalationQueue",
     "ModelError",
     "Package",
     "PackageError",

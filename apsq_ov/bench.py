@@ -38,8 +38,6 @@ from apsq_ov.shifts import apply as apply_shift
 
 LATENCY = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
 THROUGHPUT = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
-ESCALATION_BATCH = 8
-"""Escalations per precise-route run in the throughput rows served by :class:`~apsq_ov.escalation.EscalationQueue`."""
 FAMILIES = ("baseline", "NNCF accuracy control", "apsq forced", "apsq static mix", "apsq cascade", "apsq adaptive")
 
 Task = Callable[[np.ndarray, np.ndarray], float]
@@ -206,7 +204,7 @@ def _queue(compiled: ov.CompiledModel, setup: Callable[[ov.InferRequest], None] 
     return queue
 
 
-def _rate(queue: Any, x: np.ndarray, seconds: float) -> float:
+def _rate(queue: ov.AsyncInferQueue, x: np.ndarray, seconds: float) -> float:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for i in range(len(x)):
@@ -313,12 +311,11 @@ def _throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: n
     median of ``rounds`` runs of ``seconds / rounds`` each, the configurations interleaved round by round
     (a shared machine's load drifts; each round sees it for every configuration), round ``r`` on compiled
     copy ``r % compiles`` of each model."""
-    from apsq_ov.escalation import EscalationQueue
     from apsq_ov.runtime import AdaptiveInferRequest, compile_model
 
     core = ov.Core()
     k = max(compiles, 1)
-    queues: dict[str, list[Any]] = {}  # AsyncInferQueue or EscalationQueue: both start_async(inputs) / wait_all()
+    queues: dict[str, list[ov.AsyncInferQueue]] = {}
     for name, _, m, hint in plain:
         cfg = {**THROUGHPUT, "INFERENCE_PRECISION_HINT": hint}
         queues[name] = [_queue(core.compile_model(m, "CPU", cfg), None) for _ in range(k)]
@@ -341,14 +338,6 @@ def _throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: n
                 AdaptiveInferRequest(adaptive, req).set_policy(max_drop=d)
 
             queues[name].append(_queue(adaptive.compiled_model, setup))
-    # Every cascade point that escalates some inputs, served by EscalationQueue (the cascade's fast route and
-    # precise route compiled apart, escalations batched on the host).
-    batched: list[str] = []
-    for p in m.router.points if m.router is not None else []:
-        if -NEVER < p.tau < NEVER:
-            name = f"apsq cascade {p.max_drop:g}, escalations batched ×{ESCALATION_BATCH}"
-            queues[name] = [EscalationQueue(pkg, p.max_drop, batch=ESCALATION_BATCH, core=core) for _ in range(k)]
-            batched.append(name)
     rates: dict[str, list[float]] = {n: [] for n in queues}
     names = list(queues)
     for r in range(rounds):
@@ -356,7 +345,7 @@ def _throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: n
             rates[name].append(_rate(queues[name][r % k], x, seconds / rounds))
     out = {n: float(np.median(v)) for n, v in rates.items()}
     out |= {n: out[v] for n, v in same.items()}
-    return {n: out[n] for n in [*[n for n, *_ in plain], *[f"apsq adaptive {d:g}" for d in budgets], *batched]}
+    return {n: out[n] for n in [*[n for n, *_ in plain], *[f"apsq adaptive {d:g}" for d in budgets]]}
 
 
 # ------------------------------------------------------------------------------------------- reports

@@ -177,10 +177,6 @@ class Level:
 
 TAU_STATE = "apsq/tau"
 """State variable: the cascade escalates an input when its risk (logit) exceeds this."""
-RISK_NODE = "apsq/cascade/risk"
-"""Friendly name of the risk (logit) node in the package IR's cascade body."""
-ESCALATE_NODE = "apsq/cascade/escalate"
-"""Friendly name of the cascade's ``If(risk > τ, precise route, fast outputs)``."""
 NEVER = 3.0e38
 """τ that never escalates (the state is f32)."""
 EPS = 1e-6

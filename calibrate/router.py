@@ -34,8 +34,11 @@ from openvino import opset13 as ops
 
 from apsq_ov import shifts
 from apsq_ov.errors import CalibrationError
-from apsq_ov.package import EPS, NEVER, RISK_NODE, CascadePoint, Feature, Router, Term
+from apsq_ov.package import EPS, NEVER, CascadePoint, Feature, Router, Term
 from apsq_ov.shifts import CALIBRATION
+
+RISK_NODE = "apsq/cascade/risk"
+"""Friendly name of the risk (logit) node in the package IR's cascade body."""
 
 OP_FEATURES = (Feature.AMAX_RATIO, Feature.CLIP_FRAC, Feature.STD_OVER_STEP, Feature.NEARZERO_FRAC)
 PASSES = {Feature.AMAX_RATIO: 2, Feature.CLIP_FRAC: 3, Feature.STD_OVER_STEP: 3, Feature.NEARZERO_FRAC: 3}

@@ -34,21 +34,10 @@ from openvino import opset13 as ops
 from openvino.op.util import Variable, VariableInfo
 
 from apsq_ov.errors import CalibrationError
-from apsq_ov.package import (
-    ESCALATE_NODE,
-    LEVEL_STATE,
-    LIMITS_STATE,
-    MODES_STATE,
-    NEVER,
-    RISK_NODE,
-    ROUTE_OUTPUT,
-    TAU_STATE,
-    OpChoice,
-    Router,
-)
+from apsq_ov.package import LEVEL_STATE, LIMITS_STATE, MODES_STATE, NEVER, ROUTE_OUTPUT, TAU_STATE, OpChoice, Router
 from apsq_ov.precision import Precision
 
-from .router import pre_quant_input, risk_output
+from .router import RISK_NODE, pre_quant_input, risk_output
 
 ROUTABLE_TYPES = ("Convolution", "GroupConvolution", "MatMul")
 _LOW_FLOAT = {Precision.BF16: "bf16", Precision.FP16: "f16"}
@@ -732,7 +721,7 @@ def _cascade_body(
     for o, q in zip(fast_outs, passthrough, strict=True):
         node.set_input(o, None, q)
     outs = [node.set_output(t, e) for t, e in zip(precise.get_results(), keep.get_results(), strict=True)]
-    node.set_friendly_name(ESCALATE_NODE)
+    node.set_friendly_name("apsq/cascade/escalate")
     results = [ops.result(o) for o in outs]
     results[-1].set_friendly_name("apsq/cascade/route")
     return ov.Model(results, params, "apsq/cascade")
