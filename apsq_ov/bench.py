@@ -300,12 +300,12 @@ def run_suite(
             entry: dict[str, Any] = {"rows": rows, "seen_by_calibration": s in CALIBRATION,
                                      "dominance": dominance(rows, key)}  # fmt: skip
             if s == "clean" and throughput_s > 0:
-                entry["throughput"] = _throughputs(pkg, plain, xs, throughput_s, compiles=compiles)
+                entry["throughput"] = throughputs(pkg, plain, xs, throughput_s, compiles=compiles)
             result["shifts"][s] = entry
     return result
 
 
-def _throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np.ndarray,
+def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np.ndarray,
                  seconds: float, rounds: int = 6, compiles: int = 3) -> dict[str, float]:  # fmt: skip
     """Async throughput (all cores) of the static baselines and of the adaptive policy at each budget: the
     median of ``rounds`` runs of ``seconds / rounds`` each, the configurations interleaved round by round
