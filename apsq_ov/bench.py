@@ -38,6 +38,9 @@ from apsq_ov.shifts import apply as apply_shift
 
 LATENCY = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
 THROUGHPUT = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
+NEVER_ROW = "apsq cascade, never escalating"
+"""The cascade at a budget whose τ never escalates (fast route + router): a static route in effect, so its
+rows carry no ``escalated`` and are not adaptive points in :func:`dominance`."""
 FAMILIES = ("baseline", "NNCF accuracy control", "apsq forced", "apsq static mix", "apsq cascade", "apsq adaptive")
 
 Task = Callable[[np.ndarray, np.ndarray], float]
@@ -116,6 +119,9 @@ def package_methods(
                 method = add(f"apsq cascade {p.max_drop:g}", "apsq cascade",
                              {"max_drop": p.max_drop, "policy": "cascade"}, p.max_drop)  # fmt: skip
                 method.fast_codes = fast
+        never = [p for p in m.router.points if p.tau >= NEVER]
+        if never:  # the fast route and the router, no escalation: what auto runs where it is the fastest body
+            add(NEVER_ROW, "apsq cascade", {"max_drop": never[0].max_drop, "policy": "cascade"}, never[0].max_drop)
     return out
 
 
@@ -128,8 +134,10 @@ def adaptive_rows(pkg: Package, rows: list[dict[str, Any]]) -> list[dict[str, An
     for d in m.budgets:
         body = choose_body(m, d)
         point = m.router.point_for(d) if m.router is not None else None
-        src = (f"apsq cascade {point.max_drop:g}" if body.level == m.cascade_level and point is not None
-               else f"apsq static mix {m.levels[body.level].max_drop:g}")  # fmt: skip
+        if body.level == m.cascade_level and point is not None:
+            src = NEVER_ROW if point.tau >= NEVER else f"apsq cascade {point.max_drop:g}"
+        else:
+            src = f"apsq static mix {m.levels[body.level].max_drop:g}"
         if src in by_name:
             out.append(by_name[src] | {"name": f"apsq adaptive {d:g}", "family": "apsq adaptive", "max_drop": d,
                                        "runs": src})  # fmt: skip
