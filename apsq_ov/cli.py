@@ -136,8 +136,9 @@ def calibrate(
     sensitivity: Annotated[
         str,
         typer.Option(
-            help="Sensitivity metric: qdfd (each op's own quantization error pushed through the network), "
-            "qnoise (RDFD gradient x local error, cheaper) or fd-gradient (priors)."
+            help="Sensitivity metric: qdfd (each op's own quantization error pushed through the network, read "
+            "as the output KL), task (the same, read as the task metric against the data's labels: accuracy, "
+            "or CER for a CTC output), qnoise (RDFD gradient x local error, cheaper) or fd-gradient (priors)."
         ),
     ] = "qdfd",
     sensitivity_samples: Annotated[
@@ -610,6 +611,7 @@ def bench(
     per-op mix, the cascade and the adaptive policy at each budget, forced precisions — on clean and
     shifted data: quality, median/mean latency (1 thread), async throughput and the Pareto front."""
     from apsq_ov import bench as bench_mod
+    from apsq_ov.datasets import ctc_error_rate
     from apsq_ov.inputs import load_arrays, match_inputs
     from apsq_ov.package import Package
     from apsq_ov.shifts import SHIFTS
@@ -627,8 +629,15 @@ def bench(
     x = samples.arrays[0][:limit]
     labels = None if samples.labels is None else np.asarray(samples.labels)[: len(x)]
     metric = "accuracy" if labels is not None else "agreement"
+    task = None
+    if labels is not None and labels.ndim == 2:  # class indices per position: a CTC sequence output, 1 − CER
+        sequences, labels, metric = labels, None, "1 - CER"
+
+        def task(y: np.ndarray, idx: np.ndarray) -> float:
+            return 1.0 - ctc_error_rate(list(y), [sequences[i][None] for i in idx])
+
     result = bench_mod.run_suite(m.source_model.get("name", str(package)), pkg, None, {}, x, shifts, labels=labels,
-                                 metric=metric, progress=None if json_out else out,
+                                 metric=metric, task=task, progress=None if json_out else out,
                                  throughput_s=throughput_seconds, compiles=compiles)  # fmt: skip
     key = metric
     if plot is not None:

@@ -8,7 +8,9 @@ calibrate/infer contract itself only sees ``.npz``/``.npy`` files.
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,8 +106,8 @@ def render_text_lines(n: int, *, width: int = 320, height: int = 48, seed: int =
     return np.stack(images).astype(np.float32), texts
 
 
-def cer(pred: str, truth: str) -> float:
-    """Character error rate: Levenshtein distance / len(truth)."""
+def cer(pred: Sequence[Any], truth: Sequence[Any]) -> float:
+    """Character error rate: Levenshtein distance / len(truth) (strings, or sequences of class indices)."""
     prev = list(range(len(truth) + 1))
     for i, a in enumerate(pred, start=1):
         cur = [i]
@@ -117,10 +119,46 @@ def cer(pred: str, truth: str) -> float:
 
 def ctc_greedy_decode(probs: np.ndarray, charset: list[str]) -> str:
     """Greedy CTC decode of one ``(T, C)`` PP-OCR output: index 0 is blank, the last index a space."""
-    idx = probs.argmax(-1)
-    chars, prev = [], 0
-    for i in idx:
+    return ctc_decode_indices(probs.argmax(-1), charset)
+
+
+def ctc_decode_indices(idx: np.ndarray, charset: list[str]) -> str:
+    """CTC decode of the ``(T,)`` top-1 class indices of a PP-OCR output (see :func:`ctc_greedy_decode`)."""
+    return "".join(charset[i - 1] if i - 1 < len(charset) else " " for i in ctc_collapse(idx))
+
+
+def ctc_collapse(idx: np.ndarray) -> list[int]:
+    """Greedy CTC path → label indices: repeats merged, then the blank (class 0) dropped."""
+    out, prev = [], 0
+    for i in np.asarray(idx).tolist():
         if i != prev and i != 0:
-            chars.append(charset[i - 1] if i - 1 < len(charset) else " ")
+            out.append(i)
         prev = i
-    return "".join(chars)
+    return out
+
+
+def ctc_error_rate(outputs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
+    """Mean character error rate of the greedy CTC decodes of ``(batch, T, classes)`` outputs against
+    ``(batch, L)`` label indices (−1 = padding; see :func:`ctc_labels`)."""
+    errors = [
+        cer(ctc_collapse(path), truth[truth >= 0].tolist())
+        for o, lab in zip(outputs, labels, strict=True)
+        for path, truth in zip(np.asarray(o).argmax(-1), np.asarray(lab), strict=True)
+    ]
+    return float(np.mean(errors))
+
+
+def ctc_labels(texts: Sequence[str], charset: list[str]) -> np.ndarray:
+    """Texts as PP-OCR class indices (``charset[k]`` is class ``k + 1``, a space the last class), ``(n, L)``
+    padded with −1: the ``labels`` array of a calibration ``.npz`` for a CTC sequence output."""
+    index = {c: k + 1 for k, c in enumerate(charset)}
+    rows = []
+    for t in texts:
+        missing = sorted({c for c in t if c != " " and c not in index})
+        if missing:
+            raise DataError(f"text {t!r}: characters {missing} are not in the model's charset")
+        rows.append([len(charset) + 1 if c == " " else index[c] for c in t])
+    out = np.full((len(rows), max((len(r) for r in rows), default=0)), -1, np.int64)
+    for k, r in enumerate(rows):
+        out[k, : len(r)] = r
+    return out

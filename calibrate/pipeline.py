@@ -29,6 +29,7 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
+from apsq_ov.datasets import ctc_error_rate
 from apsq_ov.errors import CalibrationError, ConfigError, ModelError, UnsupportedPrecisionError
 from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, static_shapes
 from apsq_ov.package import (
@@ -307,8 +308,13 @@ def calibrate_model(
     device = "CPU" if config.device.startswith(("GPU", "AUTO")) else config.device
     request = compile_adaptive(model, manifest, device).create_infer_request()
 
+    def labels_of(idx: np.ndarray) -> list[np.ndarray] | None:
+        if samples.labels is None:
+            return None
+        return [samples.labels[int(i) * batch : (int(i) + 1) * batch] for i in idx]
+
     def isolated_on_scoring_split(phase_progress: Callable[[int, int], None] | None) -> dict:
-        return isolated_losses(request, manifest.ops, batches(sens_idx), None, phase_progress)
+        return isolated_losses(request, manifest.ops, batches(sens_idx), labels_of(sens_idx), phase_progress)
 
     report = score_ops(
         fp32_model,
@@ -336,9 +342,7 @@ def calibrate_model(
         "inferences": report.inferences,
         "samples": len(sens_samples),
     }
-    labels = None
-    if samples.labels is not None:
-        labels = [samples.labels[int(i) * batch : (int(i) + 1) * batch] for i in drop_idx]
+    labels = labels_of(drop_idx)
     harm: dict[tuple[str, Precision], np.ndarray] = {}
     ground_truth = isolated_losses(
         request,
@@ -702,8 +706,10 @@ def quality_loss(outputs: list[np.ndarray], reference: list[np.ndarray], labels:
     """Loss of ``outputs`` vs the FP32 ``reference`` (first model output, one array per sample).
 
     ``top1``: fraction of positions whose argmax (last axis) differs; ``kl``: mean KL(ref ‖ out) over
-    positions; ``nmse``: ``Σ‖out − ref‖² / Σ‖ref‖²``; ``accuracy`` (with labels, classifier outputs):
-    FP32 accuracy minus this accuracy.
+    positions; ``nmse``: ``Σ‖out − ref‖² / Σ‖ref‖²``. With labels, ``task``, the task metric's loss: for a
+    classifier output ``(batch, classes)`` with a class per sample, ``accuracy`` = FP32 accuracy minus this
+    accuracy; for a CTC sequence output ``(batch, T, classes)`` with ``(batch, L)`` label indices (−1 pads;
+    blank = class 0), ``cer`` = this character error rate of the greedy decode minus FP32's.
     """
     top1 = np.mean([np.mean(top1_of(o) != top1_of(r)) for o, r in zip(outputs, reference, strict=True)])
     kl = np.mean(
@@ -719,7 +725,11 @@ def quality_loss(outputs: list[np.ndarray], reference: list[np.ndarray], labels:
         y = np.concatenate([np.asarray(lab).reshape(-1) for lab in labels])
         acc = np.mean(np.concatenate([top1_of(o) for o in outputs]) == y)
         ref_acc = np.mean(np.concatenate([top1_of(r) for r in reference]) == y)
-        loss["accuracy"] = float(ref_acc - acc)
+        loss["accuracy"] = loss["task"] = float(ref_acc - acc)
+    elif labels is not None and all(
+        np.asarray(o).ndim == 3 and np.ndim(lab) == 2 for o, lab in zip(outputs, labels, strict=True)
+    ):
+        loss["cer"] = loss["task"] = ctc_error_rate(outputs, labels) - ctc_error_rate(reference, labels)
     return loss
 
 

@@ -11,8 +11,9 @@ import openvino as ov
 import pytest
 
 import apsq_ov
-from apsq_ov.calibrate import CalibrationConfig, calibrate
-from apsq_ov.datasets import ctc_greedy_decode, render_text_lines
+from apsq_ov.calibrate import CalibrationConfig, SensitivityMetric, calibrate, sample_order
+from apsq_ov.datasets import cer, ctc_error_rate, ctc_greedy_decode, ctc_labels, render_text_lines
+from apsq_ov.errors import DataError
 
 
 def _rec_model() -> Path:
@@ -22,12 +23,25 @@ def _rec_model() -> Path:
     return Path(spec.origin).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
 
 
-def test_pp_ocrv4_rec_calibrates_and_forced_fp32_equals_plain_openvino(tmp_path):
+def _charset(onnx: Path) -> list[str]:
+    return ov.Core().read_model(onnx).get_rt_info(["framework", "character"]).astype(str).split("\n")
+
+
+@pytest.fixture(scope="module")
+def ocr(tmp_path_factory):
+    """PP-OCRv4 rec calibrated on 24 labelled lines with the task metric (CER against the labels)."""
+    root = tmp_path_factory.mktemp("ocr")
     onnx = _rec_model()
-    lines, _ = render_text_lines(16, seed=1)
-    np.savez(tmp_path / "calib.npz", inputs=lines)
-    pkg = calibrate(onnx, tmp_path / "calib.npz", tmp_path / "pkg",
-                    CalibrationConfig(subset_size=16, sensitivity_samples=6, drop_samples=6))  # fmt: skip
+    lines, texts = render_text_lines(24, seed=1)
+    np.savez(root / "calib.npz", inputs=lines, labels=ctc_labels(texts, _charset(onnx)))
+    pkg = calibrate(onnx, root / "calib.npz", root / "pkg",
+                    CalibrationConfig(subset_size=16, sensitivity_samples=16, drop_samples=6,
+                                      sensitivity=SensitivityMetric.TASK))  # fmt: skip
+    return {"onnx": onnx, "pkg": pkg, "lines": lines, "texts": texts}
+
+
+def test_pp_ocrv4_rec_calibrates_and_forced_fp32_equals_plain_openvino(ocr):
+    onnx, pkg = ocr["onnx"], ocr["pkg"]
     types = {op.type for op in pkg.manifest.ops}
     assert {"Convolution", "GroupConvolution", "MatMul"} <= types
     assert sum(apsq_ov.Precision.INT8 in op.variants for op in pkg.manifest.ops) > 30
@@ -53,3 +67,45 @@ def test_pp_ocrv4_rec_calibrates_and_forced_fp32_equals_plain_openvino(tmp_path)
         assert (forced.route == np.where([apsq_ov.Precision.INT8 in op.variants for op in pkg.manifest.ops],
                                          apsq_ov.Precision.INT8.code, 0)).all()  # fmt: skip
     assert exact >= 4  # the real model reads real text
+
+
+def test_the_task_metric_scores_each_op_by_its_cer_increase_on_the_scoring_lines(ocr):
+    """The ``task`` score of an op = the CER increase (greedy decode vs the text) when that op alone runs
+    INT8 on the scoring split: re-measured here through ``precision_map`` and decoded as text."""
+    pkg = ocr["pkg"]
+    m = pkg.manifest
+    assert m.sensitivity["metric"] == "task" and "CER" in m.sensitivity["formula"]
+    cal = m.calibration
+    scoring = sample_order(len(ocr["lines"]), cal["seed"])[: cal["sensitivity_samples"]]
+    charset = _charset(ocr["onnx"])
+    request = apsq_ov.compile_model(pkg.path).create_infer_request()
+
+    def mean_cer(pin: dict[str, str] | None) -> float:
+        return float(np.mean([cer(ctc_greedy_decode(request.infer(ocr["lines"][i : i + 1], precision="fp32",
+                                                                  precision_map=pin)[0][0], charset), ocr["texts"][i])
+                              for i in scoring]))  # fmt: skip
+
+    base = mean_cer(None)
+    int8_ops = [op for op in m.ops if apsq_ov.Precision.INT8 in op.variants]
+    scores = [op.sensitivity["predicted"]["int8"] for op in int8_ops]
+    assert len(set(scores)) > 1, "every op scored the same: the CER did not resolve any op"
+    # the highest- and lowest-scored ops and two more, re-measured
+    for k in sorted({int(np.argmax(scores)), int(np.argmin(scores)), 0, len(int8_ops) - 1}):
+        op = int8_ops[k]
+        assert mean_cer({op.name: "int8"}) - base == pytest.approx(op.sensitivity["predicted"]["int8"], abs=1e-9)
+        assert op.sensitivity["components"]["task_int8"] == op.sensitivity["predicted"]["int8"]
+
+
+def test_ctc_labels_round_trip_and_error_rate():
+    charset = ["a", "b", "c"]
+    labels = ctc_labels(["ab c", "ca"], charset)
+    assert labels.tolist() == [[1, 2, 4, 3], [3, 1, -1, -1]]
+    # greedy paths over 4 + 1 classes (blank 0): "aa_b c" reads "ab c"; "c_aa" reads "ca"; "cb" one substitution
+    eye = np.eye(5, dtype=np.float32)
+    path = [[1, 1, 0, 2, 4, 3], [3, 0, 1, 1, 0, 0], [3, 2, 0, 0, 0, 0]]
+    outputs = [eye[p][None] for p in path]
+    assert [ctc_greedy_decode(o[0], charset) for o in outputs] == ["ab c", "ca", "cb"]
+    assert ctc_error_rate(outputs[:2], [labels[:1], labels[1:]]) == 0.0
+    assert ctc_error_rate([outputs[2]], [labels[1:]]) == 0.5
+    with pytest.raises(DataError, match="'d'"):
+        ctc_labels(["bad"], charset)

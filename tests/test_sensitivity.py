@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from apsq_ov.calibrate import CalibrationConfig, SensitivityMetric, calibrate, sample_order
 from apsq_ov.cli import app
+from apsq_ov.errors import ConfigError
 from tests.models import conv_chain, conv_chain_data, save
 
 runner = CliRunner()
@@ -44,6 +45,14 @@ def test_the_quantization_hostile_op_ranks_first(hostile, metric):
     # and it really is the op that loses most when lowered alone (held-out split)
     assert max(pkg.manifest.ops, key=lambda op: op.quality[op.variants[-1]]["nmse"]).name == "conv2"
     assert pkg.manifest.calibration["drops_held_out"] is True
+
+
+def test_the_task_metric_needs_labels(hostile, tmp_path):
+    config = CalibrationConfig(subset_size=32, sensitivity_samples=16, drop_samples=64,
+                               sensitivity=SensitivityMetric.TASK)
+    with pytest.raises(ConfigError, match="needs labels in the calibration data"):
+        calibrate(hostile["model"], hostile["data"], tmp_path / "pkg", config)
+    assert not (tmp_path / "pkg").exists()
 
 
 def test_report_table_json_and_plot(hostile, tmp_path):
