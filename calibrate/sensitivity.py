@@ -370,14 +370,17 @@ def _qdfd_metric(
     metric = SensitivityMetric.QDFD if reading == "kl" else SensitivityMetric.TASK
     if isolated is None:
         raise ConfigError(f"the {metric.value} metric needs the compiled adaptive model (run it through calibrate)")
+    no_labels = ConfigError(
+        "--sensitivity task needs labels in the calibration data: an .npz 'labels' array with a class per "
+        "sample (classifier output) or -1-padded class indices per sample (CTC sequence output, blank 0)"
+    )
+    if reading == "task" and samples.labels is None:
+        raise no_labels
     stats = probe(model, samples, units, {n: i.variants for n, i in infos.items()}, config, None, seed)
     n_stats = stats.inferences
     losses = isolated(progress)
     if reading == "task" and any("task" not in loss for per_op in losses.values() for loss in per_op.values()):
-        raise ConfigError(
-            "--sensitivity task needs labels in the calibration data: an .npz 'labels' array with a class per "
-            "sample (classifier output) or -1-padded class indices per sample (CTC sequence output, blank 0)"
-        )
+        raise no_labels
     scored = {}
     for name, info in infos.items():
         comp: dict[str, float] = {"gradient": stats.gradient[name]}
