@@ -261,7 +261,15 @@ def calibrate_model(
     # Scoring and ground truth use disjoint splits of the calibration data when there is enough
     # of it (the score is judged on data it never saw); both may use more than NNCF's subset.
     sens_idx, drop_idx = _splits(order, config.sensitivity_samples, config.drop_samples)
-    sens_samples = Samples(tuple(np.concatenate(a) for a in zip(*batches(sens_idx), strict=True)), None)
+
+    def labels_of(idx: np.ndarray) -> list[np.ndarray] | None:
+        if samples.labels is None:
+            return None
+        return [samples.labels[int(i) * batch : (int(i) + 1) * batch] for i in idx]
+
+    sens_labels = labels_of(sens_idx)
+    sens_samples = Samples(tuple(np.concatenate(a) for a in zip(*batches(sens_idx), strict=True)),
+                           None if sens_labels is None else np.concatenate(sens_labels))  # fmt: skip
     records = [
         OpRecord(
             index=u.index,
@@ -308,13 +316,8 @@ def calibrate_model(
     device = "CPU" if config.device.startswith(("GPU", "AUTO")) else config.device
     request = compile_adaptive(model, manifest, device).create_infer_request()
 
-    def labels_of(idx: np.ndarray) -> list[np.ndarray] | None:
-        if samples.labels is None:
-            return None
-        return [samples.labels[int(i) * batch : (int(i) + 1) * batch] for i in idx]
-
     def isolated_on_scoring_split(phase_progress: Callable[[int, int], None] | None) -> dict:
-        return isolated_losses(request, manifest.ops, batches(sens_idx), labels_of(sens_idx), phase_progress)
+        return isolated_losses(request, manifest.ops, batches(sens_idx), sens_labels, phase_progress)
 
     report = score_ops(
         fp32_model,
