@@ -109,3 +109,28 @@ def test_ctc_labels_round_trip_and_error_rate():
     assert ctc_error_rate([outputs[2]], [labels[1:]]) == 0.5
     with pytest.raises(DataError, match="'d'"):
         ctc_labels(["bad"], charset)
+
+
+def test_bench_reads_sequence_labels_as_one_minus_cer(ocr, tmp_path):
+    """``apsq-ov bench`` with ``(N, L)`` CTC labels reports 1 − CER; the FP32 rows equal the CER of the
+    plain model's greedy decode against the texts."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from apsq_ov.cli import app
+
+    lines, texts = render_text_lines(4, seed=3)
+    charset = _charset(ocr["onnx"])
+    np.savez(tmp_path / "test.npz", inputs=lines, labels=ctc_labels(texts, charset))
+    result = CliRunner().invoke(app, ["bench", str(ocr["pkg"].path), "--data", str(tmp_path / "test.npz"),
+                                      "--compiles", "1", "--throughput-seconds", "0", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["metric"] == "1 - CER"
+    plain_model = ov.Core().read_model(ocr["onnx"])
+    plain_model.reshape([1, 3, 48, 320])
+    plain = ov.Core().compile_model(plain_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    expect = 1.0 - np.mean([cer(ctc_greedy_decode(plain(lines[i : i + 1])[0][0], charset), texts[i]) for i in range(4)])
+    rows = {r["name"]: r for r in doc["shifts"]["clean"]["rows"]}
+    assert rows["apsq forced fp32 (every op behind an If)"]["task"] == pytest.approx(expect, abs=1e-9)
