@@ -1,16 +1,24 @@
 """Sensitivity benchmark: does each op's score predict its real, isolated quality loss?
 
 For three real models — the bundled Fashion-MNIST ResNet, EfficientNet-Lite0 (ImageNet) and
-PP-OCRv4 rec — this script calibrates with a scoring split and a disjoint held-out split, then:
+PP-OCRv4 rec — this script calibrates (a scoring split and a disjoint held-out split of one
+calibration file), then:
 
-* Spearman ρ between each op's score and its measured isolated loss on the held-out split, for
-  INT8 and BF16, against the task metric (accuracy drop with labels; top-1 agreement with FP32
-  for EfficientNet's unlabelled photo crops; CER increase for OCR) and against top-1 / KL;
+* Spearman ρ between each op's INT8 score and its isolated loss — that op alone at INT8, every other
+  op FP32 — measured on many *fresh* inputs calibration never saw (``sensitivity_fresh.py``):
+  2,000 photo crops (top-1 disagreement with FP32: no labels), every Fashion-MNIST image outside the
+  calibration file (accuracy drop, and top-1), 2,000 rendered lines (CER increase, and positions
+  flipped). The ground truth's own split-half ρ (even vs odd inputs) says how much any score can reach.
+  The held-out split's drops (what ``apsq-ov report`` shows) give the KL / top-1 ρ for INT8 and BF16.
 * the independent check: the held-out split is run through ``apsq-ov infer --precision fp32
   --precision-map {op: int8}`` (typer's CliRunner, in process), op by op; its top-1 disagreement
-  must reproduce the drop the package reports (the OCR CER comes from these runs);
+  must reproduce the drop the package reports;
 * wall time of scoring (NNCF quantize + IR build + the sensitivity phase) against NNCF
-  ``quantize_with_accuracy_control`` on the same model and data.
+  ``quantize_with_accuracy_control`` on the same model and data: the same calibration file (its
+  validation set is the whole file, read with the task metric) and the same quantization settings.
+
+The OCR case calibrates with labels (``ctc_labels``) and ``--sensitivity task``: the output-KL score
+(``qdfd``) ranks how many positions an op flips, not its CER change (``sensitivity_fresh.md``).
 
 Writes ``benchmarks/results/sensitivity.json`` and ``sensitivity.md``.
 
@@ -29,6 +37,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +51,18 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sensitivity_fresh import Loss, effnet_data, fmnist_data, isolated_losses, ocr_data  # noqa: E402
+
 import apsq_ov  # noqa: E402
-from apsq_ov.calibrate import CalibrationConfig, calibrate, calibration_quantize_settings, sample_order  # noqa: E402
+from apsq_ov.calibrate import (  # noqa: E402
+    CalibrationConfig,
+    SensitivityMetric,
+    calibrate,
+    calibration_quantize_settings,
+    sample_order,
+)
 from apsq_ov.cli import app  # noqa: E402
-from apsq_ov.datasets import cer, ctc_greedy_decode, load_fashion_mnist, render_text_lines  # noqa: E402
+from apsq_ov.datasets import cer, ctc_greedy_decode, ctc_labels, load_fashion_mnist, render_text_lines  # noqa: E402
 from apsq_ov.precision import Precision  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,6 +77,8 @@ class Case:
     data: Path  # calibration .npz: NNCF subset, scoring split and held-out split all come from it
     config: CalibrationConfig
     task_metric: str  # "accuracy" | "top1" | "cer"
+    fresh: Callable[[], tuple[np.ndarray, dict[str, Loss]]]  # fresh inputs and their per-input losses
+    fresh_task: str  # the key of the task metric's loss in ``fresh``'s losses
     texts: list[str] | None = None
     charset: list[str] | None = None
     ac_max_drop: float = 0.001
@@ -70,7 +89,9 @@ def fmnist_case(work: Path) -> Case:
     pick = np.random.default_rng(7).permutation(len(x))[:20_064]
     np.savez(work / "fmnist.npz", images=x[pick], labels=y[pick])
     config = CalibrationConfig(subset_size=300, sensitivity_samples=64, drop_samples=20_000)
-    return Case("Fashion-MNIST ResNet", apsq_ov.embedded_model(), work / "fmnist.npz", config, "accuracy")
+    fresh = lambda: fmnist_data(0, calibration=pick)  # noqa: E731 — test set + the 39,936 unused training images
+    return Case("Fashion-MNIST ResNet", apsq_ov.embedded_model(), work / "fmnist.npz", config, "accuracy",
+                fresh, "accuracy (task)")  # fmt: skip
 
 
 def effnet_case(work: Path) -> Case:
@@ -79,7 +100,8 @@ def effnet_case(work: Path) -> Case:
     model = efficientnet_lite0_ir(RESULTS / ".cache")
     np.savez(work / "effnet.npz", inputs=photo_crops(464, seed=0))
     config = CalibrationConfig(subset_size=300, sensitivity_samples=64, drop_samples=400)
-    return Case("EfficientNet-Lite0", model, work / "effnet.npz", config, "top1")
+    fresh = lambda: effnet_data(2000)  # noqa: E731 — photo_crops(seed=123)
+    return Case("EfficientNet-Lite0", model, work / "effnet.npz", config, "top1", fresh, "top1 (task)")
 
 
 def ocr_case(work: Path) -> Case:
@@ -87,11 +109,14 @@ def ocr_case(work: Path) -> Case:
     if spec is None or spec.origin is None:
         raise SystemExit("pip install --no-deps rapidocr-onnxruntime==1.4.4")
     model = Path(spec.origin).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
-    lines, texts = render_text_lines(176, seed=11)
-    np.savez(work / "ocr.npz", inputs=lines)
+    lines, texts = render_text_lines(360, seed=11)
     charset = ov.Core().read_model(model).get_rt_info(["framework", "character"]).astype(str).split("\n")
-    config = CalibrationConfig(subset_size=176, sensitivity_samples=16, drop_samples=160)
-    return Case("PP-OCRv4 rec", model, work / "ocr.npz", config, "cer", texts=texts, charset=charset)
+    np.savez(work / "ocr.npz", inputs=lines, labels=ctc_labels(texts, charset))
+    # the task score needs hundreds of lines for CER to resolve one op's change; 60 held out for the report
+    config = CalibrationConfig(subset_size=300, sensitivity_samples=300, drop_samples=60,
+                               sensitivity=SensitivityMetric.TASK)  # fmt: skip
+    return Case("PP-OCRv4 rec", model, work / "ocr.npz", config, "cer", lambda: ocr_data(2000), "CER (task)",
+                texts=texts, charset=charset)  # fmt: skip
 
 
 def held_out(case: Case, manifest_calibration: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,9 +140,9 @@ def run_cli(pkg: Path, inputs: Path, out: Path, pin: dict[str, str] | None, work
         return {k: z[k] for k in z.files}
 
 
-def nncf_accuracy_control(case: Case, held: np.ndarray) -> dict[str, Any]:
+def nncf_accuracy_control(case: Case) -> dict[str, Any]:
     """Wall time of NNCF quantize_with_accuracy_control with the same calibration data, the same
-    quantization settings, and the held-out split as validation set (the case's task metric)."""
+    quantization settings, and the whole calibration file as validation set (the case's task metric)."""
     import nncf
 
     nncf.set_log_level(logging.ERROR)
@@ -125,18 +150,16 @@ def nncf_accuracy_control(case: Case, held: np.ndarray) -> dict[str, Any]:
     model = core.read_model(case.model)
     with np.load(case.data) as z:
         arrays = {k: z[k] for k in z.files}
-    x = arrays.get("images", arrays.get("inputs"))
-    labels = arrays.get("labels")
+    x = arrays["images"] if "images" in arrays else arrays["inputs"]
+    labels = arrays.get("labels", np.zeros(0))
     shape = [1, *x.shape[1:]]
     model.reshape(shape)
     calib_idx = sample_order(len(x), case.config.seed)[: case.config.subset_size]
     calib = nncf.Dataset([x[i : i + 1] for i in calib_idx])
     fp32 = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     if case.task_metric == "top1":  # no labels: agreement with FP32's top-1
-        labels = np.array([int(np.argmax(fp32(x[i : i + 1])[0])) for i in held])
-    else:
-        labels = labels[held] if labels is not None else None
-    items = [(x[i : i + 1], k) for k, i in enumerate(held)]
+        labels = np.array([int(np.argmax(fp32(x[i : i + 1])[0])) for i in range(len(x))])
+    items = [(x[i : i + 1], i) for i in range(len(x))]
 
     def validate(compiled: ov.CompiledModel, data) -> float:
         scores = []
@@ -144,7 +167,7 @@ def nncf_accuracy_control(case: Case, held: np.ndarray) -> dict[str, Any]:
             y = compiled(sample)[0]
             if case.task_metric == "cer":
                 assert case.texts is not None and case.charset is not None
-                scores.append(1.0 - cer(ctc_greedy_decode(y[0], case.charset), case.texts[held[k]]))
+                scores.append(1.0 - cer(ctc_greedy_decode(y[0], case.charset), case.texts[k]))
             else:
                 scores.append(float(int(np.argmax(y)) == int(labels[k])))
         return float(np.mean(scores))
@@ -157,7 +180,7 @@ def nncf_accuracy_control(case: Case, held: np.ndarray) -> dict[str, Any]:
         subset_size=len(calib_idx), fast_bias_correction=settings["fast_bias_correction"],
         advanced_quantization_parameters=settings.get("advanced_parameters"),
     )  # fmt: skip
-    return {"seconds": time.perf_counter() - t0, "max_drop": case.ac_max_drop, "validation_samples": len(held)}
+    return {"seconds": time.perf_counter() - t0, "max_drop": case.ac_max_drop, "validation_samples": len(x)}
 
 
 def measure(case: Case, work: Path) -> dict[str, Any]:
@@ -179,29 +202,10 @@ def measure(case: Case, work: Path) -> dict[str, Any]:
         x = z["images"] if "images" in z.files else z["inputs"]
     np.save(work / "held.npy", x[held])
 
-    # The independent check through the CLI, op by op (INT8), and the task metric from its outputs.
+    # The independent check through the CLI, op by op (INT8): top-1 disagreement on the held-out split.
     ref = run_cli(pkg.path, work / "held.npy", work / "ref.npz", None, work)
     out_name = m.outputs[0]
-
-    with np.load(case.data) as z:
-        labels = z["labels"][held] if "labels" in z.files else None
-
-    def per_sample_task(outputs: np.ndarray) -> np.ndarray:
-        """Per held-out sample: CER, error (with labels) or top-1 disagreement with FP32."""
-        if case.task_metric == "cer":
-            assert case.texts is not None and case.charset is not None
-            return np.array(
-                [cer(ctc_greedy_decode(o, case.charset), case.texts[i]) for o, i in zip(outputs, held, strict=True)]
-            )
-        top = outputs.argmax(-1).reshape(len(held), -1)
-        if labels is not None:
-            return (top[:, 0] != labels).astype(np.float64)
-        return np.mean(top != ref[out_name].argmax(-1).reshape(len(held), -1), axis=1)
-
-    ref_task = per_sample_task(ref[out_name])
-    halves = (np.arange(0, len(held), 2), np.arange(1, len(held), 2))
-    half_losses: list[list[float]] = [[], []]
-    check, task_loss = {}, {}
+    check = {}
     int8_ops = [op for op in m.ops if Precision.INT8 in op.variants]
     with console.status(f"independent check: {len(int8_ops)} CLI runs"):
         for op in int8_ops:
@@ -209,37 +213,34 @@ def measure(case: Case, work: Path) -> dict[str, Any]:
             a = got[out_name].argmax(-1).reshape(len(held), -1)
             b = ref[out_name].argmax(-1).reshape(len(held), -1)
             check[op.name] = (float(np.mean(a != b)), op.drops[Precision.INT8])
-            loss = per_sample_task(got[out_name]) - ref_task
-            if case.task_metric == "cer":
-                task_loss[op.name] = float(np.mean(loss))  # CER increase
-            for h, idx in enumerate(halves):
-                half_losses[h].append(float(np.mean(loss[idx])))
     worst = max(abs(a - b) for a, b in check.values())
 
+    # The held-out split's drops (the report's figures) against the score, INT8 and BF16.
     rho: dict[str, dict[str, float]] = {}
     for p in (Precision.INT8, Precision.BF16):
         sel = [op for op in m.ops if p in op.quality]
         pred = [op.sensitivity["predicted"][p.value] for op in sel]
         rho[p.value] = {}
-        for metric in ("top1", "kl", "nmse", "accuracy"):
+        for metric in ("top1", "kl", "nmse", "accuracy", "cer"):
             if metric in sel[0].quality[p]:
                 rho[p.value][metric] = float(spearmanr(pred, [op.quality[p][metric] for op in sel]).statistic)
-        if case.task_metric == "cer" and p is Precision.INT8:
-            rho[p.value]["cer"] = float(spearmanr(pred, [task_loss[op.name] for op in sel]).statistic)
-        rho[p.value]["task"] = rho[p.value].get(case.task_metric, float("nan"))  # CER: INT8 only
-    # How reliable is the task-metric ground truth itself? Spearman between its two halves.
-    split_half = float(spearmanr(half_losses[0], half_losses[1]).statistic)
-    ac = nncf_accuracy_control(case, held)
+    # The ground truth: each INT8 op alone on fresh inputs, with the task metric.
+    x_fresh, losses = case.fresh()
+    fresh = isolated_losses(pkg, x_fresh, losses, case.name)
+    ac = nncf_accuracy_control(case)
+    task = fresh["metrics"][case.fresh_task]
     result = {
         "model": case.name,
-        "fp32_cer": float(np.mean(ref_task)) if case.task_metric == "cer" else None,
         "ops": len(m.ops),
         "int8_ops": len(int8_ops),
         "metric": m.sensitivity["metric"],
         "scoring_split": int(len(score_idx)),
         "held_out_split": int(len(held)),
         "task_metric": case.task_metric,
-        "spearman": rho,
+        "rho_int8_task_fresh": task["rho_score_vs_loss"],
+        "task_ground_truth_split_half_rho": task["split_half_rho_of_ground_truth"],
+        "fresh": fresh,
+        "spearman_held_out": rho,
         "scoring_seconds": scoring_s,
         "sensitivity_phase_seconds": sensitivity_s,
         "sensitivity_inferences": m.sensitivity["inferences"],
@@ -247,10 +248,10 @@ def measure(case: Case, work: Path) -> dict[str, Any]:
         "nncf_accuracy_control": ac,
         "scoring_vs_nncf_ac": scoring_s / ac["seconds"],
         "independent_check_max_abs_diff": worst,
-        "task_ground_truth_split_half_rho": split_half,
         "independent_check": check,
     }
-    console.print(f"rho INT8 task={rho['int8']['task']:.3f}  scoring {scoring_s:.1f}s vs NNCF AC {ac['seconds']:.1f}s")
+    console.print(f"rho INT8 task (fresh) = {task['rho_score_vs_loss']:.3f}  "
+                  f"scoring {scoring_s:.1f}s vs NNCF AC {ac['seconds']:.1f}s")  # fmt: skip
     return result
 
 
@@ -261,17 +262,21 @@ def write(results: list[dict[str, Any]]) -> None:
         earlier = json.loads((RESULTS / "sensitivity.json").read_text())
         results = [r for r in earlier if r["model"] not in done] + results
     (RESULTS / "sensitivity.json").write_text(json.dumps(results, indent=1))
-    head = ("model", "ops", "task metric", "ρ INT8 task", "ρ INT8 top-1", "ρ INT8 KL", "ρ BF16 task",
-            "ρ BF16 KL", "task split-half ρ", "scoring s", "NNCF AC s", "ratio", "CLI check max |Δ|")  # fmt: skip
+    head = ("model", "score", "INT8 ops", "task metric", "fresh inputs", "ρ INT8 task (fresh)",
+            "split-half ρ of that loss", "ρ INT8 top-1 (fresh)", "ρ INT8 KL (held-out)", "ρ BF16 KL (held-out)",
+            "scoring s", "NNCF AC s", "ratio", "CLI check max |Δ|")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    table = Table(title="Sensitivity score vs measured isolated loss (held-out split)")
+    table = Table(title="Sensitivity score vs measured isolated loss")
     for h in head:
         table.add_column(h)
     for r in results:
-        s = r["spearman"]
-        row = (r["model"], str(r["ops"]), r["task_metric"], f"{s['int8']['task']:.3f}", f"{s['int8']['top1']:.3f}",
-               f"{s['int8']['kl']:.3f}", f"{s['bf16']['task']:.3f}", f"{s['bf16']['kl']:.3f}",
-               f"{r.get('task_ground_truth_split_half_rho', float('nan')):.3f}",
+        if "fresh" not in r:  # an entry of the earlier layout (held-out ground truth only)
+            continue
+        s, f = r["spearman_held_out"], r["fresh"]
+        top1 = next(m for k, m in f["metrics"].items() if k.startswith("top1") or k.startswith("positions"))
+        row = (r["model"], r["metric"], str(r["int8_ops"]), r["task_metric"], f"{f['inputs']:,}",
+               f"{r['rho_int8_task_fresh']:.3f}", f"{r['task_ground_truth_split_half_rho']:.3f}",
+               f"{top1['rho_score_vs_loss']:.3f}", f"{s['int8']['kl']:.3f}", f"{s['bf16'].get('kl', float('nan')):.3f}",
                f"{r['scoring_seconds']:.1f}", f"{r['nncf_accuracy_control']['seconds']:.1f}",
                f"{r['scoring_vs_nncf_ac']:.2f}x", f"{r['independent_check_max_abs_diff']:.1e}")  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")

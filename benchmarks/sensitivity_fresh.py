@@ -56,9 +56,11 @@ def effnet_data(n: int) -> tuple[np.ndarray, dict[str, Loss]]:
     return photo_crops(n, seed=123), {"top1 (task)": top1}
 
 
-def fmnist_data(n: int) -> tuple[np.ndarray, dict[str, Loss]]:
+def fmnist_data(n: int, calibration: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Loss]]:
+    """:param calibration: the training images calibration saw (default: ``benchmarks/pareto.py``'s 1,000)."""
     x_train, y_train = load_fashion_mnist("train")
-    calibration = np.random.default_rng(0).permutation(len(x_train))[:1000]  # as benchmarks/pareto.py
+    if calibration is None:
+        calibration = np.random.default_rng(0).permutation(len(x_train))[:1000]  # as benchmarks/pareto.py
     keep = np.setdiff1d(np.arange(len(x_train)), calibration)
     x_test, y_test = load_fashion_mnist("test")
     x = np.concatenate([x_test, x_train[keep]])[: n or None]
@@ -100,15 +102,9 @@ def ocr_data(n: int) -> tuple[np.ndarray, dict[str, Loss]]:
 DATA = {"effnet": effnet_data, "fmnist": fmnist_data, "ocr": ocr_data}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("package", type=Path)
-    parser.add_argument("--model", choices=sorted(DATA), required=True)
-    parser.add_argument("--inputs", type=int, default=0, help="fresh inputs (default: 2000; fmnist: all 69,000)")
-    parser.add_argument("--name", help="key of this entry in the JSON (default: --model)")
-    args = parser.parse_args()
-    pkg = apsq_ov.Package.load(args.package)
-    x, losses = DATA[args.model](args.inputs or (0 if args.model == "fmnist" else 2000))
+def isolated_losses(pkg: apsq_ov.Package, x: np.ndarray, losses: dict[str, Loss], label: str) -> dict:
+    """Each INT8 op of ``pkg`` alone at INT8 (the rest FP32) on ``x``: per metric, ρ of the package's INT8
+    score against the mean loss, the ground truth's split-half ρ and range; per op, score and losses."""
     compiled = apsq_ov.compile_model(pkg.path, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
     ops = [op for op in pkg.manifest.ops if apsq_ov.Precision.INT8 in op.variants]
 
@@ -123,7 +119,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     with Progress(console=console) as progress:
-        task = progress.add_task(f"{args.model}: FP32 + {len(ops)} INT8 pins on {len(x)} inputs", total=len(ops) + 1)
+        task = progress.add_task(f"{label}: FP32 + {len(ops)} INT8 pins on {len(x)} inputs", total=len(ops) + 1)
         ref = run(None)
         progress.advance(task)
         per_op: list[dict[str, np.ndarray]] = []
@@ -142,8 +138,20 @@ def main() -> None:
         }
     table = {op.name: {"score": float(sc), **{k: float(p[k].mean()) for k in losses}}
              for op, sc, p in zip(ops, score, per_op, strict=True)}  # fmt: skip
-    entry = {"package": str(args.package), "metric": pkg.manifest.sensitivity["metric"], "inputs": len(x),
-             "int8_ops": len(ops), "seconds": time.perf_counter() - t0, "metrics": metrics, "ops": table}  # fmt: skip
+    return {"metric": pkg.manifest.sensitivity["metric"], "inputs": len(x), "int8_ops": len(ops),
+            "seconds": time.perf_counter() - t0, "metrics": metrics, "ops": table}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("package", type=Path)
+    parser.add_argument("--model", choices=sorted(DATA), required=True)
+    parser.add_argument("--inputs", type=int, default=0, help="fresh inputs (default: 2000; fmnist: all 69,000)")
+    parser.add_argument("--name", help="key of this entry in the JSON (default: --model)")
+    args = parser.parse_args()
+    pkg = apsq_ov.Package.load(args.package)
+    x, losses = DATA[args.model](args.inputs or (0 if args.model == "fmnist" else 2000))
+    entry = {"package": str(args.package), **isolated_losses(pkg, x, losses, args.model)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "sensitivity_fresh.json"
     results = json.loads(path.read_text()) if path.exists() else {}

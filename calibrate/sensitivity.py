@@ -39,6 +39,10 @@ how many positions an op flips (ρ 0.95 on 2,000 fresh lines) but not its CER ch
 ops' INT8 error lowers CER. Its cost is qdfd's; it needs a scoring split large enough for the task
 metric to resolve single-op changes (hundreds of lines for OCR).
 
+Cost of ``qdfd``/``task`` in inferences: ``N·(1 + Σ_ops lower precisions)`` isolated runs on the N
+scoring samples, plus the probe for the report's components (statistics + RDFD) on at most
+``PROBE_SAMPLES`` of them: ``min(N, 64)·(2 + n_ops)``.
+
 ``fd-gradient`` — the first metric: ``0.6·g/max(g) + 0.25·t + 0.15·d`` with an op-type prior
 ``t`` and a depth prior ``d = |2·depth/(n−1) − 1|``; kept for comparison.
 """
@@ -63,6 +67,8 @@ from .variants import RoutableOp, act_range, find_routable_ops, variant_output
 TYPE_PRIOR = {"GroupConvolution": 1.0, "MatMul": 0.6, "Convolution": 0.5}
 WEIGHTS = {"gradient": 0.6, "type": 0.25, "depth": 0.15}
 FD_EPSILON = 1e-2
+PROBE_SAMPLES = 64
+"""``qdfd``/``task``: samples the component probe (RDFD gradient, local errors) reads; the losses read all."""
 Isolated = Callable[[Callable[[int, int], None] | None], dict[str, dict[Precision, dict[str, float]]]]
 """``isolated(progress)`` → ``{op: {precision: {"top1", "kl", "nmse", ...}}}`` on the scoring split."""
 # Relative rounding error of a float with an 8-bit (bf16) or 11-bit (fp16) significand: uniform in ±2^-p.
@@ -376,7 +382,11 @@ def _qdfd_metric(
     )
     if reading == "task" and samples.labels is None:
         raise no_labels
-    stats = probe(model, samples, units, {n: i.variants for n, i in infos.items()}, config, None, seed)
+    # The probe only feeds the report's components here (gradient, local error, clip ratio): its
+    # RDFD pass costs (2 + ops) inferences a sample, more than the isolated runs themselves, so it
+    # reads at most PROBE_SAMPLES of the split, however many the isolated losses need.
+    probed = samples.subset(slice(0, PROBE_SAMPLES))
+    stats = probe(model, probed, units, {n: i.variants for n, i in infos.items()}, config, None, seed)
     n_stats = stats.inferences
     losses = isolated(progress)
     if reading == "task" and any("task" not in loss for per_op in losses.values() for loss in per_op.values()):
@@ -410,7 +420,8 @@ def _qdfd_metric(
         "(y_p - y): a forward difference of the network output along the op's real quantization-noise "
         "direction (= the op alone lowered, read through request state); score = predicted loss of the "
         "op's coarsest variant. Components: RDFD gradient g, KL, NMSE, local error, weight error, clip ratio",
-        estimator="quantization-direction forward difference (QDFD) on the scoring split, no recompilation",
+        estimator="quantization-direction forward difference (QDFD) on the scoring split, no recompilation; "
+        f"components from the RDFD probe on its first {min(len(samples), PROBE_SAMPLES)} samples",
         inferences=n_stats + n_isolated,
         ops=scored,
         input_absmax=stats.input_absmax,

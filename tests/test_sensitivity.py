@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from apsq_ov.calibrate import CalibrationConfig, SensitivityMetric, calibrate, sample_order
 from apsq_ov.cli import app
 from apsq_ov.errors import ConfigError
+from apsq_ov.calibrate import sensitivity
 from tests.models import conv_chain, conv_chain_data, save
 
 runner = CliRunner()
@@ -35,13 +36,16 @@ def test_outlier_model_keeps_the_fp32_function(hostile):
 
 
 @pytest.mark.parametrize("metric", [SensitivityMetric.QDFD], ids=lambda m: m.value)
-def test_the_quantization_hostile_op_ranks_first(hostile, metric):
+def test_the_quantization_hostile_op_ranks_first(hostile, metric, monkeypatch):
     # qnoise is not in this list on purpose: its isotropic RDFD step is scaled by the output RMS, which
     # the outlier channel dominates, so it over-rates conv1 (documented in calibrate/sensitivity.py).
+    monkeypatch.setattr(sensitivity, "PROBE_SAMPLES", 6)  # the component probe reads fewer samples than the losses
     config = CalibrationConfig(subset_size=32, sensitivity_samples=16, drop_samples=64, sensitivity=metric)
     pkg = calibrate(hostile["model"], hostile["data"], hostile["root"] / f"pkg-{metric.value}", config)
     ranked = sorted(pkg.manifest.ops, key=lambda op: -op.score)
     assert ranked[0].name == "conv2", [(op.name, op.score) for op in ranked]
+    ops, lowered = len(pkg.manifest.ops), sum(len(op.variants) - 1 for op in pkg.manifest.ops)
+    assert pkg.manifest.sensitivity["inferences"] == 6 * (2 + ops) + 16 * (1 + lowered)
     # and it really is the op that loses most when lowered alone (held-out split)
     assert max(pkg.manifest.ops, key=lambda op: op.quality[op.variants[-1]]["nmse"]).name == "conv2"
     assert pkg.manifest.calibration["drops_held_out"] is True
