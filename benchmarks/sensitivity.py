@@ -51,7 +51,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sensitivity_fresh import Loss, effnet_data, fmnist_data, isolated_losses, ocr_data  # noqa: E402
+from sensitivity_fresh import Fresh, effnet_data, fmnist_data, isolated_losses, ocr_data  # noqa: E402
 
 import apsq_ov  # noqa: E402
 from apsq_ov.calibrate import (  # noqa: E402
@@ -77,7 +77,7 @@ class Case:
     data: Path  # calibration .npz: NNCF subset, scoring split and held-out split all come from it
     config: CalibrationConfig
     task_metric: str  # "accuracy" | "top1" | "cer"
-    fresh: Callable[[], tuple[np.ndarray, dict[str, Loss]]]  # fresh inputs and their per-input losses
+    fresh: Callable[[], Fresh]  # fresh inputs and their per-input losses
     fresh_task: str  # the key of the task metric's loss in ``fresh``'s losses
     texts: list[str] | None = None
     charset: list[str] | None = None
@@ -225,8 +225,7 @@ def measure(case: Case, work: Path) -> dict[str, Any]:
             if metric in sel[0].quality[p]:
                 rho[p.value][metric] = float(spearmanr(pred, [op.quality[p][metric] for op in sel]).statistic)
     # The ground truth: each INT8 op alone on fresh inputs, with the task metric.
-    x_fresh, losses = case.fresh()
-    fresh = isolated_losses(pkg, x_fresh, losses, case.name)
+    fresh = isolated_losses(pkg, case.fresh(), case.name)
     ac = nncf_accuracy_control(case)
     task = fresh["metrics"][case.fresh_task]
     result = {

@@ -28,10 +28,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from rich.console import Console
 from rich.progress import Progress
+from scipy.special import logsumexp
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,21 +44,33 @@ from apsq_ov.datasets import cer, ctc_decode_indices, load_fashion_mnist, render
 RESULTS = Path(__file__).resolve().parent / "results"
 console = Console()
 
-# per-input loss of one run against the FP32 run, from both runs' top-1 indices (the last output axis'
-# argmax: one per image, one per OCR position; all the metrics here need)
+# per-input loss of one run against the FP32 run, from what ``Fresh.keep`` kept of both runs' outputs
 Loss = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def effnet_data(n: int) -> tuple[np.ndarray, dict[str, Loss]]:
+def top1_index(y: np.ndarray) -> np.ndarray:
+    """The last output axis' argmax: one per image, one per OCR position."""
+    return y.argmax(-1)
+
+
+class Fresh(NamedTuple):
+    """Fresh inputs, the losses measured on them, and what of each output the losses need (``keep``)."""
+
+    x: np.ndarray
+    losses: dict[str, Loss]
+    keep: Callable[[np.ndarray], np.ndarray] = top1_index
+
+
+def effnet_data(n: int) -> Fresh:
     from real_models import photo_crops
 
     def top1(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
         return (out != ref).reshape(len(out)).astype(float)
 
-    return photo_crops(n, seed=123), {"top1 (task)": top1}
+    return Fresh(photo_crops(n, seed=123), {"top1 (task)": top1})
 
 
-def fmnist_data(n: int, calibration: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Loss]]:
+def fmnist_data(n: int, calibration: np.ndarray | None = None) -> Fresh:
     """:param calibration: the training images calibration saw (default: ``benchmarks/pareto.py``'s 1,000)."""
     x_train, y_train = load_fashion_mnist("train")
     if calibration is None:
@@ -67,15 +81,25 @@ def fmnist_data(n: int, calibration: np.ndarray | None = None) -> tuple[np.ndarr
     y = np.concatenate([y_test, y_train[keep]])[: n or None]
 
     def accuracy(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        return (ref.ravel() == y).astype(float) - (out.ravel() == y)
+        return (ref.argmax(-1).ravel() == y).astype(float) - (out.argmax(-1).ravel() == y)
 
     def top1(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        return (out != ref).ravel().astype(float)
+        return (out.argmax(-1) != ref.argmax(-1)).ravel().astype(float)
 
-    return x, {"accuracy (task)": accuracy, "top1": top1}
+    def nll(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        """Increase of the true class' negative log-likelihood: the labels' loss, continuous where
+        accuracy moves by a handful of images."""
+
+        def of(logits: np.ndarray) -> np.ndarray:
+            z = logits.reshape(len(y), -1).astype(np.float64)
+            return -(z[np.arange(len(y)), y] - logsumexp(z, axis=1))
+
+        return of(out) - of(ref)
+
+    return Fresh(x, {"accuracy (task)": accuracy, "top1": top1, "true-class NLL": nll}, keep=lambda o: o.reshape(-1))
 
 
-def ocr_data(n: int) -> tuple[np.ndarray, dict[str, Loss]]:
+def ocr_data(n: int) -> Fresh:
     import importlib.util
 
     import openvino as ov
@@ -96,22 +120,23 @@ def ocr_data(n: int) -> tuple[np.ndarray, dict[str, Loss]]:
     def positions(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
         return (out != ref).reshape(len(out), -1).mean(1)
 
-    return x, {"CER (task)": cer_increase, "positions flipped": positions}
+    return Fresh(x, {"CER (task)": cer_increase, "positions flipped": positions})
 
 
 DATA = {"effnet": effnet_data, "fmnist": fmnist_data, "ocr": ocr_data}
 
 
-def isolated_losses(pkg: apsq_ov.Package, x: np.ndarray, losses: dict[str, Loss], label: str) -> dict:
-    """Each INT8 op of ``pkg`` alone at INT8 (the rest FP32) on ``x``: per metric, ρ of the package's INT8
-    score against the mean loss, the ground truth's split-half ρ and range; per op, score and losses."""
+def isolated_losses(pkg: apsq_ov.Package, fresh: Fresh, label: str) -> dict:
+    """Each INT8 op of ``pkg`` alone at INT8 (the rest FP32) on ``fresh.x``: per metric, ρ of the package's
+    INT8 score against the mean loss, the ground truth's split-half ρ and range; per op, score and losses."""
+    x, losses = fresh.x, fresh.losses
     compiled = apsq_ov.compile_model(pkg.path, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
     ops = [op for op in pkg.manifest.ops if apsq_ov.Precision.INT8 in op.variants]
 
     def run(pin: dict[str, str] | None) -> np.ndarray:
         out: list[np.ndarray | None] = [None] * len(x)
         queue = apsq_ov.AdaptiveAsyncInferQueue(compiled, 0)
-        queue.set_callback(lambda request, i: out.__setitem__(i, request.get_result()[0].argmax(-1)))
+        queue.set_callback(lambda request, i: out.__setitem__(i, fresh.keep(request.get_result()[0])))
         for i in range(len(x)):
             queue.start_async(x[i : i + 1], i, precision="fp32", precision_map=pin)
         queue.wait_all()
@@ -150,8 +175,8 @@ def main() -> None:
     parser.add_argument("--name", help="key of this entry in the JSON (default: --model)")
     args = parser.parse_args()
     pkg = apsq_ov.Package.load(args.package)
-    x, losses = DATA[args.model](args.inputs or (0 if args.model == "fmnist" else 2000))
-    entry = {"package": str(args.package), **isolated_losses(pkg, x, losses, args.model)}
+    fresh = DATA[args.model](args.inputs or (0 if args.model == "fmnist" else 2000))
+    entry = {"package": str(args.package), **isolated_losses(pkg, fresh, args.model)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "sensitivity_fresh.json"
     results = json.loads(path.read_text()) if path.exists() else {}
