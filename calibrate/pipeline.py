@@ -49,7 +49,7 @@ from apsq_ov.precision import Precision
 from apsq_ov.profiler import host_int8_hardware
 from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, choose_body, level_for
-from apsq_ov.runtime import AdaptiveInferRequest, compile_adaptive
+from apsq_ov.runtime import AdaptiveAsyncInferQueue, AdaptiveCompiledModel, AdaptiveInferRequest, compile_adaptive
 
 from .router import CALIBRATION_SHIFTS, as_probabilities, cascade_budgets, cascade_points, collect_fit_data, fit_router
 from .selection import OBJECTIVE, OpCost, default_budgets, op_size, options, select_levels
@@ -313,11 +313,12 @@ def calibrate_model(
         },
     )
     # One compiled adaptive model serves every isolated measurement: lowering one op is a state write.
+    # Its requests run in parallel (THROUGHPUT hint: one stream per core), each with its own state.
     device = "CPU" if config.device.startswith(("GPU", "AUTO")) else config.device
-    request = compile_adaptive(model, manifest, device).create_infer_request()
+    measuring = compile_adaptive(model, manifest, device, {"PERFORMANCE_HINT": "THROUGHPUT"})
 
     def isolated_on_scoring_split(phase_progress: Callable[[int, int], None] | None) -> dict:
-        return isolated_losses(request, manifest.ops, batches(sens_idx), sens_labels, phase_progress)
+        return isolated_losses(measuring, manifest.ops, batches(sens_idx), sens_labels, phase_progress)
 
     report = score_ops(
         fp32_model,
@@ -348,7 +349,7 @@ def calibrate_model(
     labels = labels_of(drop_idx)
     harm: dict[tuple[str, Precision], np.ndarray] = {}
     ground_truth = isolated_losses(
-        request,
+        measuring,
         manifest.ops,
         batches(drop_idx),
         labels,
@@ -742,7 +743,7 @@ def top1_of(output: np.ndarray) -> np.ndarray:
 
 
 def isolated_losses(
-    request: AdaptiveInferRequest,
+    model: AdaptiveCompiledModel,
     ops_: list[OpRecord],
     data: list[list[np.ndarray]],
     labels: list[np.ndarray] | None,
@@ -750,31 +751,40 @@ def isolated_losses(
     per_sample: dict[tuple[str, Precision], np.ndarray] | None = None,
 ) -> dict[str, dict[Precision, dict[str, float]]]:
     """Loss of every (op, lower precision) with that op alone lowered and every other op fp32
-    (:func:`quality_loss` against the all-fp32 route), by writing request state only.
+    (:func:`quality_loss` against the all-fp32 route), by writing request state only; the samples of
+    each job run on an :class:`AdaptiveAsyncInferQueue` of ``model``'s optimal number of requests.
 
     :param per_sample: if given, filled with each job's per-sample top-1 disagreement (fraction of positions).
     """
     jobs = [(op, p) for op in ops_ for p in op.variants if p is not Precision.FP32]
     total = len(data) * (1 + len(jobs))
     done = 0
-    reference = []
-    for x in data:
-        reference.append(request.infer(x, precision=Precision.FP32)[0])
-        done += 1
+    queue = AdaptiveAsyncInferQueue(model)
+    outputs: list[np.ndarray | None] = [None] * len(data)
+
+    def keep(request: AdaptiveInferRequest, i: int) -> None:
+        outputs[i] = request.get_result()[0]  # copied out of the request
+
+    queue.set_callback(keep)
+
+    def run(pin: dict[str, Precision] | None) -> list[np.ndarray]:
+        nonlocal done
+        for i, x in enumerate(data):
+            queue.start_async(x, i, precision=Precision.FP32, precision_map=pin)
+        queue.wait_all()
+        done += len(data)
         if progress:
             progress(done, total)
+        return list(outputs)  # type: ignore[arg-type]
+
+    reference = run(None)
     losses: dict[str, dict[Precision, dict[str, float]]] = {op.name: {} for op in ops_}
     for op, p in jobs:
-        outputs = []
-        for x in data:
-            outputs.append(request.infer(x, precision=Precision.FP32, precision_map={op.name: p})[0])
-            done += 1
-            if progress:
-                progress(done, total)
-        losses[op.name][p] = quality_loss(outputs, reference, labels)
+        lowered = run({op.name: p})
+        losses[op.name][p] = quality_loss(lowered, reference, labels)
         if per_sample is not None:
             per_sample[(op.name, p)] = np.array(
-                [np.mean(top1_of(o) != top1_of(r)) for o, r in zip(outputs, reference, strict=True)]
+                [np.mean(top1_of(o) != top1_of(r)) for o, r in zip(lowered, reference, strict=True)]
             )
     return losses
 
