@@ -777,6 +777,8 @@ def isolated_losses(
             progress(done, total)
         return list(outputs)  # type: ignore[arg-type]
 
+    if progress:
+        progress(0, total)  # the phase starts now (a job's progress lands when all its samples have run)
     reference = run(None)
     losses: dict[str, dict[Precision, dict[str, float]]] = {op.name: {} for op in ops_}
     for op, p in jobs:
