@@ -10,10 +10,9 @@ import openvino as ov
 import pytest
 from typer.testing import CliRunner
 
-from apsq_ov.calibrate import CalibrationConfig, SensitivityMetric, calibrate, sample_order
+from apsq_ov.calibrate import CalibrationConfig, SensitivityMetric, calibrate, sample_order, sensitivity
 from apsq_ov.cli import app
 from apsq_ov.errors import ConfigError
-from apsq_ov.calibrate import sensitivity
 from tests.models import conv_chain, conv_chain_data, save
 
 runner = CliRunner()
