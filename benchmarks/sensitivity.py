@@ -269,13 +269,16 @@ def write(results: list[dict[str, Any]]) -> None:
     for h in head:
         table.add_column(h)
     for r in results:
-        if "fresh" not in r:  # an entry of the earlier layout (held-out ground truth only)
-            continue
-        s, f = r["spearman_held_out"], r["fresh"]
-        top1 = next(m for k, m in f["metrics"].items() if k.startswith("top1") or k.startswith("positions"))
-        row = (r["model"], r["metric"], str(r["int8_ops"]), r["task_metric"], f"{f['inputs']:,}",
-               f"{r['rho_int8_task_fresh']:.3f}", f"{r['task_ground_truth_split_half_rho']:.3f}",
-               f"{top1['rho_score_vs_loss']:.3f}", f"{s['int8']['kl']:.3f}", f"{s['bf16'].get('kl', float('nan')):.3f}",
+        if "fresh" in r:
+            s, f = r["spearman_held_out"], r["fresh"]
+            top1 = next(m for k, m in f["metrics"].items() if k.startswith("top1") or k.startswith("positions"))
+            fresh = (f"{f['inputs']:,}", f"{r['rho_int8_task_fresh']:.3f}",
+                     f"{r['task_ground_truth_split_half_rho']:.3f}", f"{top1['rho_score_vs_loss']:.3f}")  # fmt: skip
+        else:  # an entry of the earlier layout, before the fresh ground truth: held-out figures only
+            s = r["spearman"]
+            fresh = ("not measured", "—", "—", "—")
+        row = (r["model"], r.get("metric", "qdfd"), str(r.get("int8_ops", r["ops"])), r["task_metric"], *fresh,
+               f"{s['int8']['kl']:.3f}", f"{s['bf16'].get('kl', float('nan')):.3f}",
                f"{r['scoring_seconds']:.1f}", f"{r['nncf_accuracy_control']['seconds']:.1f}",
                f"{r['scoring_vs_nncf_ac']:.2f}x", f"{r['independent_check_max_abs_diff']:.1e}")  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
