@@ -55,7 +55,7 @@ class OpRecord:
         (on the ground-truth split); what the routing policy budgets.
     :param quality: the same isolated run in every metric (``top1``, ``kl``, ``nmse``, ``accuracy``).
     :param int8_absmax: the calibrated INT8 activation range (abs-max) the in-graph check compares to.
-    :param input_absmax: abs-max of the op input seen over the calibration set (FP32).
+    :param input_absmax: abs-max of the op input (FP32) over the samples the sensitivity probe read (reported only).
     """
 
     index: int

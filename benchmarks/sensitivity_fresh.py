@@ -1,14 +1,17 @@
 """How good is the score once the ground truth is reliable? Each INT8 op's isolated loss on many fresh inputs.
 
-The held-out splits of ``benchmarks/sensitivity.py`` (400 crops, 160 OCR lines, 20,000 Fashion-MNIST
-images) give per-op ground truths whose own split-half Spearman is low (0.42 / 0.17 / −0.07), which caps
-any score's ρ. This script takes a package ``benchmarks/pareto.py`` calibrated and measures each INT8
+Calibration's held-out splits (400 crops, 160 OCR lines, 20,000 Fashion-MNIST images in the first
+``benchmarks/sensitivity.py``) gave per-op ground truths whose own split-half Spearman was low (0.42 /
+0.17 / −0.07), which caps any score's ρ; ``benchmarks/sensitivity.py`` now takes its ground truth from
+:func:`isolated_losses` here. This script takes a package (e.g. one ``benchmarks/pareto.py``
+calibrated) and measures each INT8
 op's isolated loss — that op alone at INT8, every other op FP32, through ``AdaptiveAsyncInferQueue``
 and ``precision_map`` pins — on many inputs calibration never saw:
 
 * ``effnet``: ``photo_crops(N, seed=123)``; task metric = top-1 disagreement with FP32 (no labels);
 * ``fmnist``: the 10,000 test images plus every training image outside the package's 1,000 calibration
-  images (69,000 in all); task metric = accuracy drop (labels), also top-1 disagreement with FP32;
+  images (69,000 in all); task metric = accuracy drop (labels), also top-1 disagreement with FP32 and
+  the increase of the true class' negative log-likelihood;
 * ``ocr``: ``render_text_lines(N, seed=123)``; task metric = CER increase, also the fraction of output
   positions whose top-1 flips.
 

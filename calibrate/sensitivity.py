@@ -382,9 +382,9 @@ def _qdfd_metric(
     )
     if reading == "task" and samples.labels is None:
         raise no_labels
-    # The probe only feeds the report's components here (gradient, local error, clip ratio): its
-    # RDFD pass costs (2 + ops) inferences a sample, more than the isolated runs themselves, so it
-    # reads at most PROBE_SAMPLES of the split, however many the isolated losses need.
+    # The probe only feeds the report's components here (gradient, local error, clip ratio, input
+    # abs-max): its statistics + RDFD passes cost (2 + ops) inferences a sample, as many as the INT8
+    # isolated runs, so it reads at most PROBE_SAMPLES of the split, however many the losses need.
     probed = samples.subset(slice(0, PROBE_SAMPLES))
     stats = probe(model, probed, units, {n: i.variants for n, i in infos.items()}, config, None, seed)
     n_stats = stats.inferences
