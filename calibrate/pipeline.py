@@ -706,7 +706,39 @@ def _nncf_compress_int4(model: ov.Model, progress: Progress | None) -> ov.Model:
     return q4
 
 
-def quality_loss(outputs: list[np.ndarray], reference: list[np.ndarray], labels: list[np.ndarray] | None) -> dict:
+@dataclass(frozen=True)
+class Reference:
+    """The all-FP32 run every isolated job is compared to, with what :func:`quality_loss` needs of it
+    computed once (its probabilities, their Σ p·log p, top-1, energy and task metric), not per job."""
+
+    outputs: list[np.ndarray]
+    labels: list[np.ndarray] | None
+    probs: list[np.ndarray]
+    p_log_p: list[np.ndarray]
+    top1: list[np.ndarray]
+    energy: float
+    task_value: float | None
+    """FP32's task metric when labels exist: accuracy (classifier) or CER (CTC sequence output)."""
+
+    @classmethod
+    def of(cls, outputs: list[np.ndarray], labels: list[np.ndarray] | None) -> Reference:
+        probs = [as_probabilities(r) for r in outputs]
+        task_value = None
+        if labels is not None and all(np.asarray(o).ndim == 2 for o in outputs):
+            y = np.concatenate([np.asarray(lab).reshape(-1) for lab in labels])
+            task_value = float(np.mean(np.concatenate([top1_of(r) for r in outputs]) == y))
+        elif labels is not None and _is_ctc(outputs, labels):
+            task_value = ctc_error_rate(outputs, labels)
+        return cls(outputs, labels, probs, [np.sum(pr * np.log(pr), axis=-1) for pr in probs],
+                   [top1_of(r) for r in outputs], sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in outputs),
+                   task_value)  # fmt: skip
+
+
+def _is_ctc(outputs: list[np.ndarray], labels: list[np.ndarray]) -> bool:
+    return all(np.asarray(o).ndim == 3 and np.ndim(lab) == 2 for o, lab in zip(outputs, labels, strict=True))
+
+
+def quality_loss(outputs: list[np.ndarray], reference: Reference) -> dict:
     """Loss of ``outputs`` vs the FP32 ``reference`` (first model output, one array per sample).
 
     ``top1``: fraction of positions whose argmax (last axis) differs; ``kl``: mean KL(ref ‖ out) over
@@ -715,25 +747,24 @@ def quality_loss(outputs: list[np.ndarray], reference: list[np.ndarray], labels:
     accuracy; for a CTC sequence output ``(batch, T, classes)`` with ``(batch, L)`` label indices (−1 pads;
     blank = class 0), ``cer`` = this character error rate of the greedy decode minus FP32's.
     """
-    top1 = np.mean([np.mean(top1_of(o) != top1_of(r)) for o, r in zip(outputs, reference, strict=True)])
+    ref, labels = reference.outputs, reference.labels
+    top1 = np.mean([np.mean(top1_of(o) != r) for o, r in zip(outputs, reference.top1, strict=True)])
     kl = np.mean(
         [
-            np.mean(np.sum(pr * (np.log(pr) - np.log(as_probabilities(o))), axis=-1))
-            for o, pr in ((o, as_probabilities(r)) for o, r in zip(outputs, reference, strict=True))
+            np.mean(plogp - np.sum(pr * np.log(as_probabilities(o)), axis=-1))
+            for o, pr, plogp in zip(outputs, reference.probs, reference.p_log_p, strict=True)
         ]
     )
-    num = sum(float(np.sum((np.asarray(o, np.float64) - r) ** 2)) for o, r in zip(outputs, reference, strict=True))
-    den = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in reference)
-    loss = {"top1": float(top1), "kl": float(kl), "nmse": num / max(den, 1e-30)}
-    if labels is not None and all(np.asarray(o).ndim == 2 for o in outputs):
+    num = sum(float(np.sum((np.asarray(o, np.float64) - r) ** 2)) for o, r in zip(outputs, ref, strict=True))
+    loss = {"top1": float(top1), "kl": float(kl), "nmse": num / max(reference.energy, 1e-30)}
+    if reference.task_value is None or labels is None:
+        return loss
+    if all(np.asarray(o).ndim == 2 for o in outputs):
         y = np.concatenate([np.asarray(lab).reshape(-1) for lab in labels])
         acc = np.mean(np.concatenate([top1_of(o) for o in outputs]) == y)
-        ref_acc = np.mean(np.concatenate([top1_of(r) for r in reference]) == y)
-        loss["accuracy"] = loss["task"] = float(ref_acc - acc)
-    elif labels is not None and all(
-        np.asarray(o).ndim == 3 and np.ndim(lab) == 2 for o, lab in zip(outputs, labels, strict=True)
-    ):
-        loss["cer"] = loss["task"] = ctc_error_rate(outputs, labels) - ctc_error_rate(reference, labels)
+        loss["accuracy"] = loss["task"] = float(reference.task_value - acc)
+    elif _is_ctc(outputs, labels):
+        loss["cer"] = loss["task"] = ctc_error_rate(outputs, labels) - reference.task_value
     return loss
 
 
@@ -779,14 +810,14 @@ def isolated_losses(
 
     if progress:
         progress(0, total)  # the phase starts now (a job's progress lands when all its samples have run)
-    reference = run(None)
+    reference = Reference.of(run(None), labels)
     losses: dict[str, dict[Precision, dict[str, float]]] = {op.name: {} for op in ops_}
     for op, p in jobs:
         lowered = run({op.name: p})
-        losses[op.name][p] = quality_loss(lowered, reference, labels)
+        losses[op.name][p] = quality_loss(lowered, reference)
         if per_sample is not None:
             per_sample[(op.name, p)] = np.array(
-                [np.mean(top1_of(o) != top1_of(r)) for o, r in zip(lowered, reference, strict=True)]
+                [np.mean(top1_of(o) != r) for o, r in zip(lowered, reference.top1, strict=True)]
             )
     return losses
 
