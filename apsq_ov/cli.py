@@ -257,7 +257,7 @@ def _levels_table(m: Manifest) -> Table:
     default = "the cascade" if m.default_level == m.cascade_level else f"level {m.default_level}"
     table = Table(title=f"dial levels (profile {m.profile.name}; default: {default})")
     cols = ("level", "max_drop", "fp32", "bf16/fp16", "int8", "routed per input", "pred. ms", "measured ms",
-            "pred. drop")  # fmt: skip
+            "pred. drop", "meas. drop")  # fmt: skip
     for col in cols:
         table.add_column(col, justify="right")
     for i, lv in enumerate(m.levels):
@@ -266,7 +266,8 @@ def _levels_table(m: Manifest) -> Table:
         measured = "-" if lv.measured_ms is None else f"{lv.measured_ms:.3f}"
         table.add_row(str(i), f"{lv.max_drop:g}", str(count[Precision.FP32]),
                       str(count[Precision.BF16] + count[Precision.FP16]), str(count[Precision.INT8]),
-                      str(len(lv.routed)), f"{lv.predicted_ms:.3f}", measured, f"{lv.predicted_drop:.4f}")  # fmt: skip
+                      str(len(lv.routed)), f"{lv.predicted_ms:.3f}", measured, f"{lv.predicted_drop:.4f}",
+                      "-" if lv.measured_drop is None else f"{lv.measured_drop:.4f}")  # fmt: skip
     return table
 
 

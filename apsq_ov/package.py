@@ -135,6 +135,9 @@ class Level:
     solver: str
     measured_ms: float | None = None
     """median latency of this level body on the target device, where calibration could time it"""
+    measured_drop: float | None = None
+    """top-1 disagreement with FP32 of this level (every op at its choice together, routed ops at their
+    fast variant) on calibration's held-out split; ``predicted_drop`` is the sum of the ops' isolated drops"""
 
     @property
     def routed(self) -> list[str]:
@@ -147,6 +150,7 @@ class Level:
             "predicted_drop": self.predicted_drop,
             "solver": self.solver,
             "measured_ms": self.measured_ms,
+            "measured_drop": self.measured_drop,
             "routed": self.routed,
             "ops": {
                 n: {"fast": c.fast.value, "safe": c.safe.value, "limit": c.limit}
@@ -172,6 +176,7 @@ class Level:
             predicted_drop=float(d["predicted_drop"]),
             solver=str(d.get("solver", "")),
             measured_ms=None if d.get("measured_ms") is None else float(d["measured_ms"]),
+            measured_drop=None if d.get("measured_drop") is None else float(d["measured_drop"]),
         )
 
 

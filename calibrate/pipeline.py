@@ -10,7 +10,9 @@ Where it sits in the data flow: the entry point of ``calibrate/`` (``apsq-ov cal
 4. score every routable op on the *scoring split* (:mod:`.sensitivity`);
 5. measure each op's *isolated loss* (only that op lowered, every other op fp32) on a disjoint
    *held-out split*: the ground truth the report compares scores with, and the drops the policy budgets;
-6. plan the default policy at ``max_drop``, write it into the ReadValue initialisers, and write
+6. select the dial's levels (:mod:`.selection`), each fitted to its drop measured with all its ops
+   lowered together on the held-out split, and fit the router (:mod:`.router`);
+7. plan the default policy at ``max_drop``, write it into the ReadValue initialisers, and write
    the package atomically.
 """
 
@@ -20,7 +22,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -377,8 +379,14 @@ def calibrate_model(
         for op in manifest.ops
     ]
     budgets = config.levels or tuple(default_budgets(config.max_drop))
+    # The isolated drops overlap (the inputs one op flips are mostly the ones every op flips), so their sum
+    # overstates a level's drop many times over on some models: each level is fitted to its drop measured
+    # with all its ops lowered together on the held-out split.
+    measure = joint_drops(measuring, batches(drop_idx))
+    fit_progress = (lambda d, t: progress("fit levels to measured drops", d, t)) if progress else None
     levels = select_levels(costs, profile, budgets, latency_budget_ms=config.latency_budget_ms,
-                           successors=linear_successors([u for u in units if u.name in by_name]))  # fmt: skip
+                           successors=linear_successors([u for u in units if u.name in by_name]), measure=measure,
+                           progress=fit_progress)  # fmt: skip
     fastest_check = None
     if _runs_here(config.device, profile):
         # The profile prices ops one by one; in a real network the device fuses runs of one precision
@@ -392,6 +400,7 @@ def calibrate_model(
         )
         if progress:
             progress("time the fastest level", 1, 1)
+    levels[-1] = replace(levels[-1], measured_drop=measure(levels[-1].choices))
     manifest.levels = levels
     manifest.default_level = level_for(levels, config.max_drop)
     if not config.router:
@@ -773,6 +782,27 @@ def top1_of(output: np.ndarray) -> np.ndarray:
     return np.asarray(output).argmax(axis=-1).reshape(-1)
 
 
+class PinnedRuns:
+    """Run ``data`` through ``model`` with some ops pinned to a precision and every other op FP32, by
+    writing request state only, on an :class:`AdaptiveAsyncInferQueue` of ``model``'s optimal number of
+    requests. Calling it returns the first output of each sample, in order."""
+
+    def __init__(self, model: AdaptiveCompiledModel, data: list[list[np.ndarray]]) -> None:
+        self.data = data
+        self._outputs: list[np.ndarray | None] = [None] * len(data)
+        self._queue = AdaptiveAsyncInferQueue(model)
+        self._queue.set_callback(self._keep)
+
+    def _keep(self, request: AdaptiveInferRequest, i: int) -> None:
+        self._outputs[i] = request.get_result()[0]  # copied out of the request
+
+    def __call__(self, pin: Mapping[str, Precision] | None) -> list[np.ndarray]:
+        for i, x in enumerate(self.data):
+            self._queue.start_async(x, i, precision=Precision.FP32, precision_map=pin)
+        self._queue.wait_all()
+        return list(self._outputs)  # type: ignore[arg-type]
+
+
 def isolated_losses(
     model: AdaptiveCompiledModel,
     ops_: list[OpRecord],
@@ -782,44 +812,45 @@ def isolated_losses(
     per_sample: dict[tuple[str, Precision], np.ndarray] | None = None,
 ) -> dict[str, dict[Precision, dict[str, float]]]:
     """Loss of every (op, lower precision) with that op alone lowered and every other op fp32
-    (:func:`quality_loss` against the all-fp32 route), by writing request state only; the samples of
-    each job run on an :class:`AdaptiveAsyncInferQueue` of ``model``'s optimal number of requests.
+    (:func:`quality_loss` against the all-fp32 route), on :class:`PinnedRuns`.
 
     :param per_sample: if given, filled with each job's per-sample top-1 disagreement (fraction of positions).
     """
     jobs = [(op, p) for op in ops_ for p in op.variants if p is not Precision.FP32]
     total = len(data) * (1 + len(jobs))
-    done = 0
-    queue = AdaptiveAsyncInferQueue(model)
-    outputs: list[np.ndarray | None] = [None] * len(data)
-
-    def keep(request: AdaptiveInferRequest, i: int) -> None:
-        outputs[i] = request.get_result()[0]  # copied out of the request
-
-    queue.set_callback(keep)
-
-    def run(pin: dict[str, Precision] | None) -> list[np.ndarray]:
-        nonlocal done
-        for i, x in enumerate(data):
-            queue.start_async(x, i, precision=Precision.FP32, precision_map=pin)
-        queue.wait_all()
-        done += len(data)
-        if progress:
-            progress(done, total)
-        return list(outputs)  # type: ignore[arg-type]
-
+    runs = PinnedRuns(model, data)
     if progress:
         progress(0, total)  # the phase starts now (a job's progress lands when all its samples have run)
-    reference = Reference.of(run(None), labels)
+    reference = Reference.of(runs(None), labels)
+    if progress:
+        progress(len(data), total)
     losses: dict[str, dict[Precision, dict[str, float]]] = {op.name: {} for op in ops_}
-    for op, p in jobs:
-        lowered = run({op.name: p})
+    for k, (op, p) in enumerate(jobs):
+        lowered = runs({op.name: p})
+        if progress:
+            progress(len(data) * (k + 2), total)
         losses[op.name][p] = quality_loss(lowered, reference)
         if per_sample is not None:
             per_sample[(op.name, p)] = np.array(
                 [np.mean(top1_of(o) != r) for o, r in zip(lowered, reference.top1, strict=True)]
             )
     return losses
+
+
+def joint_drops(
+    model: AdaptiveCompiledModel, data: list[list[np.ndarray]]
+) -> Callable[[Mapping[str, OpChoice]], float]:
+    """``measure(choices)``: the top-1 disagreement with FP32 (:func:`quality_loss`'s ``top1``) on ``data``
+    with every op at its choice together (routed ops at their fast variant, which never escalates: an
+    upper bound of what routing loses) — how the selection checks a level (:func:`select_levels`)."""
+    runs = PinnedRuns(model, data)
+    reference = Reference.of(runs(None), None)
+
+    def measure(choices: Mapping[str, OpChoice]) -> float:
+        pin = {n: c.fast for n, c in choices.items() if c.fast is not Precision.FP32}
+        return quality_loss(runs(pin), reference)["top1"] if pin else 0.0
+
+    return measure
 
 
 __all__ = ["CalibrationConfig", "calibrate", "calibrate_model", "read_model", "sample_order"]

@@ -289,3 +289,57 @@ def test_precision_changes_between_neighbours_are_priced():
     linked = select_levels(chain, profile, [], successors={"pw1": "dw", "dw": "pw2"})[-1]
     assert [linked.choices[n].fast for n in ("pw1", "dw", "pw2")] == [Precision.BF16] * 3
     assert linked.predicted_ms == pytest.approx(0.3 + 0.5 + 0.3)
+
+
+def _union_and_sum(ops_: list[OpCost]):
+    """Joint drops of two kinds for a level's choices: the flips overlap (a sample is lost when any lowered
+    op flips it: far below the sum when the same samples flip everywhere), or they compound (3x the sum)."""
+    by = {op.name: op for op in ops_}
+
+    def flips(choices):
+        lowered = [by[n].harm[c.fast] for n, c in choices.items() if c.fast is not Precision.FP32]
+        return lowered
+
+    def union(choices):
+        f = flips(choices)
+        return float(np.mean(np.max(f, axis=0))) if f else 0.0
+
+    def compound(choices):
+        return min(1.0, 3.0 * sum(float(np.mean(h)) for h in flips(choices)))
+
+    return union, compound
+
+
+def test_levels_are_fitted_to_the_measured_joint_drop():
+    """Eight ops that all flip the same low-margin samples: the isolated drops sum to many times the joint
+    drop, so the additive levels keep ops FP32 for nothing. Fitted levels are faster and their measured
+    drop still fits each budget; where drops compound (3x the sum), fitted levels stay within budget too."""
+    rng = np.random.default_rng(7)
+    n = 200
+    fragile = rng.random(n) < 0.06  # the samples every op flips
+    ops_ = []
+    for i in range(8):
+        harm = {Precision.BF16: (fragile & (rng.random(n) < 0.3)).astype(float),
+                Precision.INT8: (fragile & (rng.random(n) < 0.6)).astype(float)}  # fmt: skip
+        ops_.append(OpCost(f"op{i}", "Convolution", 1e8 * (i + 1), 4e5, P3, harm, None))
+    union, compound = _union_and_sum(ops_)
+    budgets = [0.01, 0.02, 0.04]
+    profile = load_profile("CPU")
+    additive = select_levels(ops_, profile, budgets)
+    calls = []
+    fitted = select_levels(ops_, profile, budgets, measure=lambda c: calls.append(1) or union(c),
+                           progress=lambda d, t: None)  # fmt: skip
+    assert [lv.max_drop for lv in fitted] == [0.0, *budgets, 1.0]
+    for a, f in zip(additive[1:-1], fitted[1:-1], strict=True):
+        assert f.measured_drop == pytest.approx(union(f.choices))
+        assert f.measured_drop <= f.max_drop + 1e-12  # the budget holds on the measured drop
+        assert f.predicted_ms <= a.predicted_ms + 1e-12  # never slower than the additive level
+    assert any(f.predicted_ms < a.predicted_ms - 1e-9 for a, f in zip(additive[1:-1], fitted[1:-1], strict=True))
+    assert any(f.predicted_drop > f.max_drop for f in fitted[1:-1])  # the sum of isolated drops overstates
+    assert len(calls) <= len(budgets) * 7  # a handful of measurements per level
+    for lo, hi in itertools.pairwise(fitted):  # still nested
+        for name, c in hi.choices.items():
+            assert c.fast.rank >= lo.choices[name].fast.rank
+    for lv in select_levels(ops_, profile, budgets, measure=compound)[1:-1]:
+        assert lv.measured_drop <= lv.max_drop + 1e-12
+        assert compound(lv.choices) <= lv.max_drop + 1e-12
