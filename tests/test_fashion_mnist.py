@@ -105,6 +105,43 @@ def test_precision_map_pin_changes_only_that_op(fm, tmp_path):
     assert (pinned["route"][:, 3] == apsq_ov.Precision.INT8.code).all()
 
 
+def test_each_level_fits_its_budget_on_its_measured_joint_drop(fm, tmp_path):
+    """Every level records the drop measured with all its ops lowered together on the held-out split, and
+    it fits the level's budget; re-measured independently through the CLI (the fully routed body, the
+    level's precisions as a precision map, on the same held-out images) it is the same drop."""
+    from apsq_ov.calibrate import sample_order
+
+    manifest = apsq_ov.Package.load(fm["pkg"]).manifest
+    cal = manifest.calibration
+    assert cal["drops_held_out"]
+    n_score, n_drop = cal["sensitivity_samples"], cal["drop_samples"]
+    held = sample_order(len(fm["x_train"]), cal["seed"])[n_score : n_score + n_drop]
+    np.savez(tmp_path / "held.npz", images=fm["x_train"][held])
+
+    def top1(name: str, *args: str) -> np.ndarray:
+        out = tmp_path / f"{name}.npz"
+        result = runner.invoke(app, ["infer", str(fm["pkg"]), "--input", str(tmp_path / "held.npz"), "--output",
+                                     str(out), "--precision", "fp32", *args])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        with np.load(out) as z:
+            return z["logits"].argmax(-1)
+
+    reference = top1("fp32")
+    checked = 0
+    for k, level in enumerate(manifest.levels):
+        assert level.measured_drop is not None and level.measured_drop <= level.max_drop + 1e-12, (k, level)
+        pin = {n: c.fast.value for n, c in level.choices.items() if c.fast is not apsq_ov.Precision.FP32}
+        if not pin:
+            assert level.measured_drop == 0.0
+            continue
+        (tmp_path / f"map{k}.json").write_text(json.dumps(pin))
+        again = float(np.mean(top1(f"level{k}", "--precision-map", str(tmp_path / f"map{k}.json")) != reference))
+        assert again == pytest.approx(level.measured_drop, abs=1.0 / n_drop), (k, again, level.measured_drop)
+        checked += 1
+    assert checked >= 1
+    assert manifest.levels[-1].predicted_drop > manifest.levels[-1].measured_drop  # the isolated drops overlap
+
+
 def test_router_escalates_risky_inputs_and_more_of_them_under_shift(fm):
     """The fitted router (margin of the INT8 route + cheap op features, fitted on calibration data and
     shifted copies): held-out AUC ≥ 0.9 on calibration data, and on the 10k real test images the
