@@ -400,7 +400,8 @@ def calibrate_model(
         )
         if progress:
             progress("time the fastest level", 1, 1)
-    levels[-1] = replace(levels[-1], measured_drop=measure(levels[-1].choices))
+    if levels[-1].measured_drop is None:  # the on-device check swapped the fastest level
+        levels[-1] = replace(levels[-1], measured_drop=measure(levels[-1].choices))
     manifest.levels = levels
     manifest.default_level = level_for(levels, config.max_drop)
     if not config.router:

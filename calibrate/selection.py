@@ -235,13 +235,15 @@ def _fit_level(
     ceiling: float,
     floor: Level,
     steps: int = FIT_STEPS,
+    fallback: Level | None = None,
 ) -> Level:
     """The fastest level whose *measured* joint drop fits ``budget``: solve the ILP at ``budget × s`` and
     measure the result, bisecting on ``log s`` — upwards from the additive ``s = 1`` while it fits (isolated
     top-1 drops overlap: on EfficientNet-Lite0 their sum over the all-INT8 level is 0.78 while that level
     disagrees with FP32 on 0.09 of the held-out crops), downwards if even ``s = 1`` does not (drops that
     compound). ``ceiling`` is the additive drop of the fastest level (no larger budget changes the
-    solution); ``floor`` the previous level (its measured drop fits a smaller budget: the fallback)."""
+    solution); ``floor`` the previous level (its measured drop fits a smaller budget): kept when no
+    solution's measured drop fits, unless a ``fallback`` is given (the latency budget's own choice)."""
     seen: dict[frozenset, float] = {}
 
     def drop_of(level: Level) -> float:
@@ -276,13 +278,14 @@ def _fit_level(
             lo = mid
         else:
             hi = mid
-    if best is None:
-        chosen, s, how = floor, 0.0, "the previous level kept (no solution's measured drop fits)"
+    if best is None and fallback is not None:
+        chosen, how = fallback, "no solution's measured drop fits"
+    elif best is None:
+        chosen, how = floor, "the previous level kept (no solution's measured drop fits)"
     else:
-        chosen, s = best
-        how = f"budget x{s:.3g} for the ILP so the measured joint drop fits"
-    return Level(budget, chosen.choices, chosen.predicted_ms, chosen.predicted_drop,
-                 f"{chosen.solver}; {how}", measured_drop=drop_of(chosen) if best else floor.measured_drop)  # fmt: skip
+        chosen, how = best[0], f"budget x{best[1]:.3g} for the ILP so the measured joint drop fits"
+    return Level(budget, chosen.choices, chosen.predicted_ms, chosen.predicted_drop, f"{chosen.solver}; {how}",
+                 measured_drop=drop_of(chosen))  # fmt: skip
 
 
 def select_levels(
@@ -329,10 +332,13 @@ def select_levels(
                 level = solve(math.inf)
                 level = Level(1.0, level.choices, level.predicted_ms, level.predicted_drop,
                               "max_drop 1: the fastest static variants per the profile (min latency incl. "
-                              "precision changes, no drop limit)")  # fmt: skip
+                              "precision changes, no drop limit)",
+                              measured_drop=None if measure is None else float(measure(level.choices)))  # fmt: skip
             elif measure is not None:
                 ceiling = solve(math.inf, static_only=False).predicted_drop
-                level = _fit_level(b, solve, measure, ceiling, floor)
+                # Under --latency-budget the ILP trades drop for latency when both cannot hold: keep that.
+                fallback = solve(b) if latency_budget_ms else None
+                level = _fit_level(b, solve, measure, ceiling, floor, fallback=fallback)
             else:
                 level = solve(b)
             levels.append(level)
