@@ -386,7 +386,7 @@ def calibrate_model(
     fit_progress = (lambda d, t: progress("fit levels to measured drops", d, t)) if progress else None
     levels = select_levels(costs, profile, budgets, latency_budget_ms=config.latency_budget_ms,
                            successors=linear_successors([u for u in units if u.name in by_name]), measure=measure,
-                           progress=fit_progress)  # fmt: skip
+                           samples=int(len(drop_idx) * batch), progress=fit_progress)  # fmt: skip
     fastest_check = None
     if _runs_here(config.device, profile):
         # The profile prices ops one by one; in a real network the device fuses runs of one precision

@@ -23,8 +23,9 @@ The isolated drops do not add up: the inputs one op flips are mostly the low-mar
 (on EfficientNet-Lite0 the isolated INT8 top-1 drops of its 50 ops sum to 0.78, the all-INT8 model
 disagrees with FP32 on 0.09 of the held-out crops). So each level between 0 and 1 is *fitted*: the ILP is
 solved at ``B × s`` and the solution's joint drop measured on the held-out split (every op at its choice
-together), bisecting on ``log s`` for the fastest solution whose measured drop is at most ``B``
-(:func:`_fit_level`; ``s`` below 1 where drops compound).
+together), bisecting on ``log s`` for the fastest solution whose measured drop is at most ``B`` — beyond
+the additive solution with 90% confidence (its Clopper-Pearson upper bound; a mix picked because its drop
+measured low on a few hundred samples is optimistic) — (:func:`_fit_level`; ``s`` below 1 where drops compound).
 
 Options of an op: *static* at each precision the profile runs faster than fp32 (and fp32), or
 *routed*: INT8 unless the input leaves the calibrated INT8 range, then a safer variant ``s``. A
@@ -47,12 +48,15 @@ from apsq_ov.package import Level, OpChoice
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile
 
+from .router import CONFIDENCE, upper_bound
+
 OBJECTIVE = (
     "per level: minimise the sum over ops of expected latency (profile cost model at each op's MACs, plus "
     "route_ms for routed ops, weighted by the calibration inputs' escalation rate) plus one conversion pass "
     "per precision change between adjacent ops, subject to the sum of measured isolated held-out drops <= "
     "the level's max_drop x s (and <= --latency-budget when given); exact ILP (scipy.optimize.milp), s "
-    "bisected so the level's joint drop measured on the held-out split is <= max_drop; each level "
+    "bisected so the level's joint drop measured on the held-out split is <= max_drop (beyond s = 1: its "
+    "90% Clopper-Pearson upper bound); each level "
     "may only lower ops relative to the previous level; the max_drop 1 level is checked by timing on the "
     "target device when it is this machine"
 )
@@ -236,6 +240,7 @@ def _fit_level(
     floor: Level,
     steps: int = FIT_STEPS,
     fallback: Level | None = None,
+    samples: int = 0,
 ) -> Level:
     """The fastest level whose *measured* joint drop fits ``budget``: solve the ILP at ``budget × s`` and
     measure the result, bisecting on ``log s`` — upwards from the additive ``s = 1`` while it fits (isolated
@@ -243,7 +248,12 @@ def _fit_level(
     disagrees with FP32 on 0.09 of the held-out crops), downwards if even ``s = 1`` does not (drops that
     compound). ``ceiling`` is the additive drop of the fastest level (no larger budget changes the
     solution); ``floor`` the previous level (its measured drop fits a smaller budget): kept when no
-    solution's measured drop fits, unless a ``fallback`` is given (the latency budget's own choice)."""
+    solution's measured drop fits, unless a ``fallback`` is given (the latency budget's own choice).
+
+    What "fits" means: up to the additive solution (``s ≤ 1``) the measured drop is at most ``budget``;
+    a level beyond it (``s > 1``) is picked *because* its drop measured low on the held-out split, so it
+    must fit with confidence: the one-sided Clopper-Pearson upper bound of its drop over ``samples``
+    held-out samples at ``CONFIDENCE`` (as the cascade's thresholds) is at most ``budget``."""
     seen: dict[frozenset, float] = {}
 
     def drop_of(level: Level) -> float:
@@ -252,14 +262,17 @@ def _fit_level(
             seen[key] = float(measure(level.choices))
         return seen[key]
 
-    def fits(level: Level) -> bool:
-        return drop_of(level) <= budget + 1e-12
+    def fits(level: Level, s: float) -> bool:
+        drop = drop_of(level)
+        if s > 1.0 and samples > 0:
+            drop = upper_bound(drop * samples, samples, CONFIDENCE)
+        return drop <= budget + 1e-12
 
     best: tuple[Level, float] | None = None
 
     def consider(level: Level, s: float) -> bool:
         nonlocal best
-        if not fits(level):
+        if not fits(level, s):
             return False
         if best is None or level.predicted_ms < best[0].predicted_ms:
             best = (level, s)
@@ -296,13 +309,15 @@ def select_levels(
     latency_budget_ms: float | None = None,
     successors: Mapping[str, str] | None = None,
     measure: JointDrop | None = None,
+    samples: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Level]:
     """One :class:`Level` per budget (sorted ascending; 0 and 1 always included); adjacent routed ops
     that always agree share an If (``successors``, see :func:`share_runs`).
 
-    With ``measure``, each level between 0 and 1 is fitted to its measured joint drop (:func:`_fit_level`)
-    instead of trusting the isolated drops to add up; every level records ``measured_drop``."""
+    With ``measure``, each level between 0 and 1 is fitted to its joint drop measured on ``samples``
+    held-out samples (:func:`_fit_level`) instead of trusting the isolated drops to add up; every level
+    records ``measured_drop``."""
     opts = {op.name: options(op, profile) for op in ops}
     by_name = {op.name: op for op in ops}
     # A precision change between adjacent ops costs one conversion pass over the tensor between them
@@ -338,7 +353,7 @@ def select_levels(
                 ceiling = solve(math.inf, static_only=False).predicted_drop
                 # Under --latency-budget the ILP trades drop for latency when both cannot hold: keep that.
                 fallback = solve(b) if latency_budget_ms else None
-                level = _fit_level(b, solve, measure, ceiling, floor, fallback=fallback)
+                level = _fit_level(b, solve, measure, ceiling, floor, fallback=fallback, samples=samples)
             else:
                 level = solve(b)
             levels.append(level)

@@ -348,3 +348,11 @@ def test_levels_are_fitted_to_the_measured_joint_drop():
     cap = fitted[-1].predicted_ms * 1.02
     for lv in select_levels(ops_, profile, budgets, latency_budget_ms=cap, measure=union)[1:]:
         assert lv.predicted_ms <= cap + 1e-9 and lv.measured_drop == pytest.approx(union(lv.choices))
+    # With the held-out sample count, a level beyond the additive solution must fit with 90% confidence.
+    from apsq_ov.calibrate.router import upper_bound
+
+    bounded = select_levels(ops_, profile, budgets, measure=union, samples=n)
+    for a, f in zip(additive[1:-1], bounded[1:-1], strict=True):
+        beyond = any(c.fast.rank > a.choices[name].fast.rank for name, c in f.choices.items())
+        assert not beyond or upper_bound(f.measured_drop * n, n) <= f.max_drop + 1e-12, f
+    assert any(f.predicted_ms > g.predicted_ms + 1e-9 for f, g in zip(bounded[1:-1], fitted[1:-1], strict=True))
