@@ -297,8 +297,9 @@ def _fit_level(
         chosen, how = floor, "the previous level kept (no solution's measured drop fits)"
     else:
         chosen, how = best[0], f"budget x{best[1]:.3g} for the ILP so the measured joint drop fits"
+    known = floor.measured_drop if chosen is floor else None  # the floor was measured as its own level
     return Level(budget, chosen.choices, chosen.predicted_ms, chosen.predicted_drop, f"{chosen.solver}; {how}",
-                 measured_drop=drop_of(chosen))  # fmt: skip
+                 measured_drop=drop_of(chosen) if known is None else known)  # fmt: skip
 
 
 def select_levels(
