@@ -87,11 +87,13 @@ def package_methods(
     """The methods a package runs: its FP32 level (f32 hint, and bf16 hint as the BF16 baseline), every
     static level, the cascade at every budget that escalates some inputs, and forced precisions (each
     on ``compiles`` compiled copies of the package)."""
-    from apsq_ov.runtime import compile_model
+    from apsq_ov.runtime import compile_model, standalone_bodies
 
     m = pkg.manifest
     core = ov.Core()
-    copies = [compile_model(pkg, "CPU", LATENCY, core=core) for _ in range(max(compiles, 1))]
+    # Every level and the cascade compiled on its own, as a deployment serving that budget would run it
+    # (compile_model's default compiles the default budget's body so): no dispatch If in any timing.
+    copies = [compile_model(pkg, "CPU", LATENCY, core=core, standalone="all") for _ in range(max(compiles, 1))]
     out: list[Method] = []
 
     def add(name: str, family: str, policy: dict[str, Any], max_drop: float | None = None) -> Method:
@@ -105,8 +107,11 @@ def package_methods(
         return method
 
     if bf16_reference:
-        out.append(plain_method("package FP32 level, bf16 hint", "baseline", pkg.read_model(core), "bf16", compiles,
-                                core, {LEVEL_STATE: np.array(0, np.int32)}))  # fmt: skip
+        ir = pkg.read_model(core)
+        fp32_level = standalone_bodies(ir, m).get(0)
+        out.append(plain_method("package FP32 level, bf16 hint", "baseline", ir if fp32_level is None else fp32_level,
+                                "bf16", compiles, core, {LEVEL_STATE: np.array(0, np.int32)} if fp32_level is None
+                                else {}))  # fmt: skip
     for prec in m.precisions if forced else ():
         add(f"apsq forced {prec.value} (every op behind an If)", "apsq forced", {"precision": prec})
     for lv in m.levels:
@@ -327,7 +332,8 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
     for name, _, m, hint in plain:
         cfg = {**THROUGHPUT, "INFERENCE_PRECISION_HINT": hint}
         queues[name] = [_queue(core.compile_model(m, "CPU", cfg), None) for _ in range(k)]
-    copies = [compile_model(pkg, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}, core=core) for _ in range(k)]
+    copies = [compile_model(pkg, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}, core=core, standalone="all")
+              for _ in range(k)]  # fmt: skip
     m = pkg.manifest
     budgets = m.budgets
     same: dict[str, str] = {}  # budget name → the name of the budget that runs the same body and τ
@@ -341,11 +347,13 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
         bodies[key] = name
         queues[name] = []
         for adaptive in copies:
+            compiled = adaptive.compiled_for(adaptive.plan(max_drop=d))
+            body = key.level if compiled is not adaptive.compiled_model else None
 
-            def setup(req: ov.InferRequest, d: float = d, adaptive: Any = adaptive) -> None:
-                AdaptiveInferRequest(adaptive, req).set_policy(max_drop=d)
+            def setup(req: ov.InferRequest, d: float = d, adaptive: Any = adaptive, body: int | None = body) -> None:
+                AdaptiveInferRequest(adaptive, req, body=body).set_policy(max_drop=d)
 
-            queues[name].append(_queue(adaptive.compiled_model, setup))
+            queues[name].append(_queue(compiled, setup))
     rates: dict[str, list[float]] = {n: [] for n in queues}
     names = list(queues)
     for r in range(rounds):

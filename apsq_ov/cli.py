@@ -356,14 +356,16 @@ def infer(
         raise typer.BadParameter("give --max-drop or --precision, not both", param_hint="--precision")
     pins = _load_precision_map(precision_map)
     config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
-    compiled = compile_model(package, device, config)
+    if policy not in ("auto", "static", "cascade"):
+        raise typer.BadParameter(f"{policy!r}: use auto, static or cascade", param_hint="--policy")
+    # The body this policy runs is compiled on its own (no dispatch If around it).
+    compiled = compile_model(package, device, config, standalone={"max_drop": max_drop, "precision": forced,
+                                                                  "precision_map": pins, "policy": policy})  # fmt: skip
     samples = match_inputs(load_arrays(input), compiled.inputs, source=str(input), require_finite=False)
     batch = compiled.manifest.batch
     if len(samples) % batch:
         raise DataError(f"{input}: {len(samples)} samples is not a multiple of the package's batch {batch}")
     request = compiled.create_infer_request()
-    if policy not in ("auto", "static", "cascade"):
-        raise typer.BadParameter(f"{policy!r}: use auto, static or cascade", param_hint="--policy")
     plan = request.set_policy(max_drop=max_drop, precision=forced, precision_map=pins, policy=policy)  # validates
     outputs: dict[str, list[np.ndarray]] = {n: [] for n in compiled.output_names}
     routes, latency, nonfinite, escalated = [], [], [], []

@@ -180,6 +180,8 @@ class Level:
         )
 
 
+ESCALATE_STATE = "apsq/escalate"
+"""State variable multiplying every level body's range limits (1.0; inf = never escalate)."""
 TAU_STATE = "apsq/tau"
 """State variable: the cascade escalates an input when its risk (logit) exceeds this."""
 NEVER = 3.0e38

@@ -6,7 +6,12 @@ and returns an :class:`AdaptiveCompiledModel`; its :class:`AdaptiveInferRequest`
 ``openvino.InferRequest`` and adds keyword-only ``max_drop=``, ``precision=``, ``precision_map=``.
 
 The policy lives in per-request state (ReadValue/Assign variables), so requests never share it
-and changing it costs a few scalar writes, no recompilation. Which branch each op actually took
+and changing it costs a few scalar writes, no recompilation. The package IR dispatches between its
+bodies with ``If`` ops, and every ``If`` a body sits below copies that body's inputs on every pass
+(~3% of EfficientNet-Lite0's INT8 throughput per ``If`` on this CPU); so :func:`compile_model` also
+compiles the bodies a policy runs most — by default the one the package's default policy selects —
+as models of their own (:func:`standalone_bodies`), and a request whose policy selects such a body
+runs it there, its state (τ) in that request's own ReadValue variables. Which branch each op actually took
 comes back from the graph itself (the ``apsq_route`` output), because the in-graph range check can
 override the requested mode per input.
 """
@@ -23,10 +28,21 @@ from typing import Any
 
 import numpy as np
 import openvino as ov
+from openvino import opset13 as ops
+from openvino.op.util import Variable, VariableInfo
 
-from apsq_ov.errors import DataError, DeviceError
+from apsq_ov.errors import ConfigError, DataError, DeviceError
 from apsq_ov.inputs import InputSpec, request_arrays
-from apsq_ov.package import LEVEL_STATE, LIMITS_STATE, MODES_STATE, ROUTE_OUTPUT, TAU_STATE, Manifest, Package
+from apsq_ov.package import (
+    ESCALATE_STATE,
+    LEVEL_STATE,
+    LIMITS_STATE,
+    MODES_STATE,
+    ROUTE_OUTPUT,
+    TAU_STATE,
+    Manifest,
+    Package,
+)
 from apsq_ov.precision import Precision
 from apsq_ov.routing import Route, check_max_drop, choose_body, plan_routes
 
@@ -75,9 +91,12 @@ def _policy_key(max_drop: Any, precision: Any, precision_map: Mapping[str, Any] 
 
 
 class AdaptiveCompiledModel:
-    """A compiled adaptive model. Wraps :class:`openvino.CompiledModel` (``.compiled_model``)."""
+    """A compiled adaptive model. Wraps :class:`openvino.CompiledModel` (``.compiled_model``: the package
+    IR, every body behind its dispatch) and the bodies compiled on their own (``.standalone``: body index →
+    :class:`openvino.CompiledModel`), which requests whose policy selects them run instead."""
 
-    def __init__(self, compiled: ov.CompiledModel, manifest: Manifest, *, device: str) -> None:
+    def __init__(self, compiled: ov.CompiledModel, manifest: Manifest, *, device: str,
+                 standalone: Mapping[int, ov.CompiledModel] | None = None) -> None:  # fmt: skip
         self.compiled_model = compiled
         self.manifest = manifest
         self.device = device
@@ -88,9 +107,18 @@ class AdaptiveCompiledModel:
         # the IR written to disk may carry generated tensor names for those, so the manifest wins.
         self._output_names = list(manifest.outputs) if len(manifest.outputs) == len(found) else found
         self._output_ports = [i for i in range(len(names)) if i != self._route_index]
+        self.standalone = dict(standalone or {})
+        for level, body in self.standalone.items():
+            body_names = [out.get_any_name() if out.get_names() else "" for out in body.outputs]
+            if len(body_names) != len(names) or body_names.index(ROUTE_OUTPUT) != self._route_index:
+                raise DeviceError(f"standalone body {level}: its outputs do not match the package's")
         self._plans: dict[tuple, Plan] = {}
         fast = manifest.fast_route_codes
         self._fast_codes = None if fast is None else np.array(fast, np.int8)
+
+    def compiled_for(self, plan: Plan) -> ov.CompiledModel:
+        """The compiled model that runs ``plan``: its body compiled on its own, else the package."""
+        return self.standalone.get(plan.level, self.compiled_model)
 
     @property
     def route_ops(self) -> list[str]:
@@ -164,30 +192,82 @@ class AdaptiveCompiledModel:
         return self.create_infer_request().infer(inputs, **policy)
 
 
-class AdaptiveInferRequest:
-    """One inference request with its own routing state. Wraps :class:`openvino.InferRequest` (``.request``)."""
+class _BoundRequest:
+    """One :class:`openvino.InferRequest` of one compiled graph (the package or a standalone body), the
+    handles of its routing state and the policy last written into it."""
 
     def __init__(self, model: AdaptiveCompiledModel, request: ov.InferRequest) -> None:
-        self.model = model
         self.request = request
         states = {s.name: s for s in request.query_state()}
         ops_ = model.manifest.ops
-        self._level_state = states.get(LEVEL_STATE)  # absent in calibration's measurement IR
-        self._tau_state = states.get(TAU_STATE)  # only in packages with a router
+        self.level_state = states.get(LEVEL_STATE)  # absent in calibration's measurement IR and standalone bodies
+        self.tau_state = states.get(TAU_STATE)  # only in packages with a router (a standalone cascade has it)
         # A package IR holds the per-op state in two vectors; calibration's measurement IR in scalars.
-        self._modes_state = states.get(MODES_STATE)
-        self._limits_state = states.get(LIMITS_STATE)
-        self._order = [op.index for op in ops_]
-        self._limited = [op.index for op in ops_ if Precision.INT8 in op.variants and op.int8_absmax is not None]
-        self._mode_states = {
+        self.modes_state = states.get(MODES_STATE)
+        self.limits_state = states.get(LIMITS_STATE)
+        self.order = [op.index for op in ops_]
+        self.limited = [op.index for op in ops_ if Precision.INT8 in op.variants and op.int8_absmax is not None]
+        self.mode_states = {
             op.index: states[f"apsq/mode/{op.index}"] for op in ops_ if f"apsq/mode/{op.index}" in states
         }
         # Ops without an INT8 variant have no range check, hence no limit state.
-        self._limit_states = {op.index: states[f"apsq/limit/{op.index}"] for op in ops_
-                              if f"apsq/limit/{op.index}" in states}  # fmt: skip
-        self._applied: tuple | None = None
+        self.limit_states = {op.index: states[f"apsq/limit/{op.index}"] for op in ops_
+                             if f"apsq/limit/{op.index}" in states}  # fmt: skip
+        self.applied: tuple | None = None
+
+    def write(self, key: tuple, plan: Plan) -> None:
+        """Write ``plan``'s routing state (skipped when ``key`` is the policy already written)."""
+        if key == self.applied:
+            return
+        if self.level_state is not None:
+            self.level_state.state = ov.Tensor(np.array(plan.level, dtype=np.int32))
+        if plan.tau is not None and self.tau_state is not None:
+            self.tau_state.state = ov.Tensor(np.array(plan.tau, dtype=np.float32))
+        if plan.routes and self.modes_state is not None:
+            modes = [plan.routes[i].mode.code for i in self.order]
+            self.modes_state.state = ov.Tensor(np.array(modes, dtype=np.int32))
+            if self.limits_state is not None:
+                limits = [min(plan.routes[i].range_limit, 3.0e38) for i in self.limited]
+                self.limits_state.state = ov.Tensor(np.array(limits, dtype=np.float32))
+        for index, route in plan.routes.items():
+            if index in self.mode_states:
+                self.mode_states[index].state = ov.Tensor(np.array(route.mode.code, dtype=np.int32))
+            if index in self.limit_states:
+                limit = min(route.range_limit, 3.0e38)
+                self.limit_states[index].state = ov.Tensor(np.array(limit, dtype=np.float32))
+        self.applied = key
+
+
+class AdaptiveInferRequest:
+    """One inference request with its own routing state. Wraps :class:`openvino.InferRequest` (``.request``:
+    the one the current policy runs on — the package's, or a standalone body's, created on first use).
+
+    :param request: a request of the package's compiled model, or (with ``body``) of standalone body
+        ``body``'s; default: a new request of the package's.
+    """
+
+    def __init__(self, model: AdaptiveCompiledModel, request: ov.InferRequest | None = None, *,
+                 body: int | None = None) -> None:  # fmt: skip
+        self.model = model
+        if request is None:
+            request = model.compiled_for(Plan(body, {})).create_infer_request() if body is not None else (
+                model.compiled_model.create_infer_request())  # fmt: skip
+        self._bound: dict[int | None, _BoundRequest] = {body: _BoundRequest(model, request)}
+        self._active = self._bound[body]
+        self._callback: Callable[[Any], None] | None = None
         self._plan: Plan | None = None
         self._nonfinite = False
+
+    @property
+    def request(self) -> ov.InferRequest:
+        """The :class:`openvino.InferRequest` the current policy runs on."""
+        return self._active.request
+
+    def set_callback(self, callback: Callable[[Any], None]) -> None:
+        """``callback(userdata)`` on completion of :meth:`start_async`, whichever graph ran it."""
+        self._callback = callback
+        for bound in self._bound.values():
+            bound.request.set_callback(callback, None)
 
     def set_policy(
         self,
@@ -197,28 +277,18 @@ class AdaptiveInferRequest:
         precision_map: Mapping[str, Precision | str] | None = None,
         policy: str = "auto",
     ) -> Plan:
-        """Write the routing state for this policy into the request (skipped when unchanged)."""
+        """Write the routing state for this policy into the request that runs it (skipped when unchanged)."""
         key = _policy_key(max_drop, precision, precision_map, policy)
         plan = self.model._plan(key, max_drop, precision, precision_map, policy)
-        if key != self._applied:
-            if self._level_state is not None:
-                self._level_state.state = ov.Tensor(np.array(plan.level, dtype=np.int32))
-            if plan.tau is not None and self._tau_state is not None:
-                self._tau_state.state = ov.Tensor(np.array(plan.tau, dtype=np.float32))
-            if plan.routes and self._modes_state is not None:
-                modes = [plan.routes[i].mode.code for i in self._order]
-                self._modes_state.state = ov.Tensor(np.array(modes, dtype=np.int32))
-                if self._limits_state is not None:
-                    limits = [min(plan.routes[i].range_limit, 3.0e38) for i in self._limited]
-                    self._limits_state.state = ov.Tensor(np.array(limits, dtype=np.float32))
-            for index, route in plan.routes.items():
-                if index in self._mode_states:
-                    self._mode_states[index].state = ov.Tensor(np.array(route.mode.code, dtype=np.int32))
-                if index in self._limit_states:
-                    limit = min(route.range_limit, 3.0e38)
-                    self._limit_states[index].state = ov.Tensor(np.array(limit, dtype=np.float32))
-            self._applied = key
-            self._plan = plan
+        body = plan.level if plan.level in self.model.standalone else None
+        bound = self._bound.get(body)
+        if bound is None:
+            bound = self._bound[body] = _BoundRequest(self.model, self.model.compiled_for(plan).create_infer_request())
+            if self._callback is not None:
+                bound.request.set_callback(self._callback, None)
+        bound.write(key, plan)
+        self._active = bound
+        self._plan = plan
         return plan
 
     def _prepare(
@@ -315,7 +385,7 @@ class AdaptiveAsyncInferQueue:
         self._userdata: list[Any] = [None] * jobs
         self._errors: list[BaseException] = []
         for i, request in enumerate(self._requests):
-            request.request.set_callback(functools.partial(self._done, i), None)
+            request.set_callback(functools.partial(self._done, i))
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -373,23 +443,36 @@ class AdaptiveAsyncInferQueue:
             raise errors[0]
 
 
+STANDALONE = ("default", "all", "none")
+"""What :func:`compile_model` compiles on its own besides the package: the body the package's default
+policy runs, every level body and the cascade, or nothing (or, given a policy mapping, the body it runs)."""
+
+
 def compile_model(
     package: str | Path | Package,
     device_name: str = "CPU",
     config: Mapping[str, Any] | None = None,
     *,
     core: ov.Core | None = None,
+    standalone: str | Mapping[str, Any] = "default",
 ) -> AdaptiveCompiledModel:
     """Compile an adaptive package (as ``openvino.Core.compile_model``).
 
     :param package: a package directory or a loaded :class:`~apsq_ov.package.Package`.
     :param device_name: OpenVINO device (``CPU``, ``GPU``, ``AUTO`` …).
     :param config: extra OpenVINO properties; the profile's ``compile_config`` (f32 hint) comes first.
+    :param standalone: which bodies are also compiled as models of their own (:data:`STANDALONE`):
+        ``default`` — the one the package's default policy runs (the cascade or a level); ``all`` — every
+        level and the cascade (each its own compile: more memory and compile time); ``none``; or a policy
+        (``{"max_drop": …, "policy": …}``, as :meth:`AdaptiveCompiledModel.plan` takes) — the body it runs.
+        A policy whose body is not among them runs through the package's dispatch, one or more ``If``
+        deeper; pinned and forced precisions always do (the fully routed body).
     :raises PackageError: for a missing/corrupt package. :raises DeviceError: for a device not present.
+    :raises ConfigError: for an unknown ``standalone``.
     """
     pkg = package if isinstance(package, Package) else Package.load(package)
     core = core or ov.Core()
-    return compile_adaptive(pkg.read_model(core), pkg.manifest, device_name, config, core=core)
+    return compile_adaptive(pkg.read_model(core), pkg.manifest, device_name, config, core=core, standalone=standalone)
 
 
 def compile_adaptive(
@@ -399,17 +482,127 @@ def compile_adaptive(
     config: Mapping[str, Any] | None = None,
     *,
     core: ov.Core | None = None,
+    standalone: str | Mapping[str, Any] = "none",
 ) -> AdaptiveCompiledModel:
-    """Compile an in-memory adaptive model with its manifest (used by calibration)."""
+    """Compile an in-memory adaptive model with its manifest (used by calibration: ``standalone`` as in
+    :func:`compile_model`, default none)."""
+    if not isinstance(standalone, Mapping) and standalone not in STANDALONE:
+        raise ConfigError(f"standalone={standalone!r}: use one of {', '.join(STANDALONE)} or a policy mapping")
     core = core or ov.Core()
     check_device(core, device_name)
     props = dict(manifest.profile.compile_config)
     props.update(config or {})
+    wanted: set[int] = set()
+    if manifest.levels and standalone == "all":
+        cascade = manifest.cascade_level
+        wanted = set(range(len(manifest.levels))) | ({cascade} if cascade is not None else set())
+    elif manifest.levels and standalone == "default":
+        wanted = {choose_body(manifest, manifest.default_max_drop).level}
+    elif manifest.levels and isinstance(standalone, Mapping):
+        if standalone.get("precision") is None and not standalone.get("precision_map"):
+            budget = standalone.get("max_drop")
+            budget = check_max_drop(manifest.default_max_drop if budget is None else budget)
+            wanted = {choose_body(manifest, budget, standalone.get("policy", "auto")).level}
+    bodies = {k: b for k, b in standalone_bodies(model, manifest).items() if k in wanted}
     try:
         compiled = core.compile_model(model, device_name, props)
+        separate = {k: core.compile_model(b, device_name, props) for k, b in sorted(bodies.items())}
     except RuntimeError as exc:
         raise DeviceError(f"device={device_name}: compile failed ({str(exc).strip().splitlines()[-1]})") from exc
-    return AdaptiveCompiledModel(compiled, manifest, device=device_name)
+    return AdaptiveCompiledModel(compiled, manifest, device=device_name, standalone=separate)
+
+
+_BODY_MARK = "/route"  # a body's route Result is named "<body name>/route" (body names are not serialized)
+_BODY_STATE = {"escalate": ESCALATE_STATE, "tau": TAU_STATE}  # a level body's scalar parameters → their state
+
+
+def standalone_bodies(model: ov.Model, manifest: Manifest) -> dict[int, ov.Model]:
+    """The package IR's level bodies and cascade as models of their own: body index → model.
+
+    Found in the top-level dispatch (the ``If`` tree on ``apsq/level``) by their route Result's name
+    (``apsq/level/<k>/route``, ``apsq/cascade/route``). Each is a copy whose scalar parameters
+    (``escalate``, ``tau``) become ReadValue/Assign state under the package's variable ids, initialised as
+    in the package; its inputs and outputs carry the package's tensor names and order. Bodies whose
+    inputs are not the package's own parameters (a package with pre-processing before the dispatch) are
+    left out: they only run through the package.
+    """
+    top_params = model.get_parameters()
+    names = {f"apsq/level/{k}{_BODY_MARK}": k for k in range(len(manifest.levels))}
+    if manifest.cascade_level is not None:
+        names[f"apsq/cascade{_BODY_MARK}"] = manifest.cascade_level
+    init = {
+        n.get_variable_id(): n.input_value(0).get_node().get_data()
+        for n in model.get_ordered_ops()
+        if n.get_type_name() == "ReadValue" and n.inputs() and n.input_value(0).get_node().get_type_name() == "Constant"
+    }
+    found: dict[int, ov.Model] = {}
+
+    def visit(graph: ov.Model, fed_by_top: bool) -> None:
+        for node in graph.get_ordered_ops():
+            if node.get_type_name() != "If":
+                continue
+            # The dispatch passes the model inputs straight through: ports fed by the top's parameters.
+            direct = fed_by_top and all(
+                node.input_value(i).get_node().get_type_name() == "Parameter" for i in range(1, len(top_params) + 1)
+            )
+            for body in (node.get_then_body(), node.get_else_body()):
+                marks = [names[r.get_friendly_name()] for r in body.get_results() if r.get_friendly_name() in names]
+                if marks and direct:
+                    found.setdefault(marks[0], body)
+                elif any(p.get_friendly_name() == "level" for p in body.get_parameters()):
+                    visit(body, direct)
+
+    visit(model, True)
+    return {k: _as_model(body, model, init) for k, body in found.items()}
+
+
+def _read(output: ov.Output) -> bool:
+    """Whether some op computes with ``output`` — following it into If bodies, since the CPU plugin drops an
+    If input no body reads (and then rejects a ReadValue whose only consumer was that input)."""
+    for target in output.get_target_inputs():
+        node = target.get_node()
+        if node.get_type_name() != "If":
+            return True
+        for b, body in enumerate((node.get_then_body(), node.get_else_body())):
+            params = body.get_parameters()
+            for desc in node.get_input_descriptions(b):
+                if desc.input_index == target.get_index() and _read(params[desc.body_parameter_index].output(0)):
+                    return True
+    return False
+
+
+def _as_model(body: ov.Model, top: ov.Model, init: Mapping[str, np.ndarray]) -> ov.Model:
+    body = body.clone()
+    top_params = top.get_parameters()
+    params = body.get_parameters()
+    inputs, scalars = params[: len(top_params)], params[len(top_params) :]
+    sinks = []
+    for p in scalars:
+        consumers = list(p.output(0).get_target_inputs())
+        if not consumers:  # a tree leaf's level code
+            continue
+        variable_id = _BODY_STATE[p.get_friendly_name()]
+        value = np.asarray(init.get(variable_id, np.float32(1.0)), np.float32).reshape(())
+        if _read(p.output(0)):
+            info = VariableInfo()
+            info.data_shape, info.data_type, info.variable_id = ov.PartialShape([]), ov.Type.f32, variable_id
+            var = Variable(info)
+            source = ops.read_value(ops.constant(value), var)
+            source.set_friendly_name(variable_id)
+            sinks.append(ops.assign(source, var))
+        else:  # only passed into If bodies that never read it: a constant (no state nobody reads)
+            source = ops.constant(value)
+        for t in consumers:
+            t.replace_source_output(source.output(0))
+    for new, old in zip(inputs, top_params, strict=True):
+        new.set_friendly_name(old.get_friendly_name())
+        new.output(0).get_tensor().set_names(set(old.output(0).get_names()))
+    results = body.get_results()
+    for r, out in zip(results, top.outputs, strict=True):
+        r.output(0).get_tensor().set_names(set(out.get_names()))
+    out = ov.Model(results, sinks, inputs, top.get_friendly_name() or "apsq")  # takes the sinks' variables
+    out.validate_nodes_and_infer_types()
+    return out
 
 
 def check_device(core: ov.Core, device_name: str) -> None:

@@ -34,7 +34,17 @@ from openvino import opset13 as ops
 from openvino.op.util import Variable, VariableInfo
 
 from apsq_ov.errors import CalibrationError
-from apsq_ov.package import LEVEL_STATE, LIMITS_STATE, MODES_STATE, NEVER, ROUTE_OUTPUT, TAU_STATE, OpChoice, Router
+from apsq_ov.package import (
+    ESCALATE_STATE,
+    LEVEL_STATE,
+    LIMITS_STATE,
+    MODES_STATE,
+    NEVER,
+    ROUTE_OUTPUT,
+    TAU_STATE,
+    OpChoice,
+    Router,
+)
 from apsq_ov.precision import Precision
 
 from .router import RISK_NODE, pre_quant_input, risk_output
@@ -515,7 +525,7 @@ def build_package_model(
     # Only the full body sees the per-op state: every If port costs time, so the levels' tree carries
     # just the model inputs (and the escalate scalar), and the default level sits one If below the top.
     values = [p.output(0) for p in top_inputs]
-    level_extra = [state(ESCALATE_VARIABLE, np.float32(1.0))] if escalates else []
+    level_extra = [state(ESCALATE_STATE, np.float32(1.0))] if escalates else []
     if router is not None:
         level_extra.append(state(TAU_STATE, np.float32(tau)))
     full_extra = [state(MODES_STATE, np.full(len(names), Precision.FP32.code, np.int32))]
@@ -599,9 +609,6 @@ def level_body(
     return _body_model(clone, codes, esc, name), feature_inputs
 
 
-
-ESCALATE_VARIABLE = "apsq/escalate"
-"""State variable multiplying every level body's range limits (1.0; inf = never escalate)."""
 
 
 _ELEMENTWISE = frozenset(

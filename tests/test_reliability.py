@@ -373,3 +373,37 @@ def test_cli_infer_accepts_fortran_ordered_arrays(tiny_files, tmp_path):
         with np.load(tmp_path / f"{name}.npz") as z:
             outs.append(z["logits"])
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_standalone_bodies_give_what_the_package_dispatch_gives(tiny_files):
+    """``compile_model`` also compiles the bodies policies run as models of their own (no dispatch If:
+    each If a body sits below copies its inputs on every pass). One request switching between every
+    policy gives the same outputs and routes as through the package's dispatch, and runs each level
+    policy on its standalone body (no ``apsq/level`` state there)."""
+    from apsq_ov.runtime import standalone_bodies
+
+    pkg = tiny_files["package"]
+    alone = apsq_ov.compile_model(pkg.path, standalone="all")
+    dispatch = apsq_ov.compile_model(pkg.path, standalone="none")
+    m = alone.manifest
+    bodies = set(range(len(m.levels))) | ({m.cascade_level} if m.cascade_level is not None else set())
+    assert set(alone.standalone) == bodies and dispatch.standalone == {}
+    assert set(apsq_ov.compile_model(pkg.path).standalone) == {alone.plan().level}  # default: the default body
+    for body in standalone_bodies(pkg.read_model(), m).values():  # only routed ops' and the cascade's Ifs
+        assert all("apsq" in n.get_friendly_name() for n in body.get_ordered_ops() if n.get_type_name() == "If")
+    pool = _pool()
+    a, d = alone.create_infer_request(), dispatch.create_infer_request()
+    rng = np.random.default_rng(3)
+    ran_alone = set()
+    for _ in range(300):
+        i, k = int(rng.integers(len(pool))), int(rng.integers(len(POLICIES)))
+        got, want = a.infer(pool[i : i + 1], **POLICIES[k]), d.infer(pool[i : i + 1], **POLICIES[k])
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6, err_msg=str(POLICIES[k]))
+        assert np.array_equal(got.route, want.route) and got.escalated == want.escalated, POLICIES[k]
+        states = {s.name for s in a.request.query_state()}
+        standalone = alone.plan(**POLICIES[k]).level in alone.standalone
+        assert ("apsq/level" not in states) == standalone, POLICIES[k]
+        ran_alone.add(standalone)
+    assert ran_alone == {True, False}  # both kinds of policy ran, on the same request
+    with pytest.raises(apsq_ov.ConfigError, match="standalone='some'"):
+        apsq_ov.compile_model(pkg.path, standalone="some")

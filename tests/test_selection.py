@@ -12,8 +12,8 @@ import openvino as ov
 import pytest
 
 from apsq_ov.calibrate.selection import OpCost, options, select_levels, solve_level
-from apsq_ov.calibrate.variants import ESCALATE_VARIABLE, build_package_model, find_routable_ops, linear_successors
-from apsq_ov.package import LEVEL_STATE, OpChoice
+from apsq_ov.calibrate.variants import build_package_model, find_routable_ops, linear_successors
+from apsq_ov.package import ESCALATE_STATE, LEVEL_STATE, OpChoice
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile, load_profile
 from tests.models import conv_chain, conv_chain_data
@@ -170,7 +170,7 @@ def test_level_body_routes_per_input_and_escalate_state_overrides():
     x_out = data[:1] * 50.0
     assert list(req.infer([x_in])["apsq_route"]) == [Precision.FP32.code, Precision.INT8.code, Precision.INT8.code]
     assert list(req.infer([x_out])["apsq_route"]) == [Precision.FP32.code, Precision.FP32.code, Precision.INT8.code]
-    states[ESCALATE_VARIABLE].state = ov.Tensor(np.array(3.0e38, np.float32))
+    states[ESCALATE_STATE].state = ov.Tensor(np.array(3.0e38, np.float32))
     assert req.infer([x_out])["apsq_route"][1] == Precision.INT8.code
     states[LEVEL_STATE].state = ov.Tensor(np.array(0, np.int32))  # level 0: plain fp32, no If
     plain = ov.Core().compile_model(model, "CPU", F32)
