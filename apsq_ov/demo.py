@@ -97,7 +97,7 @@ def run_demo(
         (f"NNCF INT8 (static; {settings.description[settings.description.index('(') + 1 : -1]})",
          core.compile_model(int8_apsq, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "f32"})),
     ]  # fmt: skip
-    adaptive = compile_model(package, "CPU", latency_cfg)
+    adaptive = compile_model(package, "CPU", latency_cfg, standalone="all")  # each level as deployed
     default = adaptive.plan(max_drop=m.default_max_drop)
     policies: list[tuple[str, dict[str, Any]]] = [
         (f"apsq-ov static level, max-drop {lv.max_drop:g}" + (" (default)" if i == default.level else ""),
