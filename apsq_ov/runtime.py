@@ -503,7 +503,7 @@ def compile_adaptive(
             budget = standalone.get("max_drop")
             budget = check_max_drop(manifest.default_max_drop if budget is None else budget)
             wanted = {choose_body(manifest, budget, standalone.get("policy", "auto")).level}
-    bodies = {k: b for k, b in standalone_bodies(model, manifest).items() if k in wanted}
+    bodies = standalone_bodies(model, manifest, wanted) if wanted else {}
     try:
         compiled = core.compile_model(model, device_name, props)
         separate = {k: core.compile_model(b, device_name, props) for k, b in sorted(bodies.items())}
@@ -516,8 +516,9 @@ _BODY_MARK = "/route"  # a body's route Result is named "<body name>/route" (bod
 _BODY_STATE = {"escalate": ESCALATE_STATE, "tau": TAU_STATE}  # a level body's scalar parameters → their state
 
 
-def standalone_bodies(model: ov.Model, manifest: Manifest) -> dict[int, ov.Model]:
-    """The package IR's level bodies and cascade as models of their own: body index → model.
+def standalone_bodies(model: ov.Model, manifest: Manifest, only: set[int] | None = None) -> dict[int, ov.Model]:
+    """The package IR's level bodies and cascade (those in ``only``, default all) as models of their own:
+    body index → model.
 
     Found in the top-level dispatch (the ``If`` tree on ``apsq/level``) by their route Result's name
     (``apsq/level/<k>/route``, ``apsq/cascade/route``). Each is a copy whose scalar parameters
@@ -553,7 +554,7 @@ def standalone_bodies(model: ov.Model, manifest: Manifest) -> dict[int, ov.Model
                     visit(body, direct)
 
     visit(model, True)
-    return {k: _as_model(body, model, init) for k, body in found.items()}
+    return {k: _as_model(body, model, init) for k, body in found.items() if only is None or k in only}
 
 
 def _read(output: ov.Output) -> bool:
