@@ -554,7 +554,13 @@ def standalone_bodies(model: ov.Model, manifest: Manifest, only: set[int] | None
                     visit(body, direct)
 
     visit(model, True)
-    return {k: _as_model(body, model, init) for k, body in found.items() if only is None or k in only}
+    out = {}
+    for k, body in found.items():
+        if only is None or k in only:
+            standalone = _as_model(body, model, init)
+            if standalone is not None:
+                out[k] = standalone
+    return out
 
 
 def _read(output: ov.Output) -> bool:
@@ -572,7 +578,9 @@ def _read(output: ov.Output) -> bool:
     return False
 
 
-def _as_model(body: ov.Model, top: ov.Model, init: Mapping[str, np.ndarray]) -> ov.Model:
+def _as_model(body: ov.Model, top: ov.Model, init: Mapping[str, np.ndarray]) -> ov.Model | None:
+    """``body`` as a model of its own (see :func:`standalone_bodies`); None for a body with a scalar
+    parameter this runtime does not know (a package from another version: it runs through the dispatch)."""
     body = body.clone()
     top_params = top.get_parameters()
     params = body.get_parameters()
@@ -582,7 +590,9 @@ def _as_model(body: ov.Model, top: ov.Model, init: Mapping[str, np.ndarray]) -> 
         consumers = list(p.output(0).get_target_inputs())
         if not consumers:  # a tree leaf's level code
             continue
-        variable_id = _BODY_STATE[p.get_friendly_name()]
+        variable_id = _BODY_STATE.get(p.get_friendly_name())
+        if variable_id is None:
+            return None
         value = np.asarray(init.get(variable_id, np.float32(1.0)), np.float32).reshape(())
         if _read(p.output(0)):
             info = VariableInfo()
