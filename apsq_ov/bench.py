@@ -108,7 +108,7 @@ def package_methods(
 
     if bf16_reference:
         ir = pkg.read_model(core)
-        fp32_level = standalone_bodies(ir, m).get(0)
+        fp32_level = standalone_bodies(ir, m, {0}).get(0)
         out.append(plain_method("package FP32 level, bf16 hint", "baseline", ir if fp32_level is None else fp32_level,
                                 "bf16", compiles, core, {LEVEL_STATE: np.array(0, np.int32)} if fp32_level is None
                                 else {}))  # fmt: skip

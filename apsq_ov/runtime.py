@@ -563,6 +563,19 @@ def standalone_bodies(model: ov.Model, manifest: Manifest, only: set[int] | None
     return out
 
 
+def state_variable(variable_id: str, init: np.generic | np.ndarray) -> tuple[ov.Node, Variable]:
+    """A ReadValue of state ``variable_id`` (i32 or f32, ``init``'s shape, initialised to it) and its
+    variable; the model also needs the variable's Assign as a sink."""
+    info = VariableInfo()
+    info.data_shape = ov.PartialShape(list(np.shape(init)))
+    info.data_type = ov.Type.i32 if init.dtype == np.int32 else ov.Type.f32
+    info.variable_id = variable_id
+    var = Variable(info)
+    node = ops.read_value(ops.constant(init), var)
+    node.set_friendly_name(variable_id)
+    return node, var
+
+
 def _read(output: ov.Output) -> bool:
     """Whether some op computes with ``output`` — following it into If bodies, since the CPU plugin drops an
     If input no body reads (and then rejects a ReadValue whose only consumer was that input)."""
@@ -595,11 +608,7 @@ def _as_model(body: ov.Model, top: ov.Model, init: Mapping[str, np.ndarray]) -> 
             return None
         value = np.asarray(init.get(variable_id, np.float32(1.0)), np.float32).reshape(())
         if _read(p.output(0)):
-            info = VariableInfo()
-            info.data_shape, info.data_type, info.variable_id = ov.PartialShape([]), ov.Type.f32, variable_id
-            var = Variable(info)
-            source = ops.read_value(ops.constant(value), var)
-            source.set_friendly_name(variable_id)
+            source, var = state_variable(variable_id, value)
             sinks.append(ops.assign(source, var))
         else:  # only passed into If bodies that never read it: a constant (no state nobody reads)
             source = ops.constant(value)

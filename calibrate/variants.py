@@ -31,7 +31,7 @@ import numpy as np
 import openvino as ov
 from openvino import opset8
 from openvino import opset13 as ops
-from openvino.op.util import Variable, VariableInfo
+from openvino.op.util import Variable
 
 from apsq_ov.errors import CalibrationError
 from apsq_ov.package import (
@@ -46,6 +46,7 @@ from apsq_ov.package import (
     Router,
 )
 from apsq_ov.precision import Precision
+from apsq_ov.runtime import state_variable
 
 from .router import RISK_NODE, pre_quant_input, risk_output
 
@@ -609,8 +610,6 @@ def level_body(
     return _body_model(clone, codes, esc, name), feature_inputs
 
 
-
-
 _ELEMENTWISE = frozenset(
     {"Clamp", "Relu", "PRelu", "Sigmoid", "Swish", "HSwish", "HSigmoid", "Gelu", "Tanh", "Elu", "Mish",
      "Add", "Subtract", "Multiply", "Divide", "Maximum", "Minimum", "SquaredDifference", "Sqrt", "Exp",
@@ -819,7 +818,7 @@ class _StateSet:
         self.sinks: list[ov.Node] = []
 
     def read(self, variable_id: str, init: np.generic | np.ndarray) -> ov.Output:
-        node, var = _state(variable_id, init)
+        node, var = state_variable(variable_id, init)
         self.variables.append(var)
         self.sinks.append(ops.assign(node, var))
         return node.output(0)
@@ -827,17 +826,6 @@ class _StateSet:
     def attach(self, model: ov.Model) -> None:
         model.add_variables(self.variables)
         model.add_sinks(self.sinks)
-
-
-def _state(variable_id: str, init: np.generic | np.ndarray) -> tuple[ov.Node, Variable]:
-    info = VariableInfo()
-    info.data_shape = ov.PartialShape(list(np.shape(init)))
-    info.data_type = ov.Type.i32 if init.dtype == np.int32 else ov.Type.f32
-    info.variable_id = variable_id
-    var = Variable(info)
-    node = ops.read_value(ops.constant(init), var)
-    node.set_friendly_name(variable_id)
-    return node, var
 
 
 def _evaluate(output: ov.Output) -> np.ndarray:
