@@ -31,6 +31,7 @@ from apsq_ov.runtime import (
     AdaptiveCompiledModel,
     AdaptiveInferRequest,
     AdaptiveResult,
+    EscalatedInput,
     compile_model,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "DataError",
     "DeviceError",
     "DeviceProfile",
+    "EscalatedInput",
     "ModelError",
     "Package",
     "PackageError",

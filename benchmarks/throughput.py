@@ -66,11 +66,12 @@ def main() -> None:
                  ("NNCF INT8", "baseline", core.read_model(CACHE / "nncf" / f"{name}_int8.xml"), "f32"),
                  ("NNCF INT8, apsq settings", "baseline", core.read_model(CACHE / "nncf" / f"{name}_int8_apsq.xml"),
                   "f32")]  # fmt: skip
-        runs = []
+        runs, waits = [], []
         for r in range(args.repeats):
             with console.status(f"{name}: run {r + 1}/{args.repeats}"):
-                runs.append(bench.throughputs(pkg, plain, x, args.seconds, compiles=args.compiles))
-        out["models"][name] = {"runs": runs, "served_by": served_by(pkg)}
+                waits.append({})
+                runs.append(bench.throughputs(pkg, plain, x, args.seconds, compiles=args.compiles, waits=waits[-1]))
+        out["models"][name] = {"runs": runs, "waits": waits, "served_by": served_by(pkg)}
         console.print(f"{name}: done")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(out, indent=1))
@@ -100,8 +101,11 @@ def markdown(out: dict[str, Any]) -> str:
     lines = ["# Async throughput, run to run", "",
              f"`python benchmarks/throughput.py`: {out['repeats']} independent runs, each every model compiled "
              f"{out['compiles']}x afresh, {out['seconds']:g} s per configuration in 6 interleaved rounds (all cores, "
-             "THROUGHPUT hint, clean data). Ratio to NNCF INT8 (NNCF's defaults) in the same run: median "
-             "[min, max] over the runs.", ""]  # fmt: skip
+             "THROUGHPUT hint, clean data; every queue twice the optimal number of requests, its callback reading "
+             "every result; the adaptive rows through `AdaptiveAsyncInferQueue`, escalations re-run "
+             f"{bench.ESCALATION_BATCH} at a time unless marked in-graph). Ratio to NNCF INT8 (NNCF's defaults) in "
+             "the same run: median [min, max] over the runs. Last, the wait of escalated inputs in the last run.",
+             ""]  # fmt: skip
     for name, res in out["models"].items():
         runs, served = res["runs"], res.get("served_by", {})
         header = "| configuration | auto runs | inputs/s (median) | vs NNCF INT8: median [min, max] |"
@@ -111,7 +115,7 @@ def markdown(out: dict[str, Any]) -> str:
             rate = float(np.median([run[k] for run in runs]))
             spread = f"{np.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
             lines.append(f"| {k} | {served.get(k, '')} | {rate:.0f} | {spread} |")
-        lines.append("")
+        lines += ["", *bench.wait_lines(res.get("waits", [{}])[-1]), ""]
     return "\n".join(lines)
 
 

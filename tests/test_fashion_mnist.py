@@ -191,6 +191,88 @@ def test_the_cascade_compiled_on_its_own_runs_what_the_dispatch_runs(fm):
     assert 0 < escalated < len(x)
 
 
+def test_batched_escalations_give_the_cascade_results(fm):
+    """``compile_model(escalation_batch=8)`` + ``AdaptiveAsyncInferQueue``: cascade inputs run the fast graph,
+    the escalated ones are re-run on the precise level 8 at a time. On 2,000 real test images (clean + noisy)
+    every input gets one callback with the result the in-graph cascade gives it — the same escalation
+    decision, outputs and route (FP32 everywhere for the escalated: level 0 is the precise route); the fast
+    graph is a separate compile, so as in the standalone test ≤ 0.5% may differ by an INT8 step. A partial
+    batch is delivered after the timeout without ``wait_all``; an input holding NaN runs the FP32 level at
+    once; an error in an escalated input's callback comes out of ``wait_all``."""
+    import time
+
+    from apsq_ov.runtime import AdaptiveAsyncInferQueue, EscalatedInput
+
+    policy = {"max_drop": 0.01, "policy": "cascade"}
+    compiled = apsq_ov.compile_model(fm["pkg"], standalone=policy, escalation_batch=8)
+    assert compiled.escalation is not None and compiled.escalation.batch == 8
+    x = np.concatenate([fm["x"][:1000], shift(fm["x"][1000:2000], "noise")])
+    ref = compiled.create_infer_request()
+    want = [ref.infer(x[i : i + 1], **policy) for i in range(len(x))]
+    # Other policies in the same queue, on the other graphs (levels, pins): exactly what they give alone.
+    pin = {"precision": "int8", "precision_map": {ref.model.route_ops[0]: "fp32"}}
+    others = [{"max_drop": 0.0}, {"max_drop": 1.0}, pin]
+    mixed = {i: (i // 3) % len(others) for i in range(0, len(x), 3)}
+    alone = {i: ref.infer(x[i : i + 1], **others[k]) for i, k in mixed.items()}
+    got: dict[int, tuple] = {}
+
+    def done(request, i):
+        assert i not in got
+        got[i] = (type(request), request.get_result())
+
+    queue = AdaptiveAsyncInferQueue(compiled, escalation_timeout=0.05)
+    queue.set_callback(done)
+    for i in range(len(x)):
+        queue.start_async(x[i : i + 1], i, **policy)
+        if i in mixed:
+            queue.start_async(x[i : i + 1], -1 - i, **others[mixed[i]])
+    queue.wait_all()
+    for i, res in alone.items():
+        kind, other = got.pop(-1 - i)
+        assert kind is not EscalatedInput and np.array_equal(other.route, res.route), (i, others[mixed[i]])
+        assert np.array_equal(other[0], res[0]), (i, others[mixed[i]])
+    assert sorted(got) == list(range(len(x)))
+    same = top1 = 0
+    escalated = [i for i in range(len(x)) if want[i].escalated]
+    for i in range(len(x)):
+        kind, res = got[i]
+        assert (kind is EscalatedInput) == bool(res.escalated)
+        same += bool(res.escalated == want[i].escalated and np.array_equal(res.route, want[i].route)
+                     and np.allclose(res[0], want[i][0], rtol=1e-4, atol=1e-5))  # fmt: skip
+        top1 += int(res[0].argmax() == want[i][0].argmax())
+    assert min(same, top1) >= 0.995 * len(x), (same, top1)
+    assert 10 <= len(escalated) < len(x) // 5
+    assert all((got[i][1].route == Precision.FP32.code).all() for i in escalated if got[i][1].escalated)
+
+    # A partial batch (3 of 8) is re-run once the oldest has waited the timeout.
+    late: list[int] = []
+    queue.set_callback(lambda request, i: late.append(i))
+    for i in escalated[:3]:
+        queue.start_async(x[i : i + 1], i, **policy)
+    deadline = time.monotonic() + 5.0
+    while len(late) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(late) == sorted(escalated[:3])
+    queue.wait_all()
+
+    # NaN: the FP32 level, delivered from the request itself (never held).
+    bad = x[:1].copy()
+    bad[0, 0, 0, 0] = np.nan
+    seen: list = []
+    queue.set_callback(lambda request, i: seen.append((type(request), request.get_result())))
+    queue.start_async(bad, 0, **policy)
+    queue.wait_all()
+    assert seen[0][0] is not EscalatedInput and seen[0][1].nonfinite and not seen[0][1].escalated
+
+    def boom(request, i):
+        raise RuntimeError(f"callback failed on {i}")
+
+    queue.set_callback(boom)
+    queue.start_async(x[escalated[0] : escalated[0] + 1], "escalated-1", **policy)
+    with pytest.raises(RuntimeError, match="callback failed on escalated-1"):
+        queue.wait_all()
+
+
 def test_report_shows_the_router_and_the_cascade(fm):
     result = runner.invoke(app, ["report", str(fm["pkg"])])
     assert result.exit_code == 0, result.output

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import apsq_ov
 from apsq_ov.cli import app
-from apsq_ov.errors import DataError
+from apsq_ov.errors import ConfigError, DataError
 from apsq_ov.package import Package, sha256_file
 from tests.models import conv_chain_data
 
@@ -244,6 +244,24 @@ def test_async_queue_10000_requests_with_random_policies_match_runs_alone(compil
         assert np.array_equal(route, refs[i, k][1]), (n, i, POLICIES[k])
         routes.add(tuple(route))
     assert len(routes) > 3  # the policies really did route differently
+
+
+def test_escalation_batch_settings_are_checked(tiny_files, compiled):
+    import dataclasses
+
+    path = tiny_files["package"].path
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ConfigError, match="escalation_batch"):
+            apsq_ov.compile_model(path, escalation_batch=bad)
+    with pytest.raises(ConfigError, match="escalation_timeout"):
+        apsq_ov.AdaptiveAsyncInferQueue(compiled, escalation_timeout=0)
+    pkg = Package.load(path)
+    no_router = dataclasses.replace(pkg.manifest, router=None)
+    from apsq_ov.runtime import compile_adaptive
+
+    with pytest.raises(ConfigError, match="no escalation cascade"):
+        compile_adaptive(pkg.read_model(), no_router, escalation_batch=8)
+    assert apsq_ov.compile_model(path, escalation_batch=1).escalation is None  # 1 = nothing to batch
 
 
 def test_threads_sharing_one_compiled_model(compiled):
