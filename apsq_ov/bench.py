@@ -245,6 +245,21 @@ def _rate(start: Callable[[np.ndarray], None], wait: Callable[[], None], x: np.n
     return n / (time.perf_counter() - t0)
 
 
+def _engine_queue(adaptive: Any, max_drop: float) -> ov.AsyncInferQueue:
+    """The graph ``max_drop``'s policy runs on, in a plain :func:`_queue` with that policy written into every
+    request beforehand: the engine without ``AdaptiveAsyncInferQueue``'s per-input Python."""
+    from apsq_ov.runtime import AdaptiveInferRequest
+
+    plan = adaptive.plan(max_drop=max_drop)
+    compiled = adaptive.compiled_for(plan)
+    body = plan.level if compiled is not adaptive.compiled_model else None
+
+    def setup(req: ov.InferRequest) -> None:
+        AdaptiveInferRequest(adaptive, req, body=body).set_policy(max_drop=max_drop)
+
+    return _queue(compiled, setup)
+
+
 def _queue_rate(queue: ov.AsyncInferQueue, x: np.ndarray, seconds: float) -> float:
     return _rate(lambda xi: queue.start_async([xi]), queue.wait_all, x, seconds)
 
@@ -366,7 +381,9 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
     :class:`~apsq_ov.runtime.AdaptiveAsyncInferQueue` an application uses (its callback reading every
     result); where ``auto`` serves a budget with the cascade, ``apsq adaptive <d>`` batches the escalated
     re-runs (``escalation_batch`` = :data:`ESCALATION_BATCH`, the queue's default timeout) and
-    ``apsq adaptive <d>, in-graph escalation`` re-runs each inside the graph. ``waits``, if given, gets per
+    ``apsq adaptive <d>, in-graph escalation`` re-runs each inside the graph; ``apsq adaptive <d>, engine`` is
+    the graph that policy runs (in-graph escalation) in a plain :func:`_queue`, the policy written into its
+    requests beforehand (what the engine costs without the adaptive queue's Python). ``waits``, if given, gets per
     batched row the median and 95th percentile of the time from ``start_async`` to the callback, escalated
     inputs and the others apart, ms."""
     from apsq_ov.runtime import AdaptiveAsyncInferQueue, AdaptiveCompiledModel, compile_model
@@ -391,11 +408,10 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
         name = f"apsq adaptive {d:g}"
         key = choose_body(man, d)
         cascade = key.level == man.cascade_level
-        names += [name, f"{name}, in-graph escalation"] if cascade else [name]
+        suffixes = ["", ", in-graph escalation", ", engine"] if cascade else ["", ", engine"]
+        names += [name + x for x in suffixes]
         if key in bodies:
-            same[name] = bodies[key]
-            if cascade:
-                same[f"{name}, in-graph escalation"] = f"{bodies[key]}, in-graph escalation"
+            same |= {name + x: bodies[key] + x for x in suffixes}
             continue
         bodies[key] = name
         timing = timings[name] = ([], [])
@@ -404,6 +420,7 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
             runs[f"{name}, in-graph escalation"] = [
                 functools.partial(_adaptive_rate, AdaptiveAsyncInferQueue(c), x, d, None) for c in in_graph
             ]
+        runs[f"{name}, engine"] = [functools.partial(_queue_rate, _engine_queue(c, d), x) for c in in_graph]
     rates: dict[str, list[float]] = {n: [] for n in runs}
     order = list(runs)
     for r in range(rounds):

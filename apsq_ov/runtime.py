@@ -456,9 +456,10 @@ class AdaptiveAsyncInferQueue:
         self._errors: list[BaseException] = []
         esc = model.escalation
         self._batcher = None if esc is None else _EscalationBatcher(self, model, esc, escalation_timeout)
-        self._pool(None, model.compiled_model)
 
     def _pool(self, key: int | str | None, compiled: ov.CompiledModel) -> tuple[ov.AsyncInferQueue, list]:
+        """The pool of graph ``key``, created on first use (a package IR's requests hold every body's buffers:
+        only the graphs inputs actually run on get requests)."""
         pool = self._pools.get(key)
         if pool is None:
             queue = ov.AsyncInferQueue(compiled, self._jobs)
@@ -471,7 +472,7 @@ class AdaptiveAsyncInferQueue:
 
     def __getitem__(self, i: int) -> AdaptiveInferRequest:
         """Request ``i`` of the package's own pool."""
-        return self._pools[None][1][i]
+        return self._pool(None, self.model.compiled_model)[1][i]
 
     def set_callback(self, callback: Callable[[Any, Any], None]) -> None:
         self._callback = callback
@@ -574,7 +575,8 @@ class _EscalationBatcher:
         self.model = model
         self.inputs = model.inputs
         self.flag_port = len(esc.fast.outputs) - 1
-        self._request = esc.precise.create_infer_request()
+        self._precise = esc.precise
+        self._request: ov.InferRequest | None = None  # created by the first batch
         self._batch, self._timeout = esc.batch, timeout
         self._per_input = model.manifest.batch
         self._cond = threading.Condition()
@@ -639,6 +641,8 @@ class _EscalationBatcher:
         """Re-run ``batch`` on the precise route as one inference: each input's result and userdata."""
         model, b = self.model, self._per_input
         stacked = [np.concatenate([arrays[k] for _, arrays, _ in batch]) for k in range(len(self.inputs))]
+        if self._request is None:
+            self._request = self._precise.create_infer_request()
         req = self._request
         req.infer(stacked, share_inputs=True, share_outputs=True)
         outs = [req.get_output_tensor(p).data for p in model._output_ports]
