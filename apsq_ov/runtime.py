@@ -820,7 +820,7 @@ def escalation_graphs(model: ov.Model, manifest: Manifest) -> tuple[ov.Model, ov
     kept = {d.output_index: fed[d.body_value_index] for d in node.get_output_descriptions(1)}
     for result in fast.get_results():
         source = result.input_value(0)
-        if source.get_node() is node.output(0).get_node():
+        if source.get_node().get_friendly_name() == node.get_friendly_name():  # (one If of that name)
             result.input(0).replace_source_output(kept[source.get_index()])
     flag = ops.result(node.input_value(0))
     flag.set_friendly_name(ESCALATE_OUTPUT)
