@@ -15,14 +15,15 @@ runs it there, its state (τ) in that request's own ReadValue variables. Which b
 comes back from the graph itself (the ``apsq_route`` output), because the in-graph range check can
 override the requested mode per input.
 
-For throughput, :func:`compile_model` can also split the escalation cascade in two
-(``escalation_batch=N``, :func:`escalation_graphs`): the fast route with the router's decision as an
-extra output, and the precise route with a free batch axis. An :class:`AdaptiveAsyncInferQueue` then
-runs each cascade input on the fast graph only and re-runs the escalated ones together, N at a time (or
-whatever has gathered after ``escalation_timeout`` seconds, as OpenVINO's auto-batching does): on this
-CPU one FP32 re-run slows the INT8 runs beside it by about its own time again, and one batched re-run
-per N escalations pays that once. Results are those of the in-graph cascade (same decision, same
-precise route); an escalated input's callback comes later, when its batch has run.
+:func:`compile_model` can also split the escalation cascade in two (``escalation_batch=N``,
+:func:`escalation_graphs`): the fast route with the router's decision as an extra output, and the
+precise route with a free batch axis. An :class:`AdaptiveAsyncInferQueue` then runs each cascade input
+on the fast graph only and re-runs the escalated ones together, N at a time (or whatever has gathered
+after ``escalation_timeout`` seconds, as OpenVINO's auto-batching does). Results are those of the
+in-graph cascade (same decision, same precise route); an escalated input's callback comes later, when
+its batch has run. Meant for devices where an ``If`` is a host round trip (GPU) or batching pays: on
+this CPU it measured slower than the in-graph re-runs (EfficientNet-Lite0 at max-drop 0.08: 0.856x vs
+0.871x NNCF INT8 async; ``benchmarks/results/throughput.md``).
 """
 
 from __future__ import annotations
@@ -424,7 +425,8 @@ class AdaptiveAsyncInferQueue:
     requests never share routing state and the waiting is OpenVINO's, not Python's. The callback set with
     :meth:`set_callback` is called as ``cb(request, userdata)`` from OpenVINO's thread; ``request`` is an
     :class:`AdaptiveInferRequest` whose ``get_result()`` there holds that input's outputs and route.
-    Call :meth:`start_async` from one thread at a time (as ``openvino.AsyncInferQueue``).
+    :meth:`start_async` may be called from several threads (one start at a time, under a lock), but not
+    from a callback (it may wait for an idle request only a callback can free).
 
     On a model compiled with ``escalation_batch`` (:func:`compile_model`), an input whose policy runs the
     escalation cascade runs its fast route only; if the router escalates it, its inputs are kept and
@@ -682,8 +684,9 @@ def compile_model(
         deeper; pinned and forced precisions always do (the fully routed body).
     :param escalation_batch: N > 1 also compiles the escalation cascade split in two
         (:func:`escalation_graphs`, :attr:`AdaptiveCompiledModel.escalation`) so that an
-        :class:`AdaptiveAsyncInferQueue` re-runs escalated inputs N at a time (throughput; the results are
-        the cascade's, an escalated input's arrive later). 0 (default): escalations re-run in the graph.
+        :class:`AdaptiveAsyncInferQueue` re-runs escalated inputs N at a time (the results are the cascade's,
+        an escalated input's arrive later; slower than in-graph re-runs on this CPU, see the module
+        docstring). 0 or 1 (default 0): escalations re-run in the graph.
     :raises PackageError: for a missing/corrupt package. :raises DeviceError: for a device not present.
     :raises ConfigError: for an unknown ``standalone``, or an ``escalation_batch`` the package cannot serve.
     """
