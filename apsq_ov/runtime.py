@@ -99,10 +99,6 @@ _FAST = "escalation/fast"  # AdaptiveInferRequest's key for a request of the cas
 _FP32_POLICY = (0.0, None, None, "static")  # what an input holding NaN/Inf runs: the fp32 level
 
 
-def _nonfinite(arrays: list[np.ndarray]) -> bool:
-    return any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
-
-
 def _policy_key(max_drop: Any, precision: Any, precision_map: Mapping[str, Any] | None, policy: str) -> tuple:
     pm = tuple(sorted((k, str(v)) for k, v in precision_map.items())) if precision_map else ()
     return (max_drop, None if precision is None else str(precision), pm, policy)
@@ -139,7 +135,23 @@ class AdaptiveCompiledModel:
 
     def compiled_for(self, plan: Plan) -> ov.CompiledModel:
         """The compiled model that runs ``plan``: its body compiled on its own, else the package."""
-        return self.standalone.get(plan.level, self.compiled_model)
+        return self._graph(plan, defer=False)[1]
+
+    def _route(
+        self,
+        inputs: Any,
+        max_drop: float | None,
+        precision: Precision | str | None,
+        precision_map: Mapping[str, Precision | str] | None,
+        policy: str,
+    ) -> tuple[list[np.ndarray], tuple, Plan, bool]:
+        """One input's checked arrays, policy key, plan and whether it holds NaN/Inf (then the fp32 level:
+        the in-graph range check cannot see NaN, its comparisons are false)."""
+        arrays = request_arrays(inputs, self.inputs)
+        nonfinite = any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
+        args = _FP32_POLICY if nonfinite else (max_drop, precision, precision_map, policy)
+        key = _policy_key(*args)
+        return arrays, key, self._plan(key, *args), nonfinite
 
     def _graph(self, plan: Plan, defer: bool) -> tuple[int | str | None, ov.CompiledModel]:
         """Which compiled graph runs ``plan`` (key: standalone body index, :data:`_FAST`, None = the package);
@@ -309,22 +321,12 @@ class AdaptiveInferRequest:
         policy: str = "auto",
     ) -> Plan:
         """Write the routing state for this policy into the request that runs it (skipped when unchanged)."""
-        return self._set_policy(max_drop, precision, precision_map, policy, defer=False)
-
-    def _set_policy(
-        self,
-        max_drop: float | None,
-        precision: Precision | str | None,
-        precision_map: Mapping[str, Precision | str] | None,
-        policy: str,
-        defer: bool,
-    ) -> Plan:
-        """As :meth:`set_policy`; with ``defer`` (an :class:`AdaptiveAsyncInferQueue` batching escalations) a
-        cascade policy runs on the fast graph of :attr:`AdaptiveCompiledModel.escalation`."""
         key = _policy_key(max_drop, precision, precision_map, policy)
+        return self._bind(key, self.model._plan(key, max_drop, precision, precision_map, policy))
+
+    def _bind(self, key: tuple, plan: Plan) -> Plan:
         model = self.model
-        plan = model._plan(key, max_drop, precision, precision_map, policy)
-        body, compiled = model._graph(plan, defer)
+        body, compiled = model._graph(plan, defer=False)
         bound = self._bound.get(body)
         if bound is None:
             bound = self._bound[body] = _BoundRequest(model, compiled.create_infer_request())
@@ -349,12 +351,8 @@ class AdaptiveInferRequest:
         precision_map: Mapping[str, Precision | str] | None,
         policy: str = "auto",
     ) -> list[np.ndarray]:
-        arrays = request_arrays(inputs, self.model.inputs)
-        self._nonfinite = _nonfinite(arrays)
-        if self._nonfinite:  # the range check cannot see NaN (comparisons are false): run the fp32 level
-            self._set_policy(*_FP32_POLICY, defer=False)
-        else:
-            self._set_policy(max_drop, precision, precision_map, policy, defer=False)
+        arrays, key, plan, self._nonfinite = self.model._route(inputs, max_drop, precision, precision_map, policy)
+        self._bind(key, plan)
         return arrays
 
     def infer(
@@ -510,11 +508,7 @@ class AdaptiveAsyncInferQueue:
     ) -> None:
         """Run ``inputs`` on the next idle request of the graph this input's policy runs on."""
         model = self.model
-        arrays = request_arrays(inputs, model.inputs)
-        nonfinite = _nonfinite(arrays)
-        args = _FP32_POLICY if nonfinite else (max_drop, precision, precision_map, policy)
-        key = _policy_key(*args)
-        plan = model._plan(key, *args)
+        arrays, key, plan, nonfinite = model._route(inputs, max_drop, precision, precision_map, policy)
         graph, compiled = model._graph(plan, defer=self._batcher is not None and not nonfinite)
         self._go.wait()
         with self._lock:
