@@ -130,8 +130,12 @@ class AdaptiveCompiledModel:
             if len(body_names) != len(names) or body_names.index(ROUTE_OUTPUT) != self._route_index:
                 raise DeviceError(f"standalone body {level}: its outputs do not match the package's")
         self._plans: dict[tuple, Plan] = {}
+        self._outputs = list(zip(self._output_names, self._output_ports, strict=True))
+        self._route_ops = manifest.route_ops
         fast = manifest.fast_route_codes
-        self._fast_codes = None if fast is None else np.array(fast, np.int8)
+        # get_result compares a cascade's route with the fast route's as bytes (the queue's callback path)
+        self._cascade_level = None if fast is None else manifest.cascade_level
+        self._fast_bytes = b"" if fast is None else np.array(fast, np.int8).tobytes()
 
     def compiled_for(self, plan: Plan) -> ov.CompiledModel:
         """The compiled model that runs ``plan``: its body compiled on its own, else the package."""
@@ -164,7 +168,7 @@ class AdaptiveCompiledModel:
 
     @property
     def route_ops(self) -> list[str]:
-        return self.manifest.route_ops
+        return list(self._route_ops)
 
     @property
     def output_names(self) -> list[str]:
@@ -227,7 +231,8 @@ class AdaptiveCompiledModel:
         return plan
 
     def create_infer_request(self) -> AdaptiveInferRequest:
-        return AdaptiveInferRequest(self, self.compiled_model.create_infer_request())
+        """A request with its own routing state; its OpenVINO requests are made when a policy first runs."""
+        return AdaptiveInferRequest(self)
 
     def __call__(self, inputs: Any, **policy: Any) -> AdaptiveResult:
         """One-off inference on a fresh request (as ``openvino.CompiledModel.__call__``)."""
@@ -286,24 +291,29 @@ class AdaptiveInferRequest:
 
     :param request: a request of the package's compiled model, or (with ``body``) of standalone body
         ``body``'s (or of the cascade's fast graph, an :class:`AdaptiveAsyncInferQueue`'s ``"escalation/fast"``);
-        default: a new request of the package's.
+        default: none yet — the first policy set (or the package's default policy, on first use) creates the
+        request of the graph it runs, so no package-IR request is made for policies served by standalone bodies.
     """
 
     def __init__(self, model: AdaptiveCompiledModel, request: ov.InferRequest | None = None, *,
                  body: int | str | None = None) -> None:  # fmt: skip
         self.model = model
-        if request is None:
-            request = model.compiled_for(Plan(body, {})).create_infer_request() if isinstance(body, int) else (
-                model.compiled_model.create_infer_request())  # fmt: skip
-        self._bound: dict[int | str | None, _BoundRequest] = {body: _BoundRequest(model, request)}
-        self._active = self._bound[body]
+        if request is None and isinstance(body, int):
+            request = model.compiled_for(Plan(body, {})).create_infer_request()
+        self._bound: dict[int | str | None, _BoundRequest] = {}
+        self._active: _BoundRequest | None = None
+        if request is not None:
+            self._active = self._bound[body] = _BoundRequest(model, request)
         self._callback: Callable[[Any], None] | None = None
         self._plan: Plan | None = None
         self._nonfinite = False
 
     @property
     def request(self) -> ov.InferRequest:
-        """The :class:`openvino.InferRequest` the current policy runs on."""
+        """The :class:`openvino.InferRequest` the current policy runs on (the default policy's, if none was set)."""
+        if self._active is None:
+            self.set_policy()
+        assert self._active is not None
         return self._active.request
 
     def set_callback(self, callback: Callable[[Any], None]) -> None:
@@ -339,6 +349,7 @@ class AdaptiveInferRequest:
 
     def _arm(self, key: tuple, plan: Plan, nonfinite: bool) -> None:
         """Write ``plan`` into the request this one was made for (a queue's pool: one graph each)."""
+        assert self._active is not None
         self._active.write(key, plan)
         self._plan = plan
         self._nonfinite = nonfinite
@@ -401,17 +412,13 @@ class AdaptiveInferRequest:
 
     def get_result(self) -> AdaptiveResult:
         """Outputs and route of the last finished inference (copied out of the request)."""
-        req = self.request
-        outputs = {
-            n: req.get_output_tensor(p).data.copy()
-            for n, p in zip(self.model._output_names, self.model._output_ports, strict=True)
-        }
-        route = req.get_output_tensor(self.model._route_index).data.astype(np.int8).reshape(-1)
+        req, model, plan = self.request, self.model, self._plan  # (a queue's callback: every µs is the device's)
+        outputs = {n: req.get_output_tensor(p).data.copy() for n, p in model._outputs}
+        route = req.get_output_tensor(model._route_index).data.astype(np.int8).reshape(-1)
         escalated = None
-        fast = self.model._fast_codes
-        if fast is not None and self._plan is not None and self._plan.level == self.model.manifest.cascade_level:
-            escalated = bool((route != fast).any())
-        return AdaptiveResult(outputs, route, self.model.route_ops, self._nonfinite, escalated)
+        if plan is not None and plan.level == model._cascade_level:
+            escalated = route.tobytes() != model._fast_bytes
+        return AdaptiveResult(outputs, route, list(model._route_ops), self._nonfinite, escalated)
 
 
 class AdaptiveAsyncInferQueue:

@@ -425,3 +425,31 @@ def test_standalone_bodies_give_what_the_package_dispatch_gives(tiny_files):
     assert ran_alone == {True, False}  # both kinds of policy ran, on the same request
     with pytest.raises(apsq_ov.ConfigError, match="standalone='some'"):
         apsq_ov.compile_model(pkg.path, standalone="some")
+
+
+def test_a_request_creates_only_the_graphs_its_policies_run(tiny_files):
+    """A new ``AdaptiveInferRequest`` creates no OpenVINO request until a policy runs, then only the requests
+    of the graphs its policies run on (no package-IR request for policies served by standalone bodies);
+    with no policy set it runs the default one."""
+    pkg = tiny_files["package"]
+    alone = apsq_ov.compile_model(pkg.path, standalone="all")
+    m = alone.manifest
+    levels = [lv.max_drop for lv in m.levels]
+    req = alone.create_infer_request()
+    assert req._bound == {}
+    for d in levels:
+        req.set_policy(max_drop=d, policy="static")
+    assert set(req._bound) == {alone.plan(max_drop=d, policy="static").level for d in levels}
+    assert None not in req._bound  # no request of the package IR
+    req.set_policy(precision="fp32")  # the fully routed body lives only in the package
+    assert None in req._bound
+    assert req.request.get_compiled_model() is not None
+    fresh = alone.create_infer_request()
+    x = _pool()[:1]
+    got = fresh.infer(x)  # no policy given: the package's default
+    default = alone.plan()
+    assert set(fresh._bound) == {default.level} and got.route.shape == (len(m.ops),)
+    want = alone.create_infer_request().infer(x, max_drop=m.default_max_drop)
+    np.testing.assert_array_equal(got["logits"], want["logits"])
+    bare = alone.create_infer_request()
+    assert bare.request is bare._bound[default.level].request  # reading .request binds the default policy
