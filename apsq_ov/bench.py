@@ -478,7 +478,8 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
              "calibration never saw.", ""]  # fmt: skip
     for name, res in result.get("models", {}).items():
         key = {"accuracy": "accuracy", "agreement": "agreement"}.get(res["metric"], "task")
-        lines += [f"## {res['model']} ({res['samples']} inputs; quality = {res['metric']})", ""]
+        lines += [f"## {res['model']} ({res['samples']} inputs; quality = {res['metric']})", "",
+                  f"Run of {res['date']}." if "date" in res else "An earlier run (before runs were dated).", ""]
         for s, entry in res["shifts"].items():
             rows = entry["rows"]
             base = next((r for r in rows if r["name"] == "NNCF INT8"), rows[0])
