@@ -648,11 +648,11 @@ class _EscalationBatcher:
             self._request = self._precise.create_infer_request()
         req = self._request
         req.infer(stacked, share_inputs=True, share_outputs=True)
-        outs = [req.get_output_tensor(p).data for p in model._output_ports]
+        outs = {n: req.get_output_tensor(p).data for n, p in model._outputs}
         route = req.get_output_tensor(model._route_index).data.astype(np.int8).reshape(-1)
         results = []
         for j, (_, _, userdata) in enumerate(batch):
-            outputs = {n: o[j * b : (j + 1) * b].copy() for n, o in zip(model._output_names, outs, strict=True)}
+            outputs = {n: o[j * b : (j + 1) * b].copy() for n, o in outs.items()}
             result = AdaptiveResult(outputs, route.copy(), model.route_ops, nonfinite=False, escalated=True)
             results.append((EscalatedInput(result), userdata))
         return results
