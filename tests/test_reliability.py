@@ -246,6 +246,37 @@ def test_async_queue_10000_requests_with_random_policies_match_runs_alone(compil
     assert len(routes) > 3  # the policies really did route differently
 
 
+def test_async_queue_nonfinite_inputs_and_input_forms_match_runs_alone(compiled):
+    """The queue checks for NaN/Inf in the callback's thread and re-runs such inputs on the FP32 level;
+    inputs given as views, float64, lists or dicts skip its exact-array fast path: every result, whichever
+    way in, is what the same input gives alone (NaN compared as NaN)."""
+    pool = _pool()[:12]
+    bad = pool.copy()
+    bad[::3, 0, 1, 2] = np.nan
+    bad[1::3, 2, 5, 5] = np.inf
+    forms = [lambda a: a, lambda a: [a], lambda a: {"x": a}, lambda a: a.astype(np.float64), np.asfortranarray]
+    jobs = [(src, i, k, f) for src in (pool, bad) for i in range(len(pool)) for k in range(len(POLICIES))
+            for f in range(len(forms))]  # fmt: skip
+    results: dict[int, object] = {}
+    queue = apsq_ov.AdaptiveAsyncInferQueue(compiled, 4)
+    queue.set_callback(lambda request, n: results.__setitem__(n, request.get_result()))
+    for n, (src, i, k, f) in enumerate(jobs):
+        queue.start_async(forms[f](src[i : i + 1]), n, **POLICIES[k])
+    queue.wait_all()
+    assert sorted(results) == list(range(len(jobs)))
+    flagged = 0
+    for n, (src, i, k, _f) in enumerate(jobs):
+        want = compiled.create_infer_request().infer(src[i : i + 1], **POLICIES[k])
+        got = results[n]
+        assert got.nonfinite == want.nonfinite == (not np.isfinite(src[i]).all()), (n, i, POLICIES[k])
+        np.testing.assert_array_equal(got["logits"], want["logits"], err_msg=str((n, i, POLICIES[k])))
+        np.testing.assert_array_equal(got.route, want.route)
+        if got.nonfinite:
+            flagged += 1
+            assert (got.route == FP32.code).all()
+    assert flagged == 8 * len(POLICIES) * len(forms)
+
+
 def test_escalation_batch_settings_are_checked(tiny_files, compiled):
     import dataclasses
 
