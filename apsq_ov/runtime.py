@@ -22,8 +22,8 @@ on the fast graph only and re-runs the escalated ones together, N at a time (or 
 after ``escalation_timeout`` seconds, as OpenVINO's auto-batching does). Results are those of the
 in-graph cascade (same decision, same precise route); an escalated input's callback comes later, when
 its batch has run. Meant for devices where an ``If`` is a host round trip (GPU) or batching pays: on
-this CPU it measured slower than the in-graph re-runs (EfficientNet-Lite0 at max-drop 0.08: 0.873x vs
-0.912x NNCF INT8 async; ``benchmarks/results/throughput.md``).
+this CPU it measured slower than the in-graph re-runs (EfficientNet-Lite0 at max-drop 0.08: 0.869x vs
+0.884x NNCF INT8 async; ``benchmarks/results/throughput.md``).
 """
 
 from __future__ import annotations
