@@ -447,15 +447,17 @@ class _Pool:
         run meanwhile), a request whose inference failed — OpenVINO then calls no callback — is idle again."""
         errors: list[BaseException] = []
         for i, request in enumerate(self.requests):
+            failed: BaseException | None = None
             try:
                 request.request.wait()
             except RuntimeError as exc:
-                errors.append(exc)
+                failed = exc
             if reclaim and self.busy[i]:
-                if not errors:
-                    errors.append(DeviceError(f"inference on request {i} ended without its callback"))
+                failed = failed or DeviceError(f"inference on request {i} ended without its callback")
                 self.busy[i] = False
                 self.idle.put(i)
+            if failed is not None:
+                errors.append(failed)
         return errors
 
 

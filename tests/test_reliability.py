@@ -277,6 +277,27 @@ def test_async_queue_nonfinite_inputs_and_input_forms_match_runs_alone(compiled)
     assert flagged == 8 * len(POLICIES) * len(forms)
 
 
+def test_wait_all_gives_back_a_request_whose_callback_never_came(compiled):
+    """An inference that fails in OpenVINO calls no Python callback, so its request never goes back to the
+    idle ones there: ``wait_all`` finds it still marked busy, reports it and makes it usable again."""
+    from apsq_ov.errors import DeviceError
+
+    queue = apsq_ov.AdaptiveAsyncInferQueue(compiled, 2)
+    got: list[int] = []
+    queue.set_callback(lambda request, n: got.append(n))
+    queue.start_async(GOOD, 0)
+    queue.wait_all()
+    (pool,) = queue._pools.values()
+    lost = pool.idle.get()
+    pool.busy[lost] = True  # what a failed inference leaves behind
+    with pytest.raises(DeviceError, match=f"request {lost} ended without its callback"):
+        queue.wait_all()
+    for n in range(1, 7):
+        queue.start_async(GOOD, n)
+    queue.wait_all()
+    assert sorted(got) == list(range(7)) and pool.idle.qsize() == 2 and not any(pool.busy)
+
+
 def test_escalation_batch_settings_are_checked(tiny_files, compiled):
     import dataclasses
 
