@@ -248,8 +248,8 @@ def test_async_queue_10000_requests_with_random_policies_match_runs_alone(compil
 
 def test_async_queue_nonfinite_inputs_and_input_forms_match_runs_alone(compiled):
     """The queue checks for NaN/Inf in the callback's thread and re-runs such inputs on the FP32 level;
-    inputs given as views, float64, lists or dicts skip its exact-array fast path: every result, whichever
-    way in, is what the same input gives alone (NaN compared as NaN)."""
+    inputs given as Fortran-ordered or float64 arrays, lists or dicts skip its exact-array fast path:
+    every result, whichever way in, is what the same input gives alone (NaN compared as NaN)."""
     pool = _pool()[:12]
     bad = pool.copy()
     bad[::3, 0, 1, 2] = np.nan
