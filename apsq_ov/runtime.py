@@ -33,7 +33,7 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,12 @@ _FAST = "escalation/fast"  # AdaptiveInferRequest's key for a request of the cas
 _FP32_POLICY = (0.0, None, None, "static")  # what an input holding NaN/Inf runs: the fp32 level
 
 
+def _holds_nonfinite(arrays: Iterable[np.ndarray]) -> bool:
+    """Whether any float array holds NaN/Inf (the in-graph range check cannot see NaN: its comparisons are
+    false, so such inputs run the FP32 level)."""
+    return any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
+
+
 def _policy_key(max_drop: Any, precision: Any, precision_map: Mapping[str, Any] | None, policy: str) -> tuple:
     pm = tuple(sorted((k, str(v)) for k, v in precision_map.items())) if precision_map else ()
     return (max_drop, None if precision is None else str(precision), pm, policy)
@@ -154,7 +160,7 @@ class AdaptiveCompiledModel:
         """One input's checked arrays, policy key, plan and whether it holds NaN/Inf (then the fp32 level:
         the in-graph range check cannot see NaN, its comparisons are false)."""
         arrays = request_arrays(inputs, self.inputs)
-        nonfinite = any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
+        nonfinite = _holds_nonfinite(arrays)
         args = _FP32_POLICY if nonfinite else (max_drop, precision, precision_map, policy)
         key = _policy_key(*args)
         return arrays, key, self._plan(key, *args), nonfinite
@@ -510,8 +516,6 @@ class AdaptiveAsyncInferQueue:
         esc = model.escalation
         self._batcher = None if esc is None else _EscalationBatcher(self, model, esc, escalation_timeout)
         specs = model.inputs
-        one = specs[0] if len(specs) == 1 and None not in specs[0].shape else None
-        self._exact = None if one is None else (tuple(one.shape), one.dtype)
         # (max_drop, precision, policy) → policy key, plan, graph key, compiled graph, whether it is the fast graph
         self._slots: dict[tuple, tuple[tuple, Plan, int | str | None, ov.CompiledModel, bool]] = {}
         self._float_inputs = [k for k, spec in enumerate(specs) if spec.dtype.kind == "f"]
@@ -552,7 +556,7 @@ class AdaptiveAsyncInferQueue:
         data, fast = userdata
         try:
             ov_request = request.request
-            if not all(np.isfinite(ov_request.get_input_tensor(k).data).all() for k in self._float_inputs):
+            if _holds_nonfinite(ov_request.get_input_tensor(k).data for k in self._float_inputs):
                 self._run_fp32(ov_request, data)
                 return
             batcher = self._batcher
@@ -578,12 +582,8 @@ class AdaptiveAsyncInferQueue:
         policy: str = "auto",
     ) -> None:
         """Run ``inputs`` on the next idle request of the graph this input's policy runs on."""
-        model, exact = self.model, self._exact
-        if (exact is not None and type(inputs) is np.ndarray and inputs.shape == exact[0]
-                and inputs.dtype == exact[1] and inputs.flags.c_contiguous):  # fmt: skip
-            arrays = [inputs]  # what request_arrays returns for it
-        else:
-            arrays = request_arrays(inputs, model.inputs)
+        model = self.model
+        arrays = request_arrays(inputs, model.inputs)
         slot = None if precision_map else self._slots.get((max_drop, precision, policy))
         if slot is None:
             key = _policy_key(max_drop, precision, precision_map, policy)
