@@ -312,3 +312,28 @@ def test_bench_rows_for_the_cascade_that_never_escalates(fm):
         assert got[d]["runs"] == expect and (("escalated" in got[d]) == (point.tau < NEVER))
     points = dominance([*rows, *got.values()], "accuracy")["adaptive_points"]
     assert points and all(got[float(p.split()[-1])]["runs"] != NEVER_ROW for p in points)
+
+
+def test_bench_reads_each_cascade_rows_escalations_after_timing(fm):
+    """``bench.measure`` keeps every package row's route and reads the cascade rows' escalations after the
+    timing (comparing routes between timed inferences slowed the next one): per input, the escalation the
+    runtime reports for the same policy, and none for a static row (300 real test images, half noisy)."""
+    from apsq_ov.bench import measure, package_methods
+
+    pkg = apsq_ov.Package.load(fm["pkg"])
+    every = package_methods(pkg, bf16_reference=False, forced=False)
+    cascades = [m for m in every if m.fast_codes is not None]
+    methods = [next(m for m in every if m.family == "apsq static mix"), cascades[0], cascades[-1]]
+    assert len(cascades) >= 2
+    x = np.concatenate([fm["x"][:150], shift(fm["x"][150:300], "noise")])
+    measure(methods, x, block=25)
+    request = apsq_ov.compile_model(fm["pkg"]).create_infer_request()
+    for meth in methods:
+        assert not meth.routes and len(meth.ms) == len(x)
+        if meth.fast_codes is None:
+            assert meth.escalated == []
+            continue
+        order = np.argsort(meth.index)
+        want = [bool(request.infer(x[i : i + 1], max_drop=meth.max_drop, policy="cascade").escalated)
+                for i in range(len(x))]  # fmt: skip
+        assert [meth.escalated[j] for j in order] == want and 0 < sum(want) < len(x)
