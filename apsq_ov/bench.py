@@ -300,16 +300,25 @@ def pareto_flags(rows: list[dict[str, Any]], key: str) -> None:
         )  # fmt: skip
 
 
+RIVALS = ("NNCF accuracy control", "apsq static mix")
+"""The families adaptive routing has to beat (:func:`dominance`)."""
+
+
+def _dominates(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
+    """``a`` is at least as good in ``key`` and as fast (median), and strictly better in one."""
+    no_worse = a[key] >= b[key] and a["median_ms"] <= b["median_ms"]
+    return no_worse and (a[key] > b[key] or a["median_ms"] < b["median_ms"])
+
+
 def dominance(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Adaptive routing vs NNCF accuracy control and the best static mix. The adaptive points are the
     ``auto`` rows that run the cascade (where ``auto`` picks a static level, that row *is* the static
     mix). Holds when no adaptive point is dominated by a rival and one strictly dominates a rival."""
     adaptive = [r for r in rows if r["family"] == "apsq adaptive" and "escalated" in r]
-    rivals = [r for r in rows if r["family"] in ("NNCF accuracy control", "apsq static mix")]
+    rivals = [r for r in rows if r["family"] in RIVALS]
 
     def dom(a: dict, b: dict) -> bool:
-        no_worse = a[key] >= b[key] and a["median_ms"] <= b["median_ms"]
-        return no_worse and (a[key] > b[key] or a["median_ms"] < b["median_ms"])
+        return _dominates(a, b, key)
 
     dominated = [(a["name"], b["name"]) for a in adaptive for b in rivals if dom(b, a)]
     dominating = [(a["name"], b["name"]) for a in adaptive for b in rivals if dom(a, b)]
@@ -370,11 +379,14 @@ def run_suite(
                     for m in methods]  # fmt: skip
             rows += adaptive_rows(pkg, rows)
             pareto_flags(rows, key)
+            bound = oracle_bound(pkg, methods, reference, labels, task, key, rows)
             # Every method's outputs and compiled copies go before the next compile (PP-OCRv4: ~1 MB of
             # outputs per input and method: 8 GB a shift).
             del methods, ref, reference
             entry: dict[str, Any] = {"rows": rows, "seen_by_calibration": s in CALIBRATION,
                                      "dominance": dominance(rows, key)}  # fmt: skip
+            if bound is not None:
+                entry["perfect_router"] = bound
             if s == "clean" and throughput_s > 0:
                 waits: dict[str, dict[str, float]] = {}
                 entry["throughput"] = throughputs(pkg, plain, xs, throughput_s, compiles=compiles, waits=waits)
@@ -461,6 +473,58 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
     return {n: out[n] for n in [*[n for n, *_ in plain], *names]}
 
 
+def oracle_bound(pkg: Package, methods: Sequence[Method], reference: np.ndarray, labels: np.ndarray | None,
+                 task: Task | None, key: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:  # fmt: skip
+    """What a *perfect* router could reach with this package's static levels: each level as the fast route,
+    escalating exactly the inputs whose top-1 (at any position) differs from the precise level's — the
+    event the router is fitted to predict — to the precise level (the router's, else FP32). Every method
+    saw every input, so each input is timed as the fast level's time + the router's (the never-escalating
+    cascade's median over the fastest level's) + the precise level's on the inputs it escalates.
+
+    An upper bound for escalating whole inputs (a real router also misses and over-escalates); ``possible``:
+    whether such points could satisfy :func:`dominance` against ``rows``' rivals — some oracle point that
+    no rival dominates strictly dominates a rival. None where the package has a single level.
+    """
+    m = pkg.manifest
+    if len(m.levels) < 2:
+        return None
+    precise_k = m.router.precise_level if m.router is not None else 0
+    by_name = {meth.name: meth for meth in methods}
+    level_rows = [by_name.get(f"apsq static mix {lv.max_drop:g}") for lv in m.levels]
+    precise = level_rows[precise_k]
+    if precise is None or any(r is None for r in level_rows):
+        return None
+    never = by_name.get(NEVER_ROW)
+    fastest = level_rows[m.router.fast_level] if m.router is not None else None
+    router_ms = max(0.0, float(np.median(never.ms) - np.median(fastest.ms))) if never and fastest else 0.0
+
+    def ordered(meth: Method) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(meth.index)
+        return np.stack(meth.outputs)[order], np.asarray(meth.ms)[order]
+
+    y_p, ms_p = ordered(precise)
+    top_p = y_p.argmax(-1).reshape(len(y_p), -1)
+    out = []
+    for k, meth in enumerate(level_rows):
+        if k == precise_k or meth is None:
+            continue
+        y, ms = ordered(meth)
+        esc = (y.argmax(-1).reshape(len(y), -1) != top_p).any(1)
+        bound = Method(f"perfect router from apsq static mix {m.levels[k].max_drop:g}", "perfect-router bound",
+                       meth.request, m.levels[k].max_drop)  # fmt: skip
+        bound.outputs = list(np.where(esc.reshape((-1,) + (1,) * (y.ndim - 1)), y_p, y))
+        bound.index = list(range(len(y)))
+        bound.ms = list(ms + router_ms + esc * ms_p)
+        bound.escalated = [bool(e) for e in esc]
+        out.append({"name": bound.name, "family": bound.family, "max_drop": bound.max_drop}
+                   | quality(bound, reference, labels, task))  # fmt: skip
+    rivals = [r for r in rows if r["family"] in RIVALS]
+    free = [o for o in out if not any(_dominates(r, o, key) for r in rivals)]
+    winners = [o["name"] for o in free if any(_dominates(o, r, key) for r in rivals)]
+    return {"rows": out, "router_ms": router_ms, "precise": precise.name,
+            "undominated": [o["name"] for o in free], "winners": winners, "possible": bool(winners)}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------- reports
 
 
@@ -514,6 +578,7 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
                       + (f" ({worst})" if worst else "")
                       + f"; rival points an adaptive one strictly dominates: "
                       f"{len({b for _, b in d['adaptive_dominates']})}.", ""]  # fmt: skip
+            lines += bound_lines(entry.get("perfect_router"), key)
             if "throughput" in entry:
                 tp = entry["throughput"]
                 ref = tp.get("NNCF INT8")
@@ -522,6 +587,25 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
                           for k, v in tp.items()]
                 lines += ["", *wait_lines(entry.get("throughput_waits", {})), ""]
     path.write_text("\n".join(lines) + "\n")
+
+
+def bound_lines(bound: dict[str, Any] | None, key: str) -> list[str]:
+    """Markdown: the perfect-router bound of one table (:func:`oracle_bound`)."""
+    if not bound:
+        return []
+    best = max(bound["rows"], key=lambda r: (r[key], -r["median_ms"]))
+    fastest = min((r for r in bound["rows"] if r[key] >= best[key]), key=lambda r: r["median_ms"])
+    cells = ", ".join(f"from {r['name'].rsplit(' ', 1)[-1]}: {_fmt_q(r, key)} at {r['median_ms']:.3f} ms "
+                      f"(mean {r['mean_ms']:.3f}, {100 * r['escalated']:.1f}% escalated)"
+                      for r in sorted(bound["rows"], key=lambda r: r["median_ms"]))  # fmt: skip
+    winners = ", ".join(bound["winners"])
+    verdict = (f"**could hold** (undominated and dominating a rival: {winners})" if bound["possible"]
+               else f"**could not hold** ({len(bound['undominated'])} of {len(bound['rows'])} bound points "
+               "undominated, none dominating a rival)")  # fmt: skip
+    return [f"Perfect-router bound (each static mix as the fast route, escalating exactly the inputs whose top-1 "
+            f"differs from {bound['precise']}'s, router {bound['router_ms']:.3f} ms): {cells}. With such points "
+            f"dominance {verdict}; best quality {_fmt_q(best, key)} first reached at {fastest['median_ms']:.3f} ms.",
+            ""]  # fmt: skip
 
 
 def wait_lines(waits: dict[str, dict[str, float]]) -> list[str]:

@@ -642,7 +642,7 @@ def bench(
     result = bench_mod.run_suite(m.source_model.get("name", str(package)), pkg, None, {}, x, shifts, labels=labels,
                                  metric=metric, task=task, progress=None if json_out else out,
                                  throughput_s=throughput_seconds, compiles=compiles)  # fmt: skip
-    key = metric
+    key = {"accuracy": "accuracy", "agreement": "agreement"}.get(metric, "task")  # the rows' field (as run_suite)
     if plot is not None:
         for s, entry in result["shifts"].items():
             target = plot if s == "clean" else plot.with_name(f"{plot.stem}-{s}{plot.suffix or '.png'}")
@@ -660,6 +660,13 @@ def bench(
                           f"{100 * r['agreement']:.2f}", f"{r['kl']:.4f}", f"{r['median_ms']:.3f}",
                           f"{r['mean_ms']:.3f}", f"{r['escalated']:.1%}" if "escalated" in r else "")  # fmt: skip
         out.print(table)
+        bound = entry.get("perfect_router")
+        if bound:
+            best = max(bound["rows"], key=lambda r: (r[key], -r["median_ms"]))
+            out.print(f"perfect-router bound (each static mix as the fast route, escalating exactly the inputs whose "
+                      f"top-1 differs from {escape(bound['precise'])}'s): best {100 * best[key]:.2f} at "
+                      f"{best['median_ms']:.3f} ms ({escape(best['name'])}); against the static mixes it "
+                      + ("could win" if bound["possible"] else "could not win"))  # fmt: skip
         if "throughput" in entry:
             out.print("async throughput: " + ", ".join(f"{k} {v:.0f}/s" for k, v in entry["throughput"].items()))
         if "plot" in entry:

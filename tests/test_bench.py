@@ -54,6 +54,9 @@ def test_bench_cli_json_and_plots(tiny_files, tmp_path):
     assert rows["apsq static mix 0"]["agreement"] == 1.0  # the reference is the FP32 level itself
     assert rows["apsq forced fp32 (every op behind an If)"]["agreement"] == 1.0
     assert any(r["pareto"] for r in rows.values())
+    bound = doc["shifts"]["clean"]["perfect_router"]  # no router: escalations to the FP32 level, no router cost
+    assert len(bound["rows"]) == len(m.levels) - 1 and bound["router_ms"] == 0.0
+    assert all(r["agreement"] == 1.0 for r in bound["rows"])
     assert doc["shifts"]["noise"]["seen_by_calibration"] and png.is_file() and (tmp_path / "p-noise.png").is_file()
     bad = runner.invoke(app, ["bench", str(tiny_files["package"].path), "--data", str(data), "--shift", "fog"])
     assert bad.exit_code == 2 and "fog" in bad.output

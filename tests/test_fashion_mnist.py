@@ -337,3 +337,42 @@ def test_bench_reads_each_cascade_rows_escalations_after_timing(fm):
         want = [bool(request.infer(x[i : i + 1], max_drop=meth.max_drop, policy="cascade").escalated)
                 for i in range(len(x))]  # fmt: skip
         assert [meth.escalated[j] for j in order] == want and 0 < sum(want) < len(x)
+
+
+def test_perfect_router_bound_escalates_exactly_the_disagreeing_inputs(fm):
+    """``bench.oracle_bound`` on 200 real test images: from each static level, the inputs it escalates are the
+    ones whose top-1 differs from the precise level's, so its top-1 is the precise level's everywhere; each
+    input's time is the fast level's + the router's + the precise level's if escalated; ``possible`` says
+    whether a bound point no rival dominates dominates one."""
+    from apsq_ov.bench import measure, oracle_bound, package_methods, quality
+
+    pkg = apsq_ov.Package.load(fm["pkg"])
+    m = pkg.manifest
+    methods = package_methods(pkg, bf16_reference=False, forced=False, compiles=1)
+    x = shift(fm["x"][:200], "noise")
+    measure(methods, x, block=25)
+    by = {meth.name: meth for meth in methods}
+    precise = by[f"apsq static mix {m.levels[m.router.precise_level].max_drop:g}"]
+    ref = np.stack(precise.outputs)[np.argsort(precise.index)]
+    labels = fm["y"][:200]
+    rows = [{"name": n, "family": meth.family, "max_drop": meth.max_drop} | quality(meth, ref, labels, None)
+            for n, meth in by.items()]  # fmt: skip
+    bound = oracle_bound(pkg, methods, ref, labels, None, "accuracy", rows)
+    assert bound is not None and len(bound["rows"]) == len(m.levels) - 1 and bound["router_ms"] >= 0
+    fastest = by[f"apsq static mix {m.levels[-1].max_drop:g}"]
+    row = next(r for r in bound["rows"] if r["max_drop"] == m.levels[-1].max_drop)
+    y = np.stack(fastest.outputs)[np.argsort(fastest.index)]
+    differs = y.argmax(-1).reshape(len(y)) != ref.argmax(-1).reshape(len(y))
+    assert 0 < differs.sum() and row["escalated"] == pytest.approx(differs.mean())
+    for r in bound["rows"]:
+        assert r["agreement"] == 1.0  # the precise level's top-1 on every input
+    ms = np.asarray(fastest.ms)[np.argsort(fastest.index)] + bound["router_ms"]
+    ms += differs * np.asarray(precise.ms)[np.argsort(precise.index)]
+    assert row["median_ms"] == pytest.approx(float(np.median(ms))) and row["mean_ms"] == pytest.approx(ms.mean())
+    # A rival slower and worse than the bound point is dominated: the bound could hold; a rival faster and
+    # better dominates every bound point: it could not.
+    slow = {"name": "r", "family": "apsq static mix", "accuracy": 0.0, "median_ms": 1e9}
+    assert oracle_bound(pkg, methods, ref, labels, None, "accuracy", [slow])["possible"]
+    fast = {"name": "r", "family": "NNCF accuracy control", "accuracy": 1.0, "median_ms": 0.0}
+    got = oracle_bound(pkg, methods, ref, labels, None, "accuracy", [slow, fast])
+    assert not got["possible"] and got["undominated"] == []

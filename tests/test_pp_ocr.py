@@ -134,3 +134,11 @@ def test_bench_reads_sequence_labels_as_one_minus_cer(ocr, tmp_path):
     expect = 1.0 - np.mean([cer(ctc_greedy_decode(plain(lines[i : i + 1])[0][0], charset), texts[i]) for i in range(4)])
     rows = {r["name"]: r for r in doc["shifts"]["clean"]["rows"]}
     assert rows["apsq forced fp32 (every op behind an If)"]["task"] == pytest.approx(expect, abs=1e-9)
+    bound = doc["shifts"]["clean"]["perfect_router"]
+    assert all(r["agreement"] == 1.0 for r in bound["rows"])  # the precise (FP32) level's top-1 everywhere
+    # The table and the plots read the same field (a 1 − CER row has no "1 - CER" key).
+    png = tmp_path / "ocr.png"
+    shown = CliRunner().invoke(app, ["bench", str(ocr["pkg"].path), "--data", str(tmp_path / "test.npz"),
+                                     "--compiles", "1", "--throughput-seconds", "0", "--plot", str(png)])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert "perfect-router bound" in shown.output and png.is_file()
