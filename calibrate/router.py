@@ -497,14 +497,22 @@ def collect_fit_data(
     return fit_data, probabilities
 
 
+BELOW = (0.5, 0.25)
+"""Cascade budgets below the dial's smallest non-zero budget, as fractions of it."""
+
+
 def cascade_budgets(levels: Sequence[float]) -> list[float]:
-    """The budgets the cascade gets a τ for: the dial's budgets in (0, 1) and the geometric mean of each
-    neighbouring pair (the largest paired with 1). A cascade point is one number in the manifest (no body
-    of its own), so the cascade's dial is finer than the static one."""
+    """The budgets the cascade gets a τ for: the dial's budgets in (0, 1), the geometric mean of each
+    neighbouring pair (the largest paired with 1), and :data:`BELOW` × the smallest. A cascade point is one
+    number in the manifest (no body of its own), so the cascade's dial is finer than the static one —
+    and below the smallest budget, where the static dial's next step is the FP32 level, the cascade
+    serves the request at its fast route's cost plus the re-runs (where calibration can certify a τ for
+    it; else its τ escalates every input and ``auto`` keeps the FP32 level)."""
     inner = sorted({float(d) for d in levels if 0.0 < d < 1.0})
     edges = [*inner, 1.0] if inner else []
     mids = [float(np.sqrt(a * b)) for a, b in zip(edges, edges[1:], strict=False)]
-    return sorted({round(d, 6) for d in [*inner, *mids]})
+    below = [f * inner[0] for f in BELOW] if inner else []
+    return sorted({round(d, 6) for d in [*below, *inner, *mids]})
 
 
 def cascade_points(

@@ -288,7 +288,7 @@ def test_cascade_thresholds_hold_the_budget_on_every_distribution_asked():
     router = Router(fast_level=1, precise_level=0, terms=[Term(Feature.MARGIN, None, -1.0)], bias=0.0,
                     probabilities=False, ranges={})  # fmt: skip
     budgets = cascade_budgets([0.0, 0.01, 0.02, 0.04, 1.0])
-    assert budgets == pytest.approx([0.01, 0.014142, 0.02, 0.028284, 0.04, 0.2])
+    assert budgets == pytest.approx([0.0025, 0.005, 0.01, 0.014142, 0.02, 0.028284, 0.04, 0.2])
     clean = cascade_points(router, data, budgets, 1.0, 2.0, 0.0)
     both = cascade_points(router, data, budgets, 1.0, 2.0, 0.0, hold=("clean", "noise"))
     risk = -np.log(margin + 1e-6)
