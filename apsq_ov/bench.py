@@ -317,11 +317,8 @@ def dominance(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     adaptive = [r for r in rows if r["family"] == "apsq adaptive" and "escalated" in r]
     rivals = [r for r in rows if r["family"] in RIVALS]
 
-    def dom(a: dict, b: dict) -> bool:
-        return _dominates(a, b, key)
-
-    dominated = [(a["name"], b["name"]) for a in adaptive for b in rivals if dom(b, a)]
-    dominating = [(a["name"], b["name"]) for a in adaptive for b in rivals if dom(a, b)]
+    dominated = [(a["name"], b["name"]) for a in adaptive for b in rivals if _dominates(b, a, key)]
+    dominating = [(a["name"], b["name"]) for a in adaptive for b in rivals if _dominates(a, b, key)]
     holds = bool(adaptive) and not dominated and bool(dominating)
     return {"adaptive_points": [a["name"] for a in adaptive], "adaptive_dominated_by": dominated,
             "adaptive_dominates": dominating, "holds": holds}  # fmt: skip
@@ -490,10 +487,11 @@ def oracle_bound(pkg: Package, methods: Sequence[Method], reference: np.ndarray,
         return None
     precise_k = m.router.precise_level if m.router is not None else 0
     by_name = {meth.name: meth for meth in methods}
-    level_rows = [by_name.get(f"apsq static mix {lv.max_drop:g}") for lv in m.levels]
-    precise = level_rows[precise_k]
-    if precise is None or any(r is None for r in level_rows):
+    found = [by_name.get(f"apsq static mix {lv.max_drop:g}") for lv in m.levels]
+    level_rows = [r for r in found if r is not None]
+    if len(level_rows) != len(found):
         return None
+    precise = level_rows[precise_k]
     never = by_name.get(NEVER_ROW)
     fastest = level_rows[m.router.fast_level] if m.router is not None else None
     router_ms = max(0.0, float(np.median(never.ms) - np.median(fastest.ms))) if never and fastest else 0.0
@@ -506,7 +504,7 @@ def oracle_bound(pkg: Package, methods: Sequence[Method], reference: np.ndarray,
     top_p = y_p.argmax(-1).reshape(len(y_p), -1)
     out = []
     for k, meth in enumerate(level_rows):
-        if k == precise_k or meth is None:
+        if k == precise_k:
             continue
         y, ms = ordered(meth)
         esc = (y.argmax(-1).reshape(len(y), -1) != top_p).any(1)
