@@ -48,6 +48,11 @@ Task = Callable[[np.ndarray, np.ndarray], float]
 """``task(outputs, indices) -> quality`` for metrics beyond accuracy/agreement (e.g. 1 − CER)."""
 
 
+def row_key(metric: str) -> str:
+    """The field of a result row that holds ``metric`` (a task metric such as ``1 - CER`` is ``task``)."""
+    return metric if metric in ("accuracy", "agreement") else "task"
+
+
 @dataclass
 class Method:
     """One configuration under test: a raw OpenVINO request with its state written."""
@@ -353,7 +358,7 @@ def run_suite(
 
     core = ov.Core()
     lo, hi = float(x.min()), float(x.max())
-    key = {"accuracy": "accuracy", "agreement": "agreement"}.get(metric, "task")
+    key = row_key(metric)
     result: dict[str, Any] = {"model": model_name, "metric": metric, "samples": int(len(x)), "package": str(pkg.path),
                               "value_range": [lo, hi], "compiles": max(compiles, 1), "shifts": {}}  # fmt: skip
     plain: list[tuple[str, str, ov.Model, str]] = []
@@ -548,7 +553,7 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
              + ", ".join(f"{k} {v:g}" for k, v in result.get("calibration_shifts", {}).items()) + "); the others "
              "calibration never saw.", ""]  # fmt: skip
     for name, res in result.get("models", {}).items():
-        key = {"accuracy": "accuracy", "agreement": "agreement"}.get(res["metric"], "task")
+        key = row_key(res["metric"])
         lines += [f"## {res['model']} ({res['samples']} inputs; quality = {res['metric']})", "",
                   f"Run of {res['date']}." if "date" in res else "An earlier run (before runs were dated).", ""]
         for s, entry in res["shifts"].items():

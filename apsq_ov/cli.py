@@ -642,7 +642,7 @@ def bench(
     result = bench_mod.run_suite(m.source_model.get("name", str(package)), pkg, None, {}, x, shifts, labels=labels,
                                  metric=metric, task=task, progress=None if json_out else out,
                                  throughput_s=throughput_seconds, compiles=compiles)  # fmt: skip
-    key = {"accuracy": "accuracy", "agreement": "agreement"}.get(metric, "task")  # the rows' field (as run_suite)
+    key = bench_mod.row_key(metric)
     if plot is not None:
         for s, entry in result["shifts"].items():
             target = plot if s == "clean" else plot.with_name(f"{plot.stem}-{s}{plot.suffix or '.png'}")
@@ -653,7 +653,7 @@ def bench(
         return
     for s, entry in result["shifts"].items():
         table = Table(title=f"{package} · {s} · {len(x)} inputs · 1 thread · ★ Pareto front")
-        for col in ("method", key, "agreement", "KL", "median ms", "mean ms", "escalated"):
+        for col in ("method", metric, "agreement", "KL", "median ms", "mean ms", "escalated"):
             table.add_column(col, justify="left" if col == "method" else "right")
         for r in sorted(entry["rows"], key=lambda r: r["median_ms"]):
             table.add_row(escape(r["name"]) + (" ★" if r.get("pareto") else ""), f"{100 * r[key]:.2f}",
