@@ -95,7 +95,7 @@ def package_methods(
     """The methods a package runs: its FP32 level (f32 hint, and bf16 hint as the BF16 baseline), every
     static level, the cascade at every budget that escalates some inputs, and forced precisions (each
     on ``compiles`` compiled copies of the package)."""
-    from apsq_ov.runtime import compile_model, standalone_bodies
+    from apsq_ov.runtime import compile_model, constant_route, drop_route_output, standalone_bodies
 
     m = pkg.manifest
     core = ov.Core()
@@ -117,6 +117,8 @@ def package_methods(
     if bf16_reference:
         ir = pkg.read_model(core)
         fp32_level = standalone_bodies(ir, m, {0}).get(0)
+        if fp32_level is not None and constant_route(fp32_level) is not None:  # as compile_model runs it
+            fp32_level = drop_route_output(fp32_level)
         out.append(plain_method("package FP32 level, bf16 hint", "baseline", ir if fp32_level is None else fp32_level,
                                 "bf16", compiles, core, {LEVEL_STATE: np.array(0, np.int32)} if fp32_level is None
                                 else {}))  # fmt: skip
@@ -427,7 +429,8 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
     batch = ESCALATION_BATCH if man.router is not None else 0
     copies = [compile_model(pkg, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}, core=core, standalone="all",
                             escalation_batch=batch) for _ in range(k)]  # fmt: skip
-    in_graph = [AdaptiveCompiledModel(c.compiled_model, man, device=c.device, standalone=c.standalone) for c in copies]
+    in_graph = [AdaptiveCompiledModel(c.compiled_model, man, device=c.device, standalone=c.standalone,
+                                      standalone_routes=c.standalone_routes) for c in copies]  # fmt: skip
     timings: dict[str, tuple[list[float], list[float]]] = {}
     same: dict[str, str] = {}  # row name → the row that runs the same body and τ
     bodies: dict[Any, str] = {}

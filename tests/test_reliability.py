@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import apsq_ov
 from apsq_ov.cli import app
 from apsq_ov.errors import ConfigError, DataError
-from apsq_ov.package import Package, sha256_file
+from apsq_ov.package import ROUTE_OUTPUT, Package, sha256_file
 from tests.models import conv_chain_data
 
 runner = CliRunner()
@@ -461,6 +461,11 @@ def test_standalone_bodies_give_what_the_package_dispatch_gives(tiny_files):
     assert set(apsq_ov.compile_model(pkg.path).standalone) == {alone.plan().level}  # default: the default body
     for body in standalone_bodies(pkg.read_model(), m).values():  # only routed ops' and the cascade's Ifs
         assert all("apsq" in n.get_friendly_name() for n in body.get_ordered_ops() if n.get_type_name() == "If")
+    # Levels without per-input routed ops are compiled without the (constant) route output; the runtime hands
+    # their route out (compared with the dispatch's below). The cascade's route is computed: it keeps it.
+    no_route = {k for k, c in alone.standalone.items() if all(ROUTE_OUTPUT not in o.get_names() for o in c.outputs)}
+    assert no_route == set(alone.standalone_routes) == {k for k, lv in enumerate(m.levels) if not lv.routed}
+    assert no_route and m.cascade_level not in no_route
     pool = _pool()
     a, d = alone.create_infer_request(), dispatch.create_infer_request()
     rng = np.random.default_rng(3)
