@@ -376,6 +376,9 @@ def run_suite(
             forced = forced_shifts is None or s in forced_shifts
             methods += package_methods(pkg, bf16_reference=model is None, forced=forced, compiles=compiles)
             measure(methods, xs, progress=bar, desc=f"{model_name} · {s} · {len(methods)} methods")
+            if not pkg.manifest.decision.identity:  # every output as the class scores calibration judged
+                for meth in methods:
+                    meth.outputs = [pkg.manifest.decision.scores(o) for o in meth.outputs]
             ref = next(m for m in methods if m.name == "OpenVINO FP32" or (m.family == "apsq static mix"
                                                                            and m.max_drop == 0.0))  # fmt: skip
             reference = np.stack(ref.outputs)[np.argsort(ref.index)]

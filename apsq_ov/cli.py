@@ -188,6 +188,13 @@ def calibrate(
         typer.Option(help="NNCF bias correction for the INT8 variants: 'full' (re-estimated on the quantized "
                      "model: slower calibration, INT8 closer to FP32) or 'fast' (NNCF's default)."),  # fmt: skip
     ] = "full",
+    class_axis: Annotated[
+        int | None,
+        typer.Option(help="Axis of the first output that holds the classes, whose top-1 every drop compares "
+                     "(default: the last, as in a classifier or a CTC sequence). E.g. 1 for an (N, C, H, W) "
+                     "segmentation or detection map; a one-class axis is read as a binary decision "
+                     "(probability > 0.5, or logit > 0)."),  # fmt: skip
+    ] = None,
 ) -> None:
     """Score, build and package an adaptive model: MODEL + --data -> OUT_DIR (model.xml/.bin + apsq.json).
 
@@ -216,6 +223,7 @@ def calibrate(
         router_features=_parse_features(router_features),
         router_hold=router_hold,
         bias_correction=bias_correction,
+        class_axis=class_axis,
     )
     target = out_dir or model.with_suffix(".apsq")
     t0 = time.perf_counter()
@@ -230,8 +238,19 @@ def calibrate(
         table.add_row(escape(op.name), op.type, f"{op.score:.2e}", *drops)
     out.print(table)
     out.print(f"{len(m.ops)} routable ops, default max-drop {m.default_max_drop}, {time.perf_counter() - t0:.1f} s")
+    out.print(f"drops compare {_decision_text(m)} with FP32's (--class-axis)")
     out.print(_levels_table(m))
     _print_router(m)
+
+
+def _decision_text(m: Manifest) -> str:
+    """What a drop counts: top-1 flips over which axis of which output (or binary decisions)."""
+    d, name = m.decision, escape(m.outputs[0]) if m.outputs else "output 0"
+    axis = "the last axis" if d.class_axis == -1 else f"axis {d.class_axis}"
+    if d.binary is None:
+        return f"the top-1 over {axis} of {name}"
+    rule = "> 0.5" if d.binary == "probability" else "> 0 (a logit)"
+    return f"the binary decision {name} {rule} ({axis} holds one class) at every position"
 
 
 def _parse_features(text: str | None) -> tuple[Feature, ...] | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import openvino as ov
 
+from apsq_ov.decisions import Decision
 from apsq_ov.errors import PackageError
 from apsq_ov.inputs import InputSpec
 from apsq_ov.precision import Precision
@@ -350,6 +351,8 @@ class Manifest:
     """the fitted router and its escalation cascade (body index ``len(levels)``), if calibration built one"""
     router_note: str = ""
     """why there is no router, when there is none"""
+    decision: Decision = field(default_factory=Decision)
+    """how the first output reads as per-position class scores (every drop, the router, the bench)"""
     files: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
@@ -399,6 +402,7 @@ class Manifest:
             "default_max_drop": self.default_max_drop,
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": self.outputs,
+            "decision": self.decision.to_json(),
             "batch": self.batch,
             "route_output": ROUTE_OUTPUT,
             "precision_codes": {str(p.code): p.value for p in Precision},
@@ -433,6 +437,7 @@ class Manifest:
                 default_max_drop=float(d["default_max_drop"]),
                 inputs=[InputSpec.from_json(s) for s in d["inputs"]],
                 outputs=[str(o) for o in d["outputs"]],
+                decision=Decision.from_json(d.get("decision")),
                 batch=int(d["batch"]),
                 ops=[OpRecord.from_json(o) for o in d["ops"]],
                 sensitivity=dict(d["sensitivity"]),

@@ -32,6 +32,7 @@ import openvino as ov
 from openvino import opset13 as ops
 
 from apsq_ov.datasets import ctc_error_rate
+from apsq_ov.decisions import Decision, decide
 from apsq_ov.errors import CalibrationError, ConfigError, ModelError, UnsupportedPrecisionError
 from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, static_shapes
 from apsq_ov.package import (
@@ -101,6 +102,9 @@ class CalibrationConfig:
         ``router_shifts``: a lower τ, more escalation on clean data, the budget kept under those shifts).
     :param bias_correction: NNCF's bias correction for the INT8 variants: ``full`` (``fast_bias_correction=False``:
         slower calibration, a closer INT8 route) or ``fast`` (NNCF's default).
+    :param class_axis: the axis of the first output that holds the classes (``None``: the last), e.g. 1 for
+        an ``(N, C, H, W)`` segmentation or detection map; a one-class axis is a binary decision
+        (:mod:`apsq_ov.decisions`).
     """
 
     device: str = "CPU"
@@ -120,6 +124,7 @@ class CalibrationConfig:
     router_features: tuple[Feature, ...] | None = None
     router_hold: str = "clean"
     bias_correction: str = "full"
+    class_axis: int | None = None
 
     def __post_init__(self) -> None:
         check_max_drop(self.max_drop)
@@ -232,6 +237,7 @@ def calibrate_model(
     def batches(idx: np.ndarray) -> list[list[np.ndarray]]:
         return [samples.sample(int(i), batch) for i in idx]
 
+    decision = _decision(model, batches(order[: min(len(order), 16)]), config.class_axis)  # before NNCF: fail fast
     q_model = None
     settings = calibration_quantize_settings(config, profile)
     if Precision.INT8 in precisions:
@@ -301,6 +307,7 @@ def calibrate_model(
         inputs=specs,
         outputs=[o.get_any_name() if o.get_names() else f"output{i}" for i, o in enumerate(model.outputs[:-1])],
         batch=batch,
+        decision=decision,
         ops=routed,
         sensitivity={},
         calibration={
@@ -410,7 +417,8 @@ def calibrate_model(
         manifest.router_note = "not built: the package has no INT8 variants (the fast route would be the levels')"
     else:
         manifest.router, manifest.router_note = _fit_router(
-            levels, costs, units, fp32_model, q_model, q4_model, variants, batches(order), profile, config, progress
+            levels, costs, units, fp32_model, q_model, q4_model, variants, batches(order), profile, config, progress,
+            manifest.decision,
         )
     manifest.selection = {
         "objective": OBJECTIVE,
@@ -447,7 +455,8 @@ def _package_ir(
     manifest.default_level = plan.level
     tau = NEVER if plan.tau is None else plan.tau
     return build_package_model(fp32_model, q_model, variants, [lv.choices for lv in manifest.levels],
-                               plan.level, q4_model=q4_model, router=manifest.router, tau=tau)  # fmt: skip
+                               plan.level, q4_model=q4_model, router=manifest.router, tau=tau,
+                               decision=manifest.decision)  # fmt: skip
 
 
 def _time_bodies(model: ov.Model, manifest: Manifest, x: list[np.ndarray], runs: int = 40) -> bool:
@@ -508,6 +517,7 @@ def _fit_router(
     profile: DeviceProfile,
     config: CalibrationConfig,
     progress: Progress | None,
+    decision: Decision,
 ) -> tuple[Router | None, str]:
     """Fit the router on the fastest level (the fast route) against level 0 (FP32): every calibration
     sample and its shifted copies, the second half of them held out (AUC, thresholds)."""
@@ -524,7 +534,7 @@ def _fit_router(
     held_out = np.arange(len(data)) >= len(data) // 2
     rows, probabilities = collect_fit_data(
         body, inputs, fp32_model, ranges, elements, data, held_out, config.router_shifts, seed=config.seed,
-        progress=(lambda d, t: progress("router data", d, t)) if progress else None,
+        progress=(lambda d, t: progress("router data", d, t)) if progress else None, decision=decision,
     )  # fmt: skip
     # In-graph cost cap: one element pass of a reduction costs about as much as MACS_PER_PASS MACs of
     # the route (measured here: 48 on EfficientNet-Lite0, 14 on the Fashion-MNIST ResNet); half the
@@ -744,6 +754,19 @@ class Reference:
                    task_value)  # fmt: skip
 
 
+def _decision(fp32_model: ov.Model, data: list[list[np.ndarray]], class_axis: int | None) -> Decision:
+    """How the first output reads as class scores (:func:`apsq_ov.decisions.decide`); the FP32 model runs
+    on ``data`` only for a one-class axis (probability or logit?)."""
+    out = fp32_model.outputs[0]
+    name = f"output {out.get_any_name()}" if out.get_names() else "output 0"
+    shape = [d.get_length() if d.is_static else 2 for d in out.get_partial_shape()]
+    decision = decide([np.zeros(shape, np.float32)], class_axis, name)  # checks the axis
+    if decision.binary is None:
+        return decision
+    compiled = ov.Core().compile_model(fp32_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return decide([np.asarray(compiled(x)[0]) for x in data], class_axis, name)
+
+
 def _is_ctc(outputs: list[np.ndarray], labels: list[np.ndarray]) -> bool:
     return all(np.asarray(o).ndim == 3 and np.ndim(lab) == 2 for o, lab in zip(outputs, labels, strict=True))
 
@@ -793,9 +816,10 @@ class PinnedRuns:
         self._outputs: list[np.ndarray | None] = [None] * len(data)
         self._queue = AdaptiveAsyncInferQueue(model)
         self._queue.set_callback(self._keep)
+        self._scores = model.manifest.decision.scores
 
     def _keep(self, request: AdaptiveInferRequest, i: int) -> None:
-        self._outputs[i] = request.get_result()[0]  # copied out of the request
+        self._outputs[i] = self._scores(request.get_result()[0])  # copied out of the request
 
     def __call__(self, pin: Mapping[str, Precision] | None) -> list[np.ndarray]:
         for i, x in enumerate(self.data):

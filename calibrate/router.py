@@ -33,6 +33,7 @@ import openvino as ov
 from openvino import opset13 as ops
 
 from apsq_ov import shifts
+from apsq_ov.decisions import CLASSES_LAST, Decision
 from apsq_ov.errors import CalibrationError
 from apsq_ov.package import EPS, NEVER, CascadePoint, Feature, Router, Term
 from apsq_ov.shifts import CALIBRATION
@@ -172,10 +173,12 @@ def risk_model(package_model: ov.Model) -> ov.Model:
 
 def probe_model(
     body: ov.Model, inputs: dict[str, ov.Output], keys: Sequence[tuple[Feature, str | None]], router_ranges: dict,
-    probabilities: bool,
+    probabilities: bool, decision: Decision = CLASSES_LAST,
 ) -> ov.Model:
-    """``body`` (a level body: outputs + route) with every candidate term's raw value appended as outputs."""
-    values = term_values(keys, inputs, body.get_results()[0].input_value(0), router_ranges, probabilities)
+    """``body`` (a level body: outputs + route) with every candidate term's raw value appended as outputs
+    (the margin on the first output read as class scores, ``decision``)."""
+    output = decision.graph_scores(body.get_results()[0].input_value(0))
+    values = term_values(keys, inputs, output, router_ranges, probabilities)
     body.add_results([ops.result(v) for v in values])
     body.validate_nodes_and_infer_types()
     return body
@@ -446,9 +449,10 @@ def collect_fit_data(
     *,
     seed: int = 0,
     progress: Any = None,
+    decision: Decision = CLASSES_LAST,
 ) -> tuple[FitData, bool]:
     """Run FP32 and the fast route (with every candidate feature as an extra output) on each
-    calibration sample and each shifted copy of it.
+    calibration sample and each shifted copy of it (first outputs read as class scores, ``decision``).
 
     :param fast_body: the fast level body (its trailing parameters, if any, are scalar f32 state: fed 1.0).
     :param held_out: per sample of ``data``, whether it belongs to the held-out split.
@@ -458,11 +462,12 @@ def collect_fit_data(
     cfg = {"INFERENCE_PRECISION_HINT": "f32"}
     ref = core.compile_model(fp32_model, "CPU", cfg).create_infer_request()
     n_in = len(fp32_model.inputs)
-    first = [np.asarray(ref.infer(x)[0], np.float64) for x in data[: min(len(data), 16)]]
+    scores = decision.scores
+    first = [np.asarray(scores(ref.infer(x)[0]), np.float64) for x in data[: min(len(data), 16)]]
     probabilities = all(is_probabilities(o) for o in first)
     keys: list[tuple[Feature, str | None]] = [(Feature.MARGIN, None)]
     keys += [(f, op) for op in ranges for f in OP_FEATURES if op in feature_inputs]
-    probe = probe_model(fast_body, feature_inputs, keys, ranges, probabilities)
+    probe = probe_model(fast_body, feature_inputs, keys, ranges, probabilities, decision)
     fast = core.compile_model(probe, "CPU", cfg).create_infer_request()
     extra = [np.array(1.0, np.float32) for _ in probe.get_parameters()[n_in:]]
     n_out = len(fp32_model.outputs)
@@ -477,9 +482,9 @@ def collect_fit_data(
                 shift_calibration(a, name, lo[i], hi[i], seed + 7919 * s + k) if a.dtype.kind == "f" else a
                 for i, a in enumerate(x)
             ]  # fmt: skip
-            y_ref = np.asarray(ref.infer(xs)[0])
+            y_ref = scores(ref.infer(xs)[0])
             out = fast.infer([*xs, *extra])
-            y_fast = np.asarray(out[0])
+            y_fast = scores(out[0])
             raw.append([float(out[n_out + 1 + j]) for j in range(len(keys))])
             differs = y_ref.argmax(-1) != y_fast.argmax(-1)
             flip.append(bool(np.any(differs)))

@@ -33,6 +33,7 @@ from openvino import opset8
 from openvino import opset13 as ops
 from openvino.op.util import Variable
 
+from apsq_ov.decisions import CLASSES_LAST, Decision
 from apsq_ov.errors import CalibrationError
 from apsq_ov.package import (
     ESCALATE_STATE,
@@ -455,6 +456,7 @@ def build_package_model(
     q4_model: ov.Model | None = None,
     router: Router | None = None,
     tau: float = NEVER,
+    decision: Decision = CLASSES_LAST,
 ) -> ov.Model:
     """The package IR: one top-level dispatch (a tree of ``If`` on the ``apsq/level`` state) over one
     body per level of the dial plus the fully routed body.
@@ -470,6 +472,7 @@ def build_package_model(
 
     :param fp32_model: the FP32 model (static shapes); it is copied, never modified.
     :param levels: per level, ``{op name: OpChoice}`` for every op with more than one variant.
+    :param decision: how the router's margin reads the first output (as calibration fitted it).
     """
     names = [n for n, v in variants.items() if len(v) > 1]
     base = {u.name: u for u in find_routable_ops(fp32_model, q_model, q4_model)}
@@ -493,7 +496,7 @@ def build_package_model(
     if router is not None:
         fast, feature_inputs = body(levels[router.fast_level], "apsq/cascade/fast")
         precise = body(levels[router.precise_level], "apsq/cascade/precise")[0]
-        bodies.append(_cascade_body(router, fast, feature_inputs, precise))
+        bodies.append(_cascade_body(router, fast, feature_inputs, precise, decision))
     clone = fp32_model.clone()
     # The full body reads the per-op state from two vectors (one ReadValue each: every state variable
     # costs time on every inference, whichever body runs).
@@ -708,14 +711,14 @@ def _body_model(clone: ov.Model, codes: list[ov.Output], extra: list[ov.Node], n
 
 
 def _cascade_body(
-    router: Router, fast: ov.Model, feature_inputs: dict[str, ov.Output], precise: ov.Model
+    router: Router, fast: ov.Model, feature_inputs: dict[str, ov.Output], precise: ov.Model, decision: Decision
 ) -> ov.Model:
     """The escalation cascade: the ``fast`` level body, the router's risk on its features and output,
     and ``If(risk > τ, precise level body on the same inputs, the fast outputs)``. ``fast``'s last
     parameter is τ; both bodies take the same parameters."""
     params = fast.get_parameters()
     fast_outs = [r.input_value(0) for r in fast.get_results()]
-    risk = risk_output(router, feature_inputs, fast_outs[0])
+    risk = risk_output(router, feature_inputs, decision.graph_scores(fast_outs[0]))
     risk.get_node().set_friendly_name(RISK_NODE)
     node = opset8.if_op(ops.greater(risk, params[-1]).output(0))
     passthrough = [ops.parameter(o.get_partial_shape(), o.get_element_type()) for o in fast_outs]

@@ -52,3 +52,30 @@ def conv_chain_data(n: int = 32, size: int = 16, seed: int = 1) -> np.ndarray:
 def save(model: ov.Model, path) -> str:
     ov.save_model(model, str(path), compress_to_fp16=False)
     return str(path)
+
+
+def conv_map(size: int = 16, seed: int = 0, logit: bool = False) -> ov.Model:
+    """input -> conv1(+bias) -> relu -> conv2 (one output channel, bias centring it) -> sigmoid: an
+    ``(N, 1, H, W)`` probability map (a segmentation / text-detection head), or with ``logit`` a single
+    logit per input, ``(N, 1)`` (a binary classifier: global mean of conv2's map)."""
+    rng = np.random.default_rng(seed)
+    x = ops.parameter([-1, 3, size, size], np.float32, name="x")
+    x.output(0).get_tensor().set_names({"x"})
+    w1 = ops.constant((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32))
+    c1 = ops.convolution(x, w1, [1, 1], [1, 1], [1, 1], [1, 1])
+    c1.set_friendly_name("conv1")
+    b1 = ops.add(c1, ops.constant((rng.standard_normal((1, 8, 1, 1)) * 0.1).astype(np.float32)))
+    b1.set_friendly_name("conv1/bias")
+    w2 = ops.constant((rng.standard_normal((1, 8, 3, 3)) * 0.2).astype(np.float32))
+    c2 = ops.convolution(ops.relu(b1), w2, [1, 1], [1, 1], [1, 1], [1, 1])
+    c2.set_friendly_name("conv2")
+    z = ops.reduce_mean(c2, ops.constant(np.array([2, 3], np.int64)), False) if logit else c2  # (N, 1) / map
+    probe = ov.Core().compile_model(ov.Model([z.output(0)], [x]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    centre = -float(np.median(probe(conv_chain_data(64, size))[0]))  # half the decisions on each side
+    z = ops.add(z, ops.constant(np.float32(centre)))
+    if logit:
+        z.output(0).get_tensor().set_names({"logit"})
+        return ov.Model([z.output(0)], [x], "conv_logit")
+    p = ops.sigmoid(z)
+    p.output(0).get_tensor().set_names({"prob"})
+    return ov.Model([p.output(0)], [x], "conv_map")

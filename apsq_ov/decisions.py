@@ -1,0 +1,100 @@
+"""How a model's first output reads as decisions: per-position class scores, the classes on the last axis.
+
+Where it sits in the data flow: between every run of the model and what judges it — calibration's drops
+(the levels' top-1 disagreement with FP32), the router's labels and its in-graph margin, the bench's
+agreement. A classifier ``(N, C)`` or a CTC sequence ``(N, T, C)`` already has its classes last; a
+segmentation or detection map ``(N, C, H, W)`` has them on axis 1 (``apsq-ov calibrate --class-axis 1``);
+a one-class axis (a sigmoid map, a single logit per anchor) holds a binary decision, read as the two
+classes ``(1 − p, p)`` — without that, its top-1 over one class never differs and every drop reads 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+
+from apsq_ov.errors import ConfigError
+
+BINARY = ("probability", "logit")
+"""How a one-class axis holds its decision: a probability (class 1 where p > 0.5) or a logit (z > 0)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where the classes of the first output are (``class_axis``) and, for a one-class axis, how it holds
+    the binary decision (``binary``: one of :data:`BINARY`; None for two or more classes)."""
+
+    class_axis: int = -1
+    binary: str | None = None
+
+    @property
+    def identity(self) -> bool:
+        """The output already is per-position class scores, classes last."""
+        return self.class_axis == -1 and self.binary is None
+
+    def scores(self, y: Any) -> np.ndarray:
+        """``y`` (one output, batch axis first) as class scores with the classes on the last axis."""
+        y = np.asarray(y)
+        if self.identity:
+            return y
+        if self.class_axis not in (-1, y.ndim - 1):
+            y = np.moveaxis(y, self.class_axis, -1)
+        if self.binary is None:
+            return y
+        p = y.astype(np.float64)
+        if self.binary == "logit":
+            p = 0.5 * (1.0 + np.tanh(0.5 * p))  # the logistic function without overflow
+        return np.concatenate([1.0 - p, p], axis=-1)
+
+    def graph_scores(self, y: ov.Output) -> ov.Output:
+        """:meth:`scores` as graph ops (for the router's in-graph margin)."""
+        if self.identity:
+            return y
+        rank = len(y.get_partial_shape())
+        axis = self.class_axis % rank
+        if axis != rank - 1:
+            order = [a for a in range(rank) if a != axis] + [axis]
+            y = ops.transpose(y, ops.constant(np.array(order, np.int64))).output(0)
+        if self.binary is None:
+            return y
+        if y.get_element_type() != ov.Type.f32:
+            y = ops.convert(y, "f32").output(0)
+        p = ops.sigmoid(y).output(0) if self.binary == "logit" else y
+        return ops.concat([ops.subtract(ops.constant(np.float32(1.0)), p).output(0), p], rank - 1).output(0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"class_axis": self.class_axis, "binary": self.binary}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Decision:
+        if d is None:
+            return cls()
+        return cls(int(d["class_axis"]), None if d.get("binary") is None else str(d["binary"]))
+
+
+CLASSES_LAST = Decision()
+"""The default: the output's last axis holds two or more classes (a classifier, a CTC sequence)."""
+
+
+def decide(outputs: list[np.ndarray], class_axis: int | None, name: str = "output 0") -> Decision:
+    """The :class:`Decision` for a model whose first output gave ``outputs`` (FP32, calibration samples):
+    classes on ``class_axis`` (default: last); a one-class axis is a probability if every value lies in
+    [0, 1], else a logit.
+
+    :raises ConfigError: for a ``class_axis`` the output does not have (naming the output and its shape).
+    """
+    first = np.asarray(outputs[0])
+    axis = -1 if class_axis is None else int(class_axis)
+    if not -first.ndim <= axis < first.ndim or axis in (0, -first.ndim):
+        raise ConfigError(f"--class-axis {axis}: {name} has shape {tuple(first.shape)}; use an axis in "
+                          f"1..{first.ndim - 1} (0 is the batch) or -1 (the last)")  # fmt: skip
+    if axis == first.ndim - 1:
+        axis = -1
+    if first.shape[axis] != 1:
+        return Decision(axis)
+    in_unit = all(float(np.min(o)) >= 0.0 and float(np.max(o)) <= 1.0 for o in outputs)
+    return Decision(axis, "probability" if in_unit else "logit")

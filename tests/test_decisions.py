@@ -1,0 +1,106 @@
+"""How the first output reads as decisions (``apsq_ov.decisions``): classes on another axis, one-class maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+import pytest
+from openvino import opset13 as ops
+
+import apsq_ov
+from apsq_ov.calibrate import CalibrationConfig, calibrate
+from apsq_ov.decisions import Decision, decide
+from apsq_ov.errors import ConfigError
+from tests.models import conv_chain_data, conv_map, save
+
+
+@pytest.mark.parametrize(("decision", "shape"), [
+    (Decision(1), [2, 5, 3, 4]), (Decision(1, "probability"), [2, 1, 3, 4]), (Decision(-1, "logit"), [2, 3, 6, 1]),
+    (Decision(2), [2, 3, 5, 4]),
+])  # fmt: skip
+def test_graph_scores_are_the_numpy_scores(decision, shape):
+    """The router's in-graph margin reads the output as calibration's numpy code does (same class order)."""
+    rng = np.random.default_rng(0)
+    y = rng.uniform(0.0, 1.0, shape).astype(np.float32) if decision.binary == "probability" else \
+        rng.standard_normal(shape).astype(np.float32)  # fmt: skip
+    p = ops.parameter(shape, np.float32)
+    model = ov.Model([ops.result(decision.graph_scores(p.output(0)))], [p])
+    got = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(y)[0]
+    want = decision.scores(y)
+    assert got.shape == want.shape and want.shape[-1] == (2 if decision.binary else shape[decision.class_axis])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if decision.binary:  # class 1 exactly where the decision is positive
+        positive = y > (0.5 if decision.binary == "probability" else 0.0)
+        assert np.array_equal(want.argmax(-1), np.moveaxis(positive, decision.class_axis, -1)[..., 0])
+
+
+def test_decide_reads_the_axis_and_the_kind_of_binary_output():
+    maps = [np.random.default_rng(k).uniform(0, 1, (1, 1, 8, 8)) for k in range(3)]
+    assert decide(maps, 1) == Decision(1, "probability")
+    assert decide([m * 6 - 3 for m in maps], 1) == Decision(1, "logit")  # values outside [0, 1]: logits
+    assert decide(maps, None) == Decision(-1)  # the last axis (8 classes) unless told
+    assert decide(maps, 3) == Decision(-1)
+    assert decide([np.zeros((1, 10))], None) == Decision() and Decision().identity
+    for bad in (0, 4, -5):
+        with pytest.raises(ConfigError, match=rf"--class-axis {bad}: output 0 has shape \(1, 1, 8, 8\)"):
+            decide(maps, bad)
+
+
+def test_a_single_logit_output_is_judged_as_a_binary_decision(tmp_path):
+    """A binary classifier's ``(N, 1)`` logit: its top-1 over one class never differs, so every drop read 0
+    and the dial put every op in INT8 at every budget. Read as the decision logit > 0, INT8 flips some."""
+    model = save(conv_map(logit=True), tmp_path / "logit.xml")
+    np.savez(tmp_path / "calib.npz", x=conv_chain_data(128))
+    config = CalibrationConfig(subset_size=32, drop_samples=64, sensitivity_samples=8, levels=(0.0, 1.0))
+    pkg = calibrate(model, tmp_path / "calib.npz", tmp_path / "pkg", config)
+    m = pkg.manifest
+    assert m.decision == Decision(-1, "logit")
+    assert apsq_ov.Package.load(pkg.path).manifest.decision == m.decision  # written and read back
+    fastest = m.levels[-1]
+    assert any(c.fast is not apsq_ov.Precision.FP32 for c in fastest.choices.values())
+    assert fastest.measured_drop is not None and fastest.measured_drop > 0
+
+
+def test_a_probability_map_with_classes_on_axis_1(tmp_path):
+    """An ``(N, 1, H, W)`` sigmoid map with ``class_axis=1``: each pixel a binary decision; the drops count
+    flipped pixels, and the package (router included, where calibration fits one) serves the map."""
+    model = save(conv_map(), tmp_path / "map.xml")
+    x = conv_chain_data(64)
+    np.savez(tmp_path / "calib.npz", x=x)
+    pkg = calibrate(model, tmp_path / "calib.npz", tmp_path / "pkg",
+                    CalibrationConfig(subset_size=32, drop_samples=32, sensitivity_samples=8, levels=(0.0, 1.0),
+                                      class_axis=1))  # fmt: skip
+    m = pkg.manifest
+    assert m.decision == Decision(1, "probability")
+    assert 0 < m.levels[-1].measured_drop < 0.5  # a fraction of the 256 pixels' decisions
+    compiled = apsq_ov.compile_model(pkg.path)
+    ref = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    policies = [{"max_drop": 0.0}, {"max_drop": 1.0}] + ([{"max_drop": 1.0, "policy": "cascade"}] if m.router else [])
+    for policy in policies:
+        got = compiled(x[:1], **policy)["prob"]
+        assert got.shape == (1, 1, 16, 16)
+        if policy == {"max_drop": 0.0}:
+            np.testing.assert_allclose(got, ref(x[:1])[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="--class-axis 0"):
+        calibrate(model, tmp_path / "calib.npz", tmp_path / "bad", CalibrationConfig(class_axis=0))
+
+
+def test_calibrate_cli_takes_the_class_axis_and_says_what_a_drop_counts(tmp_path):
+    from typer.testing import CliRunner
+
+    from apsq_ov.cli import app
+    from tests.test_cli import one_line_error
+
+    model = save(conv_map(), tmp_path / "map.xml")
+    np.savez(tmp_path / "calib.npz", x=conv_chain_data(64))
+    args = ["calibrate", model, "--data", str(tmp_path / "calib.npz"), "--subset-size", "32", "--drop-samples", "32",
+            "--sensitivity-samples", "8", "--levels", "0,1", "--no-router"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a"), "--class-axis", "1"])
+    assert result.exit_code == 0, result.output
+    assert "drops compare the binary decision prob > 0.5 (axis 1 holds one class)" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "drops compare the top-1 over the last axis of prob" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "c"), "--class-axis", "7"])
+    assert "--class-axis 7: output prob has shape (1, 1, 16, 16)" in one_line_error(result)  # exit 1, one line
+    assert not (tmp_path / "c").exists()
