@@ -444,8 +444,9 @@ def _infer_summary(compiled, outputs, route, lat, labels, nonfinite) -> dict[str
         "nonfinite_inputs": int(np.sum(nonfinite)),
         "nonfinite_indices": [int(i) for i in np.flatnonzero(nonfinite)[:1000]],
     }
-    if labels is not None and first.ndim == 2 and len(labels) == len(first):
-        summary["accuracy"] = float(np.mean(first.argmax(axis=1) == labels))
+    scores = compiled.manifest.decision.scores(first)  # a one-logit classifier: the decision logit > 0
+    if labels is not None and scores.ndim == 2 and len(labels) == len(first):
+        summary["accuracy"] = float(np.mean(scores.argmax(axis=1) == labels))
     patterns = collections.Counter(tuple(int(c) for c in r) for r in route)
     names = {p.code: p.value for p in Precision}
     summary["route_patterns"] = [

@@ -136,7 +136,7 @@ class AdaptiveCompiledModel:
         self.standalone = dict(standalone or {})
         self.standalone_routes = {k: np.asarray(r, np.int8).reshape(-1) for k, r in (standalone_routes or {}).items()}
         """standalone body index → its route, for bodies compiled without the route output (a constant:
-        :func:`drop_constant_route`)"""
+        :func:`constant_route`)"""
         self.escalation = escalation
         checked = list(self.standalone.items()) + ([("precise", escalation.precise)] if escalation else [])
         for level, body in checked:

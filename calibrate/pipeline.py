@@ -754,16 +754,16 @@ class Reference:
                    task_value)  # fmt: skip
 
 
-def _decision(fp32_model: ov.Model, data: list[list[np.ndarray]], class_axis: int | None) -> Decision:
-    """How the first output reads as class scores (:func:`apsq_ov.decisions.decide`); the FP32 model runs
-    on ``data`` only for a one-class axis (probability or logit?)."""
-    out = fp32_model.outputs[0]
+def _decision(model: ov.Model, data: list[list[np.ndarray]], class_axis: int | None) -> Decision:
+    """How the FP32 ``model``'s first output reads as class scores (:func:`apsq_ov.decisions.decide`); it
+    runs on ``data`` only for a one-class axis (probability or logit?)."""
+    out = model.outputs[0]
     name = f"output {out.get_any_name()}" if out.get_names() else "output 0"
     shape = [d.get_length() if d.is_static else 2 for d in out.get_partial_shape()]
     decision = decide([np.zeros(shape, np.float32)], class_axis, name)  # checks the axis
     if decision.binary is None:
         return decision
-    compiled = ov.Core().compile_model(fp32_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return decide([np.asarray(compiled(x)[0]) for x in data], class_axis, name)
 
 

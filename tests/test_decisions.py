@@ -59,6 +59,20 @@ def test_a_single_logit_output_is_judged_as_a_binary_decision(tmp_path):
     fastest = m.levels[-1]
     assert any(c.fast is not apsq_ov.Precision.FP32 for c in fastest.choices.values())
     assert fastest.measured_drop is not None and fastest.measured_drop > 0
+    # `infer` scores a one-logit classifier by its decision: labels = FP32's decisions, the FP32 level reads 100%
+    import json
+
+    from typer.testing import CliRunner
+
+    from apsq_ov.cli import app
+
+    x = conv_chain_data(40, seed=9)
+    fp32 = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    np.savez(tmp_path / "test.npz", x=x, labels=(fp32(x)[0][:, 0] > 0).astype(np.int64))
+    result = CliRunner().invoke(app, ["infer", str(pkg.path), "--input", str(tmp_path / "test.npz"), "--max-drop", "0",
+                                      "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == 1.0
 
 
 def test_a_probability_map_with_classes_on_axis_1(tmp_path):
