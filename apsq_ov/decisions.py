@@ -88,10 +88,15 @@ def decide(outputs: list[np.ndarray], class_axis: int | None, name: str = "outpu
     :raises ConfigError: for a ``class_axis`` the output does not have (naming the output and its shape).
     """
     first = np.asarray(outputs[0])
-    axis = -1 if class_axis is None else int(class_axis)
-    if not -first.ndim <= axis < first.ndim or axis in (0, -first.ndim):
-        raise ConfigError(f"--class-axis {axis}: {name} has shape {tuple(first.shape)}; use an axis in "
-                          f"1..{first.ndim - 1} (0 is the batch) or -1 (the last)")  # fmt: skip
+    if first.ndim == 0:  # a scalar output: nothing to take a top-1 over
+        return CLASSES_LAST
+    if class_axis is None:
+        axis = -1
+    else:
+        axis = int(class_axis)
+        if not -first.ndim <= axis < first.ndim or (first.ndim > 1 and axis in (0, -first.ndim)):
+            raise ConfigError(f"--class-axis {axis}: {name} has shape {tuple(first.shape)}; use an axis in "
+                              f"1..{first.ndim - 1} (0 is the batch) or -1 (the last)")  # fmt: skip
     if axis == first.ndim - 1:
         axis = -1
     if first.shape[axis] != 1:

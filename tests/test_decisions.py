@@ -41,6 +41,7 @@ def test_decide_reads_the_axis_and_the_kind_of_binary_output():
     assert decide(maps, None) == Decision(-1)  # the last axis (8 classes) unless told
     assert decide(maps, 3) == Decision(-1)
     assert decide([np.zeros((1, 10))], None) == Decision() and Decision().identity
+    assert decide([np.zeros(10)], None) == Decision() and decide([np.zeros(())], None) == Decision()  # no batch axis
     for bad in (0, 4, -5):
         with pytest.raises(ConfigError, match=rf"--class-axis {bad}: output 0 has shape \(1, 1, 8, 8\)"):
             decide(maps, bad)
