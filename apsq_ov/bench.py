@@ -95,7 +95,7 @@ def package_methods(
     """The methods a package runs: its FP32 level (f32 hint, and bf16 hint as the BF16 baseline), every
     static level, the cascade at every budget that escalates some inputs, and forced precisions (each
     on ``compiles`` compiled copies of the package)."""
-    from apsq_ov.runtime import compile_model, constant_route, drop_route_output, standalone_bodies
+    from apsq_ov.runtime import compile_model, split_constant_route, standalone_bodies
 
     m = pkg.manifest
     core = ov.Core()
@@ -117,8 +117,8 @@ def package_methods(
     if bf16_reference:
         ir = pkg.read_model(core)
         fp32_level = standalone_bodies(ir, m, {0}).get(0)
-        if fp32_level is not None and constant_route(fp32_level) is not None:  # as compile_model runs it
-            fp32_level = drop_route_output(fp32_level)
+        if fp32_level is not None:  # as compile_model runs it
+            fp32_level = split_constant_route(fp32_level)[0]
         out.append(plain_method("package FP32 level, bf16 hint", "baseline", ir if fp32_level is None else fp32_level,
                                 "bf16", compiles, core, {LEVEL_STATE: np.array(0, np.int32)} if fp32_level is None
                                 else {}))  # fmt: skip

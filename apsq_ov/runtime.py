@@ -15,7 +15,7 @@ runs it there, its state (τ) in that request's own ReadValue variables. Which b
 comes back from the graph itself (the ``apsq_route`` output), because the in-graph range check can
 override the requested mode per input; a standalone body whose route is a constant (a level without
 per-input routed ops) is compiled without that output and the runtime hands the constant out
-(:func:`constant_route`: the output cost 4% of a 0.13 ms inference on this CPU).
+(:func:`split_constant_route`: the output cost 4% of a 0.13 ms inference on this CPU).
 
 :func:`compile_model` can also split the escalation cascade in two (``escalation_batch=N``,
 :func:`escalation_graphs`): the fast route with the router's decision as an extra output, and the
@@ -136,7 +136,7 @@ class AdaptiveCompiledModel:
         self.standalone = dict(standalone or {})
         self.standalone_routes = {k: np.asarray(r, np.int8).reshape(-1) for k, r in (standalone_routes or {}).items()}
         """standalone body index → its route, for bodies compiled without the route output (a constant:
-        :func:`constant_route`)"""
+        :func:`split_constant_route`)"""
         self.escalation = escalation
         checked = list(self.standalone.items()) + ([("precise", escalation.precise)] if escalation else [])
         for level, body in checked:
@@ -841,10 +841,10 @@ def compile_adaptive(
             wanted = {choose_body(manifest, budget, standalone.get("policy", "auto")).level}
     bodies = standalone_bodies(model, manifest, wanted) if wanted else {}
     routes: dict[int, np.ndarray] = {}
-    for k, body in bodies.items():
-        route = constant_route(body)
+    for k, body in list(bodies.items()):
+        bodies[k], route = split_constant_route(body)
         if route is not None:
-            bodies[k], routes[k] = drop_route_output(body), route
+            routes[k] = route
     try:
         compiled = core.compile_model(model, device_name, props)
         separate = {k: core.compile_model(b, device_name, props) for k, b in sorted(bodies.items())}
@@ -859,15 +859,20 @@ def compile_adaptive(
                                  standalone_routes=routes)  # fmt: skip
 
 
-def constant_route(body: ov.Model) -> np.ndarray | None:
-    """The route of a standalone body whose route output is a constant (a level without per-input routed
-    ops), else None. Such a body is compiled without that output (:func:`drop_route_output`) and the
-    runtime hands the constant out: on this CPU a constant Result cost 4% of Fashion-MNIST's 0.13 ms INT8
-    inference (measured: NNCF INT8 with a constant 10-element output 1.041x, apsq's all-INT8 level 1.043x)."""
+def split_constant_route(body: ov.Model) -> tuple[ov.Model, np.ndarray | None]:
+    """A standalone body whose route output is a constant (a level without per-input routed ops), without
+    that output, and the constant; any other body as it is, and None. The runtime hands such a body's
+    route out itself: on this CPU a constant Result cost 4% of Fashion-MNIST's 0.13 ms INT8 inference
+    (measured: NNCF INT8 with a constant 10-element output 1.041x, apsq's all-INT8 level 1.043x)."""
     results = body.get_results()
     if not results or ROUTE_OUTPUT not in results[-1].output(0).get_names():
-        return None
-    return _constant_codes(results[-1].input_value(0))
+        return body, None
+    route = _constant_codes(results[-1].input_value(0))
+    if route is None:
+        return body, None
+    out = ov.Model(results[:-1], body.get_sinks(), body.get_parameters(), body.get_friendly_name())
+    out.validate_nodes_and_infer_types()
+    return out, route
 
 
 def _constant_codes(out: ov.Output) -> np.ndarray | None:
@@ -883,14 +888,6 @@ def _constant_codes(out: ov.Output) -> np.ndarray | None:
         parts = [_constant_codes(node.input_value(i)) for i in range(node.get_input_size())]
         return None if any(p is None for p in parts) else np.concatenate(parts)  # type: ignore[arg-type]
     return None
-
-
-def drop_route_output(body: ov.Model) -> ov.Model:
-    """``body`` without its last (route) output."""
-    results = body.get_results()
-    out = ov.Model(results[:-1], body.get_sinks(), body.get_parameters(), body.get_friendly_name())
-    out.validate_nodes_and_infer_types()
-    return out
 
 
 _BODY_MARK = "/route"  # a body's route Result is named "<body name>/route" (body names are not serialized)
