@@ -160,8 +160,9 @@ def adaptive_rows(pkg: Package, rows: list[dict[str, Any]]) -> list[dict[str, An
 
 
 def measure(methods: Sequence[Method], x: np.ndarray, *, block: int = 25, progress: Any = None,
-            desc: str = "measure") -> None:  # fmt: skip
-    """Every input through every method, block by block (see the module docstring)."""
+            desc: str = "measure", output: int = 0) -> None:  # fmt: skip
+    """Every input through every method, block by block (see the module docstring); each keeps its
+    output ``output`` (the one calibration judged: every method has the source model's outputs in order)."""
     clock = time.perf_counter
     for meth in methods:
         for req in [meth.request, *meth.spares]:
@@ -180,7 +181,7 @@ def measure(methods: Sequence[Method], x: np.ndarray, *, block: int = 25, progre
                 t0 = clock()
                 res = req.infer([x[i : i + 1]])
                 meth.ms.append((clock() - t0) * 1e3)
-                meth.outputs.append(np.array(res[0]))
+                meth.outputs.append(np.array(res[output]))
                 meth.index.append(i)
                 if len(res) > 1:  # every package row keeps its route the same way (copies: cheap, even)
                     meth.routes.append(np.array(res[len(res) - 1]))
@@ -375,7 +376,8 @@ def run_suite(
             methods = [plain_method(n, f, m, h, compiles, core) for n, f, m, h in plain]
             forced = forced_shifts is None or s in forced_shifts
             methods += package_methods(pkg, bf16_reference=model is None, forced=forced, compiles=compiles)
-            measure(methods, xs, progress=bar, desc=f"{model_name} · {s} · {len(methods)} methods")
+            measure(methods, xs, progress=bar, desc=f"{model_name} · {s} · {len(methods)} methods",
+                    output=pkg.manifest.decision.output)
             if not pkg.manifest.decision.identity:  # every output as the class scores calibration judged
                 for meth in methods:
                     meth.outputs = [pkg.manifest.decision.scores(o) for o in meth.outputs]

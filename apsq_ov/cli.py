@@ -190,10 +190,16 @@ def calibrate(
     ] = "full",
     class_axis: Annotated[
         int | None,
-        typer.Option(help="Axis of the first output that holds the classes, whose top-1 every drop compares "
+        typer.Option(help="Axis of the judged output that holds the classes, whose top-1 every drop compares "
                      "(default: the last, as in a classifier or a CTC sequence). E.g. 1 for an (N, C, H, W) "
                      "segmentation or detection map; a one-class axis is read as a binary decision "
                      "(probability > 0.5, or logit > 0)."),  # fmt: skip
+    ] = None,
+    judged_output: Annotated[
+        str | None,
+        typer.Option(help="The output every drop, the router and the scores judge: a tensor name or an index "
+                     "(default: the first). Give a detector's class scores, not its box regressions: a top-1 "
+                     "over box coordinates means nothing."),  # fmt: skip
     ] = None,
 ) -> None:
     """Score, build and package an adaptive model: MODEL + --data -> OUT_DIR (model.xml/.bin + apsq.json).
@@ -224,6 +230,7 @@ def calibrate(
         router_hold=router_hold,
         bias_correction=bias_correction,
         class_axis=class_axis,
+        judged_output=judged_output,
     )
     target = out_dir or model.with_suffix(".apsq")
     t0 = time.perf_counter()
@@ -238,14 +245,15 @@ def calibrate(
         table.add_row(escape(op.name), op.type, f"{op.score:.2e}", *drops)
     out.print(table)
     out.print(f"{len(m.ops)} routable ops, default max-drop {m.default_max_drop}, {time.perf_counter() - t0:.1f} s")
-    out.print(f"drops compare {_decision_text(m)} with FP32's (--class-axis)")
+    out.print(f"drops compare {_decision_text(m)} with FP32's (--judged-output, --class-axis)")
     out.print(_levels_table(m))
     _print_router(m)
 
 
 def _decision_text(m: Manifest) -> str:
     """What a drop counts: top-1 flips over which axis of which output (or binary decisions)."""
-    d, name = m.decision, escape(m.outputs[0]) if m.outputs else "output 0"
+    d = m.decision
+    name = escape(m.outputs[d.output]) if d.output < len(m.outputs) else f"output {d.output}"
     axis = "the last axis" if d.class_axis == -1 else f"axis {d.class_axis}"
     if d.binary is None:
         return f"the top-1 over {axis} of {name}"
@@ -436,7 +444,8 @@ def _body_name(m: Manifest, level: int) -> str:
 
 
 def _infer_summary(compiled, outputs, route, lat, labels, nonfinite) -> dict[str, Any]:
-    first = next(iter(outputs.values()))
+    decision = compiled.manifest.decision
+    first = decision.pick(list(outputs.values()))  # the output calibration judged
     summary: dict[str, Any] = {
         "samples": int(route.shape[0]),
         "median_latency_ms": float(np.median(lat)),
@@ -444,7 +453,7 @@ def _infer_summary(compiled, outputs, route, lat, labels, nonfinite) -> dict[str
         "nonfinite_inputs": int(np.sum(nonfinite)),
         "nonfinite_indices": [int(i) for i in np.flatnonzero(nonfinite)[:1000]],
     }
-    scores = compiled.manifest.decision.scores(first)  # a one-logit classifier: the decision logit > 0
+    scores = decision.scores(first)  # a one-logit classifier: the decision logit > 0
     if labels is not None and scores.ndim == 2 and len(labels) == len(first):
         summary["accuracy"] = float(np.mean(scores.argmax(axis=1) == labels))
     patterns = collections.Counter(tuple(int(c) for c in r) for r in route)

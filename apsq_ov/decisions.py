@@ -1,8 +1,10 @@
-"""How a model's first output reads as decisions: per-position class scores, the classes on the last axis.
+"""How a model's judged output reads as decisions: per-position class scores, the classes on the last axis.
 
 Where it sits in the data flow: between every run of the model and what judges it — calibration's drops
 (the levels' top-1 disagreement with FP32), the router's labels and its in-graph margin, the bench's
-agreement. A classifier ``(N, C)`` or a CTC sequence ``(N, T, C)`` already has its classes last; a
+agreement. The judged output is the first unless calibration is told another (``apsq-ov calibrate
+--judged-output NAME``: a detector's class scores, not its box regressions, whose top-1 over four
+coordinates means nothing). A classifier ``(N, C)`` or a CTC sequence ``(N, T, C)`` already has its classes last; a
 segmentation or detection map ``(N, C, H, W)`` has them on axis 1 (``apsq-ov calibrate --class-axis 1``);
 a one-class axis (a sigmoid map, a single logit per anchor) holds a binary decision, read as the two
 classes ``(1 − p, p)`` — without that, its top-1 over one class never differs and every drop reads 0.
@@ -25,11 +27,13 @@ BINARY = ("probability", "logit")
 
 @dataclass(frozen=True)
 class Decision:
-    """Where the classes of the first output are (``class_axis``) and, for a one-class axis, how it holds
-    the binary decision (``binary``: one of :data:`BINARY`; None for two or more classes)."""
+    """Which output is judged (``output``, its index among the model's outputs), where its classes are
+    (``class_axis``) and, for a one-class axis, how it holds the binary decision (``binary``: one of
+    :data:`BINARY`; None for two or more classes)."""
 
     class_axis: int = -1
     binary: str | None = None
+    output: int = 0
 
     @property
     def identity(self) -> bool:
@@ -66,22 +70,26 @@ class Decision:
         p = ops.sigmoid(y).output(0) if self.binary == "logit" else y
         return ops.concat([ops.subtract(ops.constant(np.float32(1.0)), p).output(0), p], rank - 1).output(0)
 
+    def pick(self, results: Any) -> Any:
+        """The judged output of one run's ``results`` (anything indexed by output position)."""
+        return results[self.output]
+
     def to_json(self) -> dict[str, Any]:
-        return {"class_axis": self.class_axis, "binary": self.binary}
+        return {"class_axis": self.class_axis, "binary": self.binary, "output": self.output}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> Decision:
         if d is None:
             return cls()
-        return cls(int(d["class_axis"]), None if d.get("binary") is None else str(d["binary"]))
+        return cls(int(d["class_axis"]), None if d.get("binary") is None else str(d["binary"]), int(d.get("output", 0)))
 
 
 CLASSES_LAST = Decision()
 """The default: the output's last axis holds two or more classes (a classifier, a CTC sequence)."""
 
 
-def decide(outputs: list[np.ndarray], class_axis: int | None, name: str = "output 0") -> Decision:
-    """The :class:`Decision` for a model whose first output gave ``outputs`` (FP32, calibration samples):
+def decide(outputs: list[np.ndarray], class_axis: int | None, name: str = "output 0", index: int = 0) -> Decision:
+    """The :class:`Decision` for a model whose output ``index`` gave ``outputs`` (FP32, calibration samples):
     classes on ``class_axis`` (default: last); a one-class axis is a probability if every value lies in
     [0, 1], else a logit.
 
@@ -89,7 +97,7 @@ def decide(outputs: list[np.ndarray], class_axis: int | None, name: str = "outpu
     """
     first = np.asarray(outputs[0])
     if first.ndim == 0:  # a scalar output: nothing to take a top-1 over
-        return CLASSES_LAST
+        return Decision(output=index)
     if class_axis is None:
         axis = -1
     else:
@@ -100,6 +108,23 @@ def decide(outputs: list[np.ndarray], class_axis: int | None, name: str = "outpu
     if axis == first.ndim - 1:
         axis = -1
     if first.shape[axis] != 1:
-        return Decision(axis)
+        return Decision(axis, output=index)
     in_unit = all(float(np.min(o)) >= 0.0 and float(np.max(o)) <= 1.0 for o in outputs)
-    return Decision(axis, "probability" if in_unit else "logit")
+    return Decision(axis, "probability" if in_unit else "logit", index)
+
+
+def output_index(names: list[set[str]], judged: str | None) -> int:
+    """The index of the output ``judged`` names (one of its tensor names, or its index) among outputs with
+    ``names``; 0 for None.
+
+    :raises ConfigError: naming the outputs there are, for a name or index none of them has.
+    """
+    if judged is None:
+        return 0
+    for k, found in enumerate(names):
+        if judged in found:
+            return k
+    if judged.lstrip("-").isdigit() and 0 <= int(judged) < len(names):
+        return int(judged)
+    there = ", ".join(f"{k}: {'/'.join(sorted(n)) or '(unnamed)'}" for k, n in enumerate(names))
+    raise ConfigError(f"--judged-output {judged}: the model has no such output (outputs {there})")

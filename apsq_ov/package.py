@@ -199,7 +199,7 @@ class Feature(str, Enum):
     """
 
     MARGIN = "margin"
-    """top-1 minus top-2 probability of the fast route's first output (min over positions): how close
+    """top-1 minus top-2 probability of the fast route's judged output (min over positions): how close
     the answer is to flipping. Probabilities are the output itself when it already sums to 1, else softmax."""
     AMAX_RATIO = "amax_ratio"
     """max |x| / max(|lo|, |hi|): > 1 means INT8 clips this input."""
@@ -352,7 +352,7 @@ class Manifest:
     router_note: str = ""
     """why there is no router, when there is none"""
     decision: Decision = field(default_factory=Decision)
-    """how the first output reads as per-position class scores (every drop, the router, the bench)"""
+    """which output is judged and how it reads as per-position class scores (every drop, the router, the bench)"""
     files: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 

@@ -32,7 +32,7 @@ import openvino as ov
 from openvino import opset13 as ops
 
 from apsq_ov.datasets import ctc_error_rate
-from apsq_ov.decisions import Decision, decide
+from apsq_ov.decisions import Decision, decide, output_index
 from apsq_ov.errors import CalibrationError, ConfigError, ModelError, UnsupportedPrecisionError
 from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, static_shapes
 from apsq_ov.package import (
@@ -74,7 +74,7 @@ Progress = Callable[[str, int, int], None]
 
 MACS_PER_PASS = 32.0
 """The router's in-graph cost model: one element pass of a reduction ≈ this many MACs of the route."""
-DROP_METRIC = "1 - top-1 agreement with FP32 (argmax over the last axis of the first output), held-out split"
+DROP_METRIC = "1 - top-1 agreement with FP32 (argmax over the judged output's class axis: 'decision'), held-out split"
 _BUILDABLE = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8, Precision.INT4)
 
 
@@ -102,9 +102,11 @@ class CalibrationConfig:
         ``router_shifts``: a lower τ, more escalation on clean data, the budget kept under those shifts).
     :param bias_correction: NNCF's bias correction for the INT8 variants: ``full`` (``fast_bias_correction=False``:
         slower calibration, a closer INT8 route) or ``fast`` (NNCF's default).
-    :param class_axis: the axis of the first output that holds the classes (``None``: the last), e.g. 1 for
-        an ``(N, C, H, W)`` segmentation or detection map; a one-class axis is a binary decision
+    :param class_axis: the axis of the judged output that holds the classes (``None``: the last), e.g. 1
+        for an ``(N, C, H, W)`` segmentation or detection map; a one-class axis is a binary decision
         (:mod:`apsq_ov.decisions`).
+    :param judged_output: the output every drop, the router and the scores judge: one of its tensor names,
+        or its index (``None``: the first) — a detector's class scores rather than its box regressions.
     """
 
     device: str = "CPU"
@@ -125,6 +127,7 @@ class CalibrationConfig:
     router_hold: str = "clean"
     bias_correction: str = "full"
     class_axis: int | None = None
+    judged_output: str | None = None
 
     def __post_init__(self) -> None:
         check_max_drop(self.max_drop)
@@ -237,7 +240,8 @@ def calibrate_model(
     def batches(idx: np.ndarray) -> list[list[np.ndarray]]:
         return [samples.sample(int(i), batch) for i in idx]
 
-    decision = _decision(model, batches(order[: min(len(order), 16)]), config.class_axis)  # before NNCF: fail fast
+    decision = _decision(model, batches(order[: min(len(order), 16)]), config.class_axis,
+                         config.judged_output)  # before NNCF: fail fast  # fmt: skip
     q_model = None
     settings = calibration_quantize_settings(config, profile)
     if Precision.INT8 in precisions:
@@ -339,6 +343,7 @@ def calibrate_model(
         progress=(lambda d, t: progress("sensitivity", d, t)) if progress else None,
         seed=config.seed,
         isolated=isolated_on_scoring_split,
+        output=decision.output,
     )
     for rec in routed:
         s = report.ops[rec.name]
@@ -754,17 +759,21 @@ class Reference:
                    task_value)  # fmt: skip
 
 
-def _decision(model: ov.Model, data: list[list[np.ndarray]], class_axis: int | None) -> Decision:
-    """How the FP32 ``model``'s first output reads as class scores (:func:`apsq_ov.decisions.decide`); it
-    runs on ``data`` only for a one-class axis (probability or logit?)."""
-    out = model.outputs[0]
-    name = f"output {out.get_any_name()}" if out.get_names() else "output 0"
+def _decision(
+    model: ov.Model, data: list[list[np.ndarray]], class_axis: int | None, judged: str | None = None
+) -> Decision:
+    """Which output of the FP32 ``model`` is judged (``judged``: a name or index; None: the first) and how it
+    reads as class scores (:func:`apsq_ov.decisions.decide`); it runs on ``data`` only for a one-class axis
+    (probability or logit?)."""
+    k = output_index([set(o.get_names()) for o in model.outputs], judged)
+    out = model.outputs[k]
+    name = f"output {out.get_any_name()}" if out.get_names() else f"output {k}"
     shape = [d.get_length() if d.is_static else 2 for d in out.get_partial_shape()]
-    decision = decide([np.zeros(shape, np.float32)], class_axis, name)  # checks the axis
+    decision = decide([np.zeros(shape, np.float32)], class_axis, name, k)  # checks the axis
     if decision.binary is None:
         return decision
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return decide([np.asarray(compiled(x)[0]) for x in data], class_axis, name)
+    return decide([np.asarray(compiled(x)[k]) for x in data], class_axis, name, k)
 
 
 def _is_ctc(outputs: list[np.ndarray], labels: list[np.ndarray]) -> bool:
@@ -772,7 +781,7 @@ def _is_ctc(outputs: list[np.ndarray], labels: list[np.ndarray]) -> bool:
 
 
 def quality_loss(outputs: list[np.ndarray], reference: Reference) -> dict:
-    """Loss of ``outputs`` vs the FP32 ``reference`` (first model output, one array per sample).
+    """Loss of ``outputs`` vs the FP32 ``reference`` (the judged output, one array per sample).
 
     ``top1``: fraction of positions whose argmax (last axis) differs; ``kl``: mean KL(ref ‖ out) over
     positions; ``nmse``: ``Σ‖out − ref‖² / Σ‖ref‖²``. With labels, ``task``, the task metric's loss: for a
@@ -809,17 +818,18 @@ def top1_of(output: np.ndarray) -> np.ndarray:
 class PinnedRuns:
     """Run ``data`` through ``model`` with some ops pinned to a precision and every other op FP32, by
     writing request state only, on an :class:`AdaptiveAsyncInferQueue` of ``model``'s optimal number of
-    requests. Calling it returns the first output of each sample, in order."""
+    requests. Calling it returns the judged output of each sample (read as class scores), in order."""
 
     def __init__(self, model: AdaptiveCompiledModel, data: list[list[np.ndarray]]) -> None:
         self.data = data
         self._outputs: list[np.ndarray | None] = [None] * len(data)
         self._queue = AdaptiveAsyncInferQueue(model)
         self._queue.set_callback(self._keep)
-        self._scores = model.manifest.decision.scores
+        self._decision = model.manifest.decision
 
     def _keep(self, request: AdaptiveInferRequest, i: int) -> None:
-        self._outputs[i] = self._scores(request.get_result()[0])  # copied out of the request
+        d = self._decision
+        self._outputs[i] = d.scores(d.pick(request.get_result()))  # copied out of the request
 
     def __call__(self, pin: Mapping[str, Precision] | None) -> list[np.ndarray]:
         for i, x in enumerate(self.data):

@@ -131,7 +131,7 @@ def term_values(
     """The raw value of each ``(feature, op)`` as a scalar graph output.
 
     :param inputs: op name → the op's pre-quantization input in the body being built.
-    :param output: the body's first output (for the margin).
+    :param output: the body's judged output, read as class scores (for the margin).
     """
     values = []
     for feature, op in keys:
@@ -176,8 +176,8 @@ def probe_model(
     probabilities: bool, decision: Decision = CLASSES_LAST,
 ) -> ov.Model:
     """``body`` (a level body: outputs + route) with every candidate term's raw value appended as outputs
-    (the margin on the first output read as class scores, ``decision``)."""
-    output = decision.graph_scores(body.get_results()[0].input_value(0))
+    (the margin on the judged output read as class scores, ``decision``)."""
+    output = decision.graph_scores(decision.pick(body.get_results()).input_value(0))
     values = term_values(keys, inputs, output, router_ranges, probabilities)
     body.add_results([ops.result(v) for v in values])
     body.validate_nodes_and_infer_types()
@@ -452,18 +452,20 @@ def collect_fit_data(
     decision: Decision = CLASSES_LAST,
 ) -> tuple[FitData, bool]:
     """Run FP32 and the fast route (with every candidate feature as an extra output) on each
-    calibration sample and each shifted copy of it (first outputs read as class scores, ``decision``).
+    calibration sample and each shifted copy of it (judged outputs read as class scores, ``decision``).
 
     :param fast_body: the fast level body (its trailing parameters, if any, are scalar f32 state: fed 1.0).
     :param held_out: per sample of ``data``, whether it belongs to the held-out split.
-    :return: the rows, and whether the first output already holds probabilities.
+    :return: the rows, and whether the judged output already holds probabilities.
     """
     core = ov.Core()
     cfg = {"INFERENCE_PRECISION_HINT": "f32"}
     ref = core.compile_model(fp32_model, "CPU", cfg).create_infer_request()
     n_in = len(fp32_model.inputs)
-    scores = decision.scores
-    first = [np.asarray(scores(ref.infer(x)[0]), np.float64) for x in data[: min(len(data), 16)]]
+    def scores(res: Any) -> np.ndarray:
+        return decision.scores(decision.pick(res))
+
+    first = [np.asarray(scores(ref.infer(x)), np.float64) for x in data[: min(len(data), 16)]]
     probabilities = all(is_probabilities(o) for o in first)
     keys: list[tuple[Feature, str | None]] = [(Feature.MARGIN, None)]
     keys += [(f, op) for op in ranges for f in OP_FEATURES if op in feature_inputs]
@@ -482,9 +484,9 @@ def collect_fit_data(
                 shift_calibration(a, name, lo[i], hi[i], seed + 7919 * s + k) if a.dtype.kind == "f" else a
                 for i, a in enumerate(x)
             ]  # fmt: skip
-            y_ref = scores(ref.infer(xs)[0])
+            y_ref = scores(ref.infer(xs))
             out = fast.infer([*xs, *extra])
-            y_fast = scores(out[0])
+            y_fast = scores(out)
             raw.append([float(out[n_out + 1 + j]) for j in range(len(keys))])
             differs = y_ref.argmax(-1) != y_fast.argmax(-1)
             flip.append(bool(np.any(differs)))

@@ -205,11 +205,13 @@ def probe(
     config: dict,
     progress: Callable[[int, int], None] | None,
     seed: int,
+    output: int | None = None,
 ) -> ProbeStats:
     """Statistics pass + RDFD gradient magnitudes of every routable op of ``model`` (not modified).
 
     :param units: the routable ops of the calibrated model (with NNCF's INT8 parts), by name.
     :param variants: per op, the precisions whose local error to measure.
+    :param output: the model output the RDFD gradient is taken on (the judged one); None: all of them.
     """
     n = len(samples)
     total = n * (2 + len(units))
@@ -228,13 +230,14 @@ def probe(
             t.replace_source_output(perturbed.output(0))
         eps_params.append(eps)
     n_user = len(rdfd_model.outputs)
+    read = range(n_user) if output is None else [output]
     rdfd_model.add_parameters(eps_params)
     request = ov.Core().compile_model(rdfd_model, "CPU", config).create_infer_request()
     zeros = [np.zeros((), np.float32) for _ in found]
 
     def run(i: int, eps_values: list[np.ndarray]) -> np.ndarray:
         res = request.infer(samples.sample(i) + eps_values)
-        return np.concatenate([np.asarray(res[j]).ravel() for j in range(n_user)]).astype(np.float64)
+        return np.concatenate([np.asarray(res[j]).ravel() for j in read]).astype(np.float64)
 
     base_y = []
     for i in range(n):
@@ -294,8 +297,9 @@ def _qnoise_metric(
     progress: Callable[[int, int], None] | None,
     seed: int,
     isolated: Isolated | None = None,
+    output: int | None = None,
 ) -> SensitivityReport:
-    stats = probe(model, samples, units, {n: i.variants for n, i in infos.items()}, config, progress, seed)
+    stats = probe(model, samples, units, {n: i.variants for n, i in infos.items()}, config, progress, seed, output)
     scored = {}
     for name, info in infos.items():
         g = stats.gradient[name]
@@ -335,8 +339,9 @@ def _fd_gradient_metric(
     progress: Callable[[int, int], None] | None,
     seed: int,
     isolated: Isolated | None = None,
+    output: int | None = None,
 ) -> SensitivityReport:
-    stats = probe(model, samples, units, {n: () for n in infos}, config, progress, seed)
+    stats = probe(model, samples, units, {n: () for n in infos}, config, progress, seed, output)
     gmax = max(stats.gradient.values()) or 1.0
     n = max(len(infos) - 1, 1)
     scored = {}
@@ -371,6 +376,7 @@ def _qdfd_metric(
     progress: Callable[[int, int], None] | None,
     seed: int,
     isolated: Isolated | None = None,
+    output: int | None = None,
     reading: str = "kl",
 ) -> SensitivityReport:
     metric = SensitivityMetric.QDFD if reading == "kl" else SensitivityMetric.TASK
@@ -386,7 +392,7 @@ def _qdfd_metric(
     # abs-max): its statistics + RDFD passes cost (2 + ops) inferences a sample, as many as the INT8
     # isolated runs, so it reads at most PROBE_SAMPLES of the split, however many the losses need.
     probed = samples.subset(slice(0, PROBE_SAMPLES))
-    stats = probe(model, probed, units, {n: i.variants for n, i in infos.items()}, config, None, seed)
+    stats = probe(model, probed, units, {n: i.variants for n, i in infos.items()}, config, None, seed, output)
     n_stats = stats.inferences
     losses = isolated(progress)
     if reading == "task" and any("task" not in loss for per_op in losses.values() for loss in per_op.values()):
@@ -447,6 +453,7 @@ def score_ops(
     progress: Callable[[int, int], None] | None = None,
     seed: int = 0,
     isolated: Isolated | None = None,
+    output: int | None = None,
 ) -> SensitivityReport:
     """Score every routable op of ``model`` (FP32, static shapes, not modified) on ``samples``.
 
@@ -454,8 +461,11 @@ def score_ops(
     :param units: per op name, the routable op of the calibrated model (with NNCF's INT8 parts).
     :param progress: called with ``(done, total)`` inferences.
     :param isolated: measures every (op, precision) alone on the scoring split (metrics that need it).
+    :param output: the output calibration judges (:class:`apsq_ov.decisions.Decision`): gradients are
+        taken on it alone; None: on every output.
     """
-    return SENSITIVITY_METRICS[metric](model, samples, infos, units, config or {}, progress, seed, isolated)
+    return SENSITIVITY_METRICS[metric](model, samples, infos, units, config or {}, progress, seed, isolated,
+                                       output=output)  # fmt: skip
 
 
 def rank(report: SensitivityReport, names: Sequence[str]) -> list[str]:

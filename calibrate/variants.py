@@ -472,7 +472,7 @@ def build_package_model(
 
     :param fp32_model: the FP32 model (static shapes); it is copied, never modified.
     :param levels: per level, ``{op name: OpChoice}`` for every op with more than one variant.
-    :param decision: how the router's margin reads the first output (as calibration fitted it).
+    :param decision: which output the router's margin reads, and how (as calibration fitted it).
     """
     names = [n for n, v in variants.items() if len(v) > 1]
     base = {u.name: u for u in find_routable_ops(fp32_model, q_model, q4_model)}
@@ -718,7 +718,7 @@ def _cascade_body(
     parameter is τ; both bodies take the same parameters."""
     params = fast.get_parameters()
     fast_outs = [r.input_value(0) for r in fast.get_results()]
-    risk = risk_output(router, feature_inputs, decision.graph_scores(fast_outs[0]))
+    risk = risk_output(router, feature_inputs, decision.graph_scores(decision.pick(fast_outs)))
     risk.get_node().set_friendly_name(RISK_NODE)
     node = opset8.if_op(ops.greater(risk, params[-1]).output(0))
     passthrough = [ops.parameter(o.get_partial_shape(), o.get_element_type()) for o in fast_outs]

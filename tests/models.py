@@ -79,3 +79,30 @@ def conv_map(size: int = 16, seed: int = 0, logit: bool = False) -> ov.Model:
     p = ops.sigmoid(z)
     p.output(0).get_tensor().set_names({"prob"})
     return ov.Model([p.output(0)], [x], "conv_map")
+
+
+def two_heads(size: int = 16, seed: int = 0) -> ov.Model:
+    """A detector-like model with two outputs: ``boxes`` ``(N, 4)`` first — a regression whose argmax is
+    coordinate 0 whatever the precision (a large offset on it) — then ``scores`` ``(N, 5)``, near-tied
+    class logits (centred on calibration data) whose top-1 INT8 flips on some inputs."""
+    rng = np.random.default_rng(seed)
+    x = ops.parameter([-1, 3, size, size], np.float32, name="x")
+    x.output(0).get_tensor().set_names({"x"})
+    w1 = ops.constant((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32))
+    c1 = ops.convolution(x, w1, [1, 1], [1, 1], [1, 1], [1, 1])
+    c1.set_friendly_name("conv1")
+    w2 = ops.constant((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32))
+    c2 = ops.convolution(ops.relu(c1), w2, [1, 1], [1, 1], [1, 1], [1, 1])
+    c2.set_friendly_name("conv2")
+    pooled = ops.reduce_mean(ops.relu(c2), ops.constant(np.array([2, 3], np.int64)), False)
+    box = ops.matmul(pooled, ops.constant(rng.standard_normal((4, 8)).astype(np.float32)), False, True)
+    box.set_friendly_name("box_head")
+    boxes = ops.add(box, ops.constant(np.array([[100.0, 0.0, 0.0, 0.0]], np.float32)))
+    boxes.output(0).get_tensor().set_names({"boxes"})
+    cls = ops.matmul(pooled, ops.constant(rng.standard_normal((5, 8)).astype(np.float32)), False, True)
+    cls.set_friendly_name("class_head")
+    probe = ov.Core().compile_model(ov.Model([cls.output(0)], [x]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    centre = -probe(conv_chain_data(64, size))[0].mean(axis=0, keepdims=True).astype(np.float32)
+    scores = ops.add(cls, ops.constant(centre))
+    scores.output(0).get_tensor().set_names({"scores"})
+    return ov.Model([boxes.output(0), scores.output(0)], [x], "two_heads")

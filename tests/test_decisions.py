@@ -1,4 +1,5 @@
-"""How the first output reads as decisions (``apsq_ov.decisions``): classes on another axis, one-class maps."""
+"""How the judged output reads as decisions (``apsq_ov.decisions``): which output, classes on another axis,
+one-class maps."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import apsq_ov
 from apsq_ov.calibrate import CalibrationConfig, calibrate
 from apsq_ov.decisions import Decision, decide
 from apsq_ov.errors import ConfigError
-from tests.models import conv_chain_data, conv_map, save
+from tests.models import conv_chain_data, conv_map, save, two_heads
 
 
 @pytest.mark.parametrize(("decision", "shape"), [
@@ -119,3 +120,61 @@ def test_calibrate_cli_takes_the_class_axis_and_says_what_a_drop_counts(tmp_path
     result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "c"), "--class-axis", "7"])
     assert "--class-axis 7: output prob has shape (1, 1, 16, 16)" in one_line_error(result)  # exit 1, one line
     assert not (tmp_path / "c").exists()
+
+
+def test_the_judged_output_of_a_two_headed_model(tmp_path):
+    """A detector-like model whose first output is a box regression (its argmax never moves) and whose
+    second holds the class scores. Judged on the first (the default), every drop reads 0 and the dial
+    lowers everything for free; told ``judged_output="scores"`` the drops, the router's margin, the
+    package and ``infer``'s accuracy all read the class scores."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from apsq_ov.cli import app
+    from tests.test_cli import one_line_error
+
+    model = save(two_heads(), tmp_path / "heads.xml")
+    np.savez(tmp_path / "calib.npz", x=conv_chain_data(128))
+    config = dict(subset_size=32, drop_samples=64, sensitivity_samples=8, levels=(0.0, 1.0))
+    first = calibrate(model, tmp_path / "calib.npz", tmp_path / "first", CalibrationConfig(**config)).manifest
+    assert first.decision == Decision() and first.levels[-1].measured_drop == 0.0  # box argmax: never flips
+    pkg = calibrate(model, tmp_path / "calib.npz", tmp_path / "pkg",
+                    CalibrationConfig(**config, judged_output="scores"))  # fmt: skip
+    m = pkg.manifest
+    assert m.decision == Decision(output=1) and m.outputs == ["boxes", "scores"]
+    assert apsq_ov.Package.load(pkg.path).manifest.decision == m.decision  # written and read back
+    assert m.levels[-1].measured_drop is not None and m.levels[-1].measured_drop > 0
+    assert m.router is not None  # its margin is the class scores' top-1 - top-2 (a box margin is ~100)
+    # the scores too: the box head cannot move the class scores (RDFD gradient 0), it can move the boxes
+    gradient = {name: {op.name: op.sensitivity["components"]["gradient"] for op in mm.ops} for name, mm in
+                (("first", first), ("scores", m))}  # fmt: skip
+    assert gradient["scores"]["box_head"] == 0.0 < gradient["first"]["box_head"]
+    assert gradient["scores"]["class_head"] > 0.0 == gradient["first"]["class_head"]
+    compiled = apsq_ov.compile_model(pkg.path)
+    ref = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x = conv_chain_data(40, seed=9)
+    for policy in ({"max_drop": 0.0}, {"max_drop": 1.0}, {"max_drop": 1.0, "policy": "cascade"}):
+        got = compiled(x[:1], **policy)
+        assert got["boxes"].shape == (1, 4) and got["scores"].shape == (1, 5)
+        if policy == {"max_drop": 0.0}:
+            np.testing.assert_allclose(got["scores"], ref(x[:1])[1], rtol=1e-5, atol=1e-6)
+    # `infer` scores the judged output: labels = FP32's class decisions, the FP32 level reads 100%
+    labels = ref(x)[1].argmax(axis=1)
+    assert np.mean(labels == 0) < 0.9  # judging the boxes (argmax 0) would not read 100%
+    np.savez(tmp_path / "test.npz", x=x, labels=labels)
+    result = CliRunner().invoke(app, ["infer", str(pkg.path), "--input", str(tmp_path / "test.npz"), "--max-drop", "0",
+                                      "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == 1.0
+    # the CLI takes a name or an index, says what it judges, and names the outputs there are
+    args = ["calibrate", model, "--data", str(tmp_path / "calib.npz"), "--subset-size", "32", "--drop-samples", "32",
+            "--sensitivity-samples", "8", "--levels", "0,1", "--no-router"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a"), "--judged-output", "1"])
+    assert result.exit_code == 0, result.output
+    assert "drops compare the top-1 over the last axis of scores" in " ".join(result.output.split())
+    assert apsq_ov.Package.load(tmp_path / "a").manifest.decision.output == 1
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b"), "--judged-output", "classes"])
+    error = one_line_error(result)  # exit 1, one line
+    assert "--judged-output classes: the model has no such output (outputs 0: boxes, 1: scores)" in error
+    assert not (tmp_path / "b").exists()
