@@ -327,10 +327,10 @@ def _print_router(m: Manifest) -> None:
                   f"each τ keeps its budget on: {', '.join(r.hold)} (escalated, drop: clean calibration inputs)")
     for col in ("max_drop", "τ", "escalated", "pred. drop", "cascade ms", "static level ms"):
         table.add_column(col, justify="right")
-    from apsq_ov.routing import level_for, level_ms
+    from apsq_ov.routing import fastest_level, level_ms
 
     for p in r.points:
-        static = level_ms(m.levels[level_for(m.levels, p.max_drop)])
+        static = level_ms(m.levels[fastest_level(m.levels, p.max_drop)])
         tau = "never" if p.tau >= 3.0e38 else "always" if p.tau <= -3.0e38 else f"{p.tau:.3f}"
         table.add_row(f"{p.max_drop:g}", tau, f"{p.escalation:.3f}", f"{p.predicted_drop:.4f}", f"{p.ms:.3f}",
                       f"{static:.3f}")  # fmt: skip

@@ -143,7 +143,7 @@ def run(name: str, quick: bool) -> dict:
     return {"model": name, "input": size, "routable_ops": len(m.ops), "calibration_s": wall, "ops": ops_rows,
             "int8_where_bf16_faster": violations, "latency_ms": rows,
             "fastest_level_check": m.selection.get("fastest_level_check"),
-            "judged": {"output": m.outputs[m.decision.output], **m.decision.to_json()},
+            "judged": {"name": m.outputs[m.decision.output], **m.decision.to_json()},
             "levels": [lv.to_json() for lv in m.levels]}  # fmt: skip
 
 
@@ -172,7 +172,7 @@ def main() -> None:
             lines += [f"Fastest level, timed at calibration (in-graph variants): {timed}; kept: {check['kept']}.", ""]
         judged = res.get("judged")
         if judged:
-            lines += [f"Drops count flipped face decisions of `{judged['output']}` ({judged['binary']} > "
+            lines += [f"Drops count flipped face decisions of `{judged['name']}` ({judged['binary']} > "
                       f"{'0.5' if judged['binary'] == 'probability' else '0'} per anchor) against FP32's, "
                       "on the held-out crops.", ""]  # fmt: skip
         lines += ["| configuration | median ms | vs BF16 | measured drop |", "|---|---|---|---|"]

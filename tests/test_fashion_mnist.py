@@ -19,7 +19,7 @@ import apsq_ov
 from apsq_ov.cli import app
 from apsq_ov.datasets import load_fashion_mnist, shift
 from apsq_ov.precision import Precision
-from apsq_ov.routing import level_for
+from apsq_ov.routing import fastest_level
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 runner = CliRunner()
@@ -86,8 +86,8 @@ def test_max_drop_zero_gives_fp32_and_levels_follow_the_selection(fm):
     s1, a1 = infer(fm, "md01", "--max-drop", "0.01", "--policy", "static")
     assert s1["accuracy"] >= s32["accuracy"] - 0.01
     manifest = apsq_ov.Package.load(fm["pkg"]).manifest
-    level = manifest.levels[level_for(manifest.levels, 0.01)]
-    assert level.max_drop == 0.01 and s1["body"] == f"level {manifest.levels.index(level)}"
+    level = manifest.levels[fastest_level(manifest.levels, 0.01)]  # 0.01's, or a smaller budget's measured faster
+    assert level.max_drop <= 0.01 and s1["body"] == f"level {manifest.levels.index(level)}"
     static = [i for i, op in enumerate(manifest.ops) if not level.choices[op.name].routed]
     want = [level.choices[manifest.ops[i].name].fast.code for i in static]
     assert (a1["route"][:, static] == want).all()  # static ops never change

@@ -244,6 +244,31 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
     assert m.full_level == cascade + 1
 
 
+def test_a_larger_budget_never_runs_a_slower_level(tiny_files):
+    """The dial's levels are the fastest mixes the profile predicts; where the device measured a level
+    slower than one of a smaller budget (which fits the larger budget too), ``static`` and ``auto`` run the
+    faster, more precise one. Without measurements (a GPU package built here) the level is the budget's."""
+    import dataclasses
+
+    from apsq_ov.routing import choose_body, fastest_level, level_for
+
+    m = dataclasses.replace(tiny_files["package"].manifest, router=None, router_note="not built (test)")
+    n = len(m.levels)
+    assert n >= 3
+    ms = list(np.linspace(3.0, 1.0, n))
+    ms[n - 2] = ms[n - 3] + 0.5  # the second-fastest budget's level measured slower than the one below it
+    levels = [dataclasses.replace(lv, measured_ms=t) for lv, t in zip(m.levels, ms, strict=True)]
+    m = dataclasses.replace(m, levels=levels)
+    for k, lv in enumerate(levels):
+        want = n - 3 if k == n - 2 else k
+        assert level_for(levels, lv.max_drop) == k and fastest_level(levels, lv.max_drop) == want
+        assert choose_body(m, lv.max_drop, "static").level == want == choose_body(m, lv.max_drop).level
+    served = [levels[choose_body(m, lv.max_drop).level].measured_ms for lv in levels]
+    assert served == sorted(served, reverse=True)  # non-increasing along the dial
+    unmeasured = [dataclasses.replace(lv, measured_ms=None) for lv in levels]
+    assert all(fastest_level(unmeasured, lv.max_drop) == k for k, lv in enumerate(unmeasured))
+
+
 def test_every_level_code_reaches_its_body_and_the_cascade_and_default_sit_one_if_deep(chain):
     """The dispatch: the cascade, then the default level, are one If each below the top (every If a body
     sits under copies its inputs); every other code still reaches its own body through the tree."""
