@@ -250,10 +250,15 @@ def calibrate(
     _print_router(m)
 
 
+def _judged_name(m: Manifest) -> str:
+    """The name of the output calibration judged (:class:`apsq_ov.decisions.Decision`)."""
+    k = m.decision.output
+    return m.outputs[k] if k < len(m.outputs) else f"output {k}"
+
+
 def _decision_text(m: Manifest) -> str:
     """What a drop counts: top-1 flips over which axis of which output (or binary decisions)."""
-    d = m.decision
-    name = escape(m.outputs[d.output]) if d.output < len(m.outputs) else f"output {d.output}"
+    d, name = m.decision, escape(_judged_name(m))
     axis = "the last axis" if d.class_axis == -1 else f"axis {d.class_axis}"
     if d.binary is None:
         return f"the top-1 over {axis} of {name}"
@@ -540,6 +545,7 @@ def report(
         _plot_score_vs_drop(rows, plot, title=f"{package.name}: {m.sensitivity.get('metric')}")
     if json_out:
         doc = {"package": str(package), "sensitivity": m.sensitivity, "calibration": m.calibration,
+               "decision": {"judged": _judged_name(m), **m.decision.to_json()},
                "spearman_score_vs_drop": spearman, "ops": rows, "selection": m.selection,
                "default_level": m.default_level, "levels": [lv.to_json() for lv in m.levels],
                "router": None if rt is None else rt.to_json(), "router_note": m.router_note}  # fmt: skip
@@ -562,7 +568,8 @@ def report(
         table.add_row(*head, *preds, f"{r['score']:.2e}", *drops, ",".join(r["variants"]), r["default_route"], feats)
     out.print(table)
     held = "held-out" if m.calibration.get("drops_held_out") else "NOT held-out (too little data)"
-    out.print(f"drop = {m.calibration.get('drop_metric')} on {m.calibration.get('drop_samples')} samples ({held})")
+    out.print(f"drop = {m.calibration.get('drop_metric')} on {m.calibration.get('drop_samples')} samples ({held}): "
+              f"{_decision_text(m)}")  # fmt: skip
     for p, rho in spearman.items():
         value = "n/a (fewer than 3 ops or all equal)" if rho is None else f"{rho:.3f}"
         out.print(f"Spearman rho(score, drop {p}) = {value}")

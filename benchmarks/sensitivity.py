@@ -270,7 +270,8 @@ def write(results: list[dict[str, Any]]) -> None:
         results = [r for r in earlier if r["model"] not in done] + results
     (RESULTS / "sensitivity.json").write_text(json.dumps(results, indent=1))
     head = ("model", "score", "INT8 ops", "task metric", "fresh inputs", "ρ INT8 task (fresh)",
-            "split-half ρ of that loss", "≈ ρ a perfect score reads", "ρ INT8 top-1 (fresh)", "ρ INT8 KL (held-out)", "ρ BF16 KL (held-out)",
+            "split-half ρ of that loss", "≈ ρ a perfect score reads",
+            "ρ INT8 top-1 (fresh)", "ρ INT8 KL (held-out)", "ρ BF16 KL (held-out)",
             "scoring s", "NNCF AC s", "ratio", "CLI check max |Δ|")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table = Table(title="Sensitivity score vs measured isolated loss")

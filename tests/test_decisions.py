@@ -174,6 +174,11 @@ def test_the_judged_output_of_a_two_headed_model(tmp_path):
     assert result.exit_code == 0, result.output
     assert "drops compare the top-1 over the last axis of scores" in " ".join(result.output.split())
     assert apsq_ov.Package.load(tmp_path / "a").manifest.decision.output == 1
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "a"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["decision"] == {"judged": "scores", "class_axis": -1, "binary": None, "output": 1}
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "a")])
+    assert result.exit_code == 0 and "the top-1 over the last axis of scores" in " ".join(result.output.split())
     result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b"), "--judged-output", "classes"])
     error = one_line_error(result)  # exit 1, one line
     assert "--judged-output classes: the model has no such output (outputs 0: boxes, 1: scores)" in error
