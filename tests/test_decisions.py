@@ -167,6 +167,14 @@ def test_the_judged_output_of_a_two_headed_model(tmp_path):
                                       "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["accuracy"] == 1.0
+    # `bench` too: its accuracy and agreement are the class scores' (on the boxes the FP32 level would read
+    # the share of label 0)
+    result = CliRunner().invoke(app, ["bench", str(pkg.path), "--data", str(tmp_path / "test.npz"), "--json",
+                                      "--throughput-seconds", "0.1", "--compiles", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)["shifts"]["clean"]["rows"]}
+    assert rows["apsq static mix 0"]["accuracy"] == 1.0 == rows["apsq forced fp32 (every op behind an If)"]["accuracy"]
+    assert rows["apsq static mix 1"]["agreement"] == rows["apsq static mix 1"]["accuracy"]  # labels = FP32's
     # the CLI takes a name or an index, says what it judges, and names the outputs there are
     args = ["calibrate", model, "--data", str(tmp_path / "calib.npz"), "--subset-size", "32", "--drop-samples", "32",
             "--sensitivity-samples", "8", "--levels", "0,1", "--no-router"]  # fmt: skip
