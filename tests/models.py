@@ -54,16 +54,22 @@ def save(model: ov.Model, path) -> str:
     return str(path)
 
 
-def conv_map(size: int = 16, seed: int = 0, logit: bool = False) -> ov.Model:
-    """input -> conv1(+bias) -> relu -> conv2 (one output channel, bias centring it) -> sigmoid: an
-    ``(N, 1, H, W)`` probability map (a segmentation / text-detection head), or with ``logit`` a single
-    logit per input, ``(N, 1)`` (a binary classifier: global mean of conv2's map)."""
-    rng = np.random.default_rng(seed)
+def _stem(size: int, rng: np.random.Generator) -> tuple[ov.Node, ov.Node]:
+    """The input ``x`` ``(N, 3, size, size)`` and ``conv1`` (8 channels, 3x3, no bias) on it."""
     x = ops.parameter([-1, 3, size, size], np.float32, name="x")
     x.output(0).get_tensor().set_names({"x"})
     w1 = ops.constant((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32))
     c1 = ops.convolution(x, w1, [1, 1], [1, 1], [1, 1], [1, 1])
     c1.set_friendly_name("conv1")
+    return x, c1
+
+
+def conv_map(size: int = 16, seed: int = 0, logit: bool = False) -> ov.Model:
+    """input -> conv1(+bias) -> relu -> conv2 (one output channel, bias centring it) -> sigmoid: an
+    ``(N, 1, H, W)`` probability map (a segmentation / text-detection head), or with ``logit`` a single
+    logit per input, ``(N, 1)`` (a binary classifier: global mean of conv2's map)."""
+    rng = np.random.default_rng(seed)
+    x, c1 = _stem(size, rng)
     b1 = ops.add(c1, ops.constant((rng.standard_normal((1, 8, 1, 1)) * 0.1).astype(np.float32)))
     b1.set_friendly_name("conv1/bias")
     w2 = ops.constant((rng.standard_normal((1, 8, 3, 3)) * 0.2).astype(np.float32))
@@ -86,11 +92,7 @@ def two_heads(size: int = 16, seed: int = 0) -> ov.Model:
     coordinate 0 whatever the precision (a large offset on it) — then ``scores`` ``(N, 5)``, near-tied
     class logits (centred on calibration data) whose top-1 INT8 flips on some inputs."""
     rng = np.random.default_rng(seed)
-    x = ops.parameter([-1, 3, size, size], np.float32, name="x")
-    x.output(0).get_tensor().set_names({"x"})
-    w1 = ops.constant((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32))
-    c1 = ops.convolution(x, w1, [1, 1], [1, 1], [1, 1], [1, 1])
-    c1.set_friendly_name("conv1")
+    x, c1 = _stem(size, rng)
     w2 = ops.constant((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32))
     c2 = ops.convolution(ops.relu(c1), w2, [1, 1], [1, 1], [1, 1], [1, 1])
     c2.set_friendly_name("conv2")
