@@ -250,15 +250,9 @@ def calibrate(
     _print_router(m)
 
 
-def _judged_name(m: Manifest) -> str:
-    """The name of the output calibration judged (:class:`apsq_ov.decisions.Decision`)."""
-    k = m.decision.output
-    return m.outputs[k] if k < len(m.outputs) else f"output {k}"
-
-
 def _decision_text(m: Manifest) -> str:
     """What a drop counts: top-1 flips over which axis of which output (or binary decisions)."""
-    d, name = m.decision, escape(_judged_name(m))
+    d, name = m.decision, escape(m.judged_output)
     axis = "the last axis" if d.class_axis == -1 else f"axis {d.class_axis}"
     if d.binary is None:
         return f"the top-1 over {axis} of {name}"
@@ -545,7 +539,7 @@ def report(
         _plot_score_vs_drop(rows, plot, title=f"{package.name}: {m.sensitivity.get('metric')}")
     if json_out:
         doc = {"package": str(package), "sensitivity": m.sensitivity, "calibration": m.calibration,
-               "decision": {"judged": _judged_name(m), **m.decision.to_json()},
+               "decision": {"judged": m.judged_output, **m.decision.to_json()},
                "spearman_score_vs_drop": spearman, "ops": rows, "selection": m.selection,
                "default_level": m.default_level, "levels": [lv.to_json() for lv in m.levels],
                "router": None if rt is None else rt.to_json(), "router_note": m.router_note}  # fmt: skip

@@ -3,7 +3,7 @@
 Where it sits in the data flow: between every run of the model and what judges it — calibration's drops
 (the levels' top-1 disagreement with FP32), the router's labels and its in-graph margin, the bench's
 agreement. The judged output is the first unless calibration is told another (``apsq-ov calibrate
---judged-output NAME``: a detector's class scores, not its box regressions, whose top-1 over four
+--judged-output NAME``: a detector's class scores, not its box regressions, whose top-1 over box
 coordinates means nothing). A classifier ``(N, C)`` or a CTC sequence ``(N, T, C)`` already has its classes last; a
 segmentation or detection map ``(N, C, H, W)`` has them on axis 1 (``apsq-ov calibrate --class-axis 1``);
 a one-class axis (a sigmoid map, a single logit per anchor) holds a binary decision, read as the two
@@ -88,8 +88,8 @@ CLASSES_LAST = Decision()
 """The default: the output's last axis holds two or more classes (a classifier, a CTC sequence)."""
 
 
-def decide(outputs: list[np.ndarray], class_axis: int | None, name: str = "output 0", index: int = 0) -> Decision:
-    """The :class:`Decision` for a model whose output ``index`` gave ``outputs`` (FP32, calibration samples):
+def decide(outputs: list[np.ndarray], class_axis: int | None, name: str = "output 0") -> Decision:
+    """The :class:`Decision` for a model whose judged output gave ``outputs`` (FP32, calibration samples):
     classes on ``class_axis`` (default: last); a one-class axis is a probability if every value lies in
     [0, 1], else a logit.
 
@@ -97,7 +97,7 @@ def decide(outputs: list[np.ndarray], class_axis: int | None, name: str = "outpu
     """
     first = np.asarray(outputs[0])
     if first.ndim == 0:  # a scalar output: nothing to take a top-1 over
-        return Decision(output=index)
+        return CLASSES_LAST
     if class_axis is None:
         axis = -1
     else:
@@ -108,9 +108,9 @@ def decide(outputs: list[np.ndarray], class_axis: int | None, name: str = "outpu
     if axis == first.ndim - 1:
         axis = -1
     if first.shape[axis] != 1:
-        return Decision(axis, output=index)
+        return Decision(axis)
     in_unit = all(float(np.min(o)) >= 0.0 and float(np.max(o)) <= 1.0 for o in outputs)
-    return Decision(axis, "probability" if in_unit else "logit", index)
+    return Decision(axis, "probability" if in_unit else "logit")
 
 
 def output_index(names: list[set[str]], judged: str | None) -> int:

@@ -361,6 +361,12 @@ class Manifest:
         return [op.name for op in self.ops]
 
     @property
+    def judged_output(self) -> str:
+        """The name of the output calibration judged (``decision.output``)."""
+        k = self.decision.output
+        return self.outputs[k] if k < len(self.outputs) else f"output {k}"
+
+    @property
     def cascade_level(self) -> int | None:
         """Body index of the escalation cascade (after the levels), if there is one."""
         return None if self.router is None else len(self.levels)

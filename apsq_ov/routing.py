@@ -157,14 +157,8 @@ def fastest_level(levels: Sequence[Level], max_drop: float) -> int:
     fastest mix *the profile predicts* for their budget, and the device disagrees at times
     (EfficientNet-Lite0 here: level 0.16, 12 ops BF16 inside INT8 chains, 5.63 ms; level 0.08 5.42 ms)."""
     k = level_for(levels, max_drop)
-    if levels[k].measured_ms is None:
-        return k
-    best = k
-    for j in range(k - 1, -1, -1):
-        ms = levels[j].measured_ms
-        if ms is not None and ms < levels[best].measured_ms:  # type: ignore[operator]
-            best = j
-    return best
+    ms = {j: t for j in range(k, -1, -1) if (t := levels[j].measured_ms) is not None}
+    return min(ms, key=ms.__getitem__) if k in ms else k  # a tie keeps the larger budget's level
 
 
 POLICIES = ("auto", "static", "cascade")

@@ -143,7 +143,7 @@ def run(name: str, quick: bool) -> dict:
     return {"model": name, "input": size, "routable_ops": len(m.ops), "calibration_s": wall, "ops": ops_rows,
             "int8_where_bf16_faster": violations, "latency_ms": rows,
             "fastest_level_check": m.selection.get("fastest_level_check"),
-            "judged": {"name": m.outputs[m.decision.output], **m.decision.to_json()},
+            "judged": {"name": m.judged_output, **m.decision.to_json()},
             "levels": [lv.to_json() for lv in m.levels]}  # fmt: skip
 
 

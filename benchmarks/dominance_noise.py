@@ -43,15 +43,16 @@ console = Console()
 def _predict(source: str, xs: np.ndarray, package: Any, statics: dict[str, ov.CompiledModel]) -> np.ndarray:
     """Top-1 of every input on the method the bench row ``source`` measured: a static mix row is that level's
     body compiled on its own (as the bench runs it), a cascade row the package at that budget's τ."""
+    budget = float(source.rsplit(" ", 1)[1]) if source.startswith("apsq ") else None
     if source.startswith("apsq static mix "):
-        budget = float(source.rsplit(" ", 1)[1])
         k = next(i for i, lv in enumerate(package.manifest.levels) if abs(lv.max_drop - budget) < 1e-9)
-        statics = {source: package.standalone[k]}
-    if source in statics:
-        return np.array([statics[source](xs[i : i + 1])[0].argmax() for i in range(len(xs))])
+        graph = package.standalone[k]
+    else:
+        graph = statics.get(source)
+    if graph is not None:
+        return np.array([graph(xs[i : i + 1])[0].argmax() for i in range(len(xs))])
     req = package.create_infer_request()
-    return np.array([req.infer(xs[i : i + 1], max_drop=float(source.rsplit(" ", 1)[1]), policy="cascade")[0].argmax()
-                     for i in range(len(xs))])  # fmt: skip
+    return np.array([req.infer(xs[i : i + 1], max_drop=budget, policy="cascade")[0].argmax() for i in range(len(xs))])
 
 
 def _data(key: str, entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, ov.CompiledModel | None]:

@@ -769,11 +769,11 @@ def _decision(
     out = model.outputs[k]
     name = f"output {out.get_any_name()}" if out.get_names() else f"output {k}"
     shape = [d.get_length() if d.is_static else 2 for d in out.get_partial_shape()]
-    decision = decide([np.zeros(shape, np.float32)], class_axis, name, k)  # checks the axis
-    if decision.binary is None:
-        return decision
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return decide([np.asarray(compiled(x)[k]) for x in data], class_axis, name, k)
+    decision = decide([np.zeros(shape, np.float32)], class_axis, name)  # checks the axis
+    if decision.binary is not None:
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        decision = decide([np.asarray(compiled(x)[k]) for x in data], class_axis, name)
+    return replace(decision, output=k)
 
 
 def _is_ctc(outputs: list[np.ndarray], labels: list[np.ndarray]) -> bool:
