@@ -188,6 +188,13 @@ def calibrate(
         typer.Option(help="NNCF bias correction for the INT8 variants: 'full' (re-estimated on the quantized "
                      "model: slower calibration, INT8 closer to FP32) or 'fast' (NNCF's default)."),  # fmt: skip
     ] = "full",
+    activation_ranges: Annotated[
+        str,
+        typer.Option(help="How NNCF sets the INT8 activation ranges: 'minmax' (NNCF's default), 'histogram' "
+                     "(clips rare extremes), or 'auto': quantize with both and keep the INT8 model whose judged "
+                     "output is closer to FP32 on held-out calibration data (one more nncf.quantize; the choice "
+                     "is in the manifest's calibration.activation_ranges)."),  # fmt: skip
+    ] = "auto",
     class_axis: Annotated[
         int | None,
         typer.Option(help="Axis of the judged output that holds the classes, whose top-1 every drop compares "
@@ -229,6 +236,7 @@ def calibrate(
         router_features=_parse_features(router_features),
         router_hold=router_hold,
         bias_correction=bias_correction,
+        activation_ranges=activation_ranges,
         class_axis=class_axis,
         judged_output=judged_output,
     )
@@ -246,6 +254,10 @@ def calibrate(
     out.print(table)
     out.print(f"{len(m.ops)} routable ops, default max-drop {m.default_max_drop}, {time.perf_counter() - t0:.1f} s")
     out.print(f"drops compare {_decision_text(m)} with FP32's (--judged-output, --class-axis)")
+    if "activation_ranges_nmse" in m.calibration:
+        nmse = ", ".join(f"{k} {v:.3g}" for k, v in m.calibration["activation_ranges_nmse"].items())
+        out.print(f"INT8 activation ranges: {m.calibration['activation_ranges']} (judged output's NMSE vs FP32 on "
+                  f"{m.calibration['activation_ranges_checked_on']} held-out samples: {nmse})")  # fmt: skip
     out.print(_levels_table(m))
     _print_router(m)
 

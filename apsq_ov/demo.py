@@ -51,7 +51,7 @@ def run_demo(
     """
     import nncf
 
-    from apsq_ov.calibrate import CalibrationConfig, calibrate, calibration_quantize_settings, sample_order
+    from apsq_ov.calibrate import CalibrationConfig, calibrate, package_quantize_settings, sample_order
     from apsq_ov.runtime import compile_model
 
     out = Path(out_dir)
@@ -81,7 +81,7 @@ def run_demo(
     subset = nncf.Dataset([x_train[i : i + 1] for i in same_subset])
     int8 = nncf.quantize(static.clone(), subset, subset_size=len(same_subset))
     # The same, with the settings calibration gave NNCF (apsq-ov's INT8 route is this graph)
-    settings = calibration_quantize_settings(profile=m.profile)
+    settings = package_quantize_settings(m)
     int8_apsq = nncf.quantize(static.clone(), subset, subset_size=len(same_subset), **settings.kwargs)
     configs: list[tuple[str, Any]] = [
         (

@@ -14,9 +14,10 @@ Models and data (DATA.md; everything installs offline from the README's commands
   (CER); needs ``pip install --no-deps rapidocr-onnxruntime==1.4.4``.
 
 Methods (``apsq_ov.bench``): plain OpenVINO FP32, BF16 (bf16 hint), NNCF INT8 (``nncf.quantize`` with NNCF's
-defaults, and with the settings apsq-ov calibrates with: ``apsq_ov.calibrate.calibration_quantize_settings`` — full bias
-correction, no overflow fix on VNNI), NNCF ``quantize_with_accuracy_control`` at max_drop 0.005 / 0.01 / 0.02
-with those same settings (same calibration data; validation on a held-out part of it, the task metric);
+defaults, and with the settings apsq-ov calibrated with: ``apsq_ov.calibrate.package_quantize_settings`` —
+full bias correction, no overflow fix on VNNI, the activation ranges calibration chose), NNCF
+``quantize_with_accuracy_control`` at max_drop 0.005 / 0.01 / 0.02 with those same settings (same
+calibration data; validation on a held-out part of it, the task metric);
 apsq-ov forced to each precision; apsq-ov's best static per-op
 mix at every budget of its dial; the escalation cascade at every budget; and the adaptive policy
 (``auto``) at every budget. Shifts (``apsq_ov.shifts``): brightness, contrast, noise, blur, dark,
@@ -49,7 +50,7 @@ from rich.console import Console
 
 import apsq_ov
 from apsq_ov import bench
-from apsq_ov.calibrate import CalibrationConfig, calibrate, calibration_quantize_settings, sample_order
+from apsq_ov.calibrate import CalibrationConfig, calibrate, package_quantize_settings, sample_order
 from apsq_ov.datasets import cer, ctc_greedy_decode, load_fashion_mnist, render_text_lines
 from apsq_ov.shifts import CALIBRATION
 
@@ -75,9 +76,11 @@ def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> ap
     return pkg
 
 
-def _settings() -> dict[str, Any]:
-    """The ``nncf.quantize`` arguments apsq-ov calibrates with on this machine (no ``description``)."""
-    return calibration_quantize_settings().kwargs
+def _settings(pkg: apsq_ov.Package) -> tuple[dict[str, Any], str]:
+    """The ``nncf.quantize`` arguments ``pkg`` was calibrated with on this machine, and the suffix of their
+    baselines' cache names (the activation ranges calibration chose, when not NNCF's default)."""
+    ranges = pkg.manifest.calibration.get("activation_ranges", "minmax")
+    return package_quantize_settings(pkg.manifest).kwargs, "" if ranges == "minmax" else f"_{ranges}"
 
 
 def _cached(name: str, reuse: bool, build: Any) -> ov.Model:
@@ -91,10 +94,10 @@ def _cached(name: str, reuse: bool, build: Any) -> ov.Model:
     return model
 
 
-def accuracy_control(tag: str, model: ov.Model, calib: list[np.ndarray], held: list[np.ndarray], score: Any,
-                     reuse: bool) -> dict[str, ov.Model]:  # fmt: skip
+def accuracy_control(tag: str, pkg: apsq_ov.Package, model: ov.Model, calib: list[np.ndarray],
+                     held: list[np.ndarray], score: Any, reuse: bool) -> dict[str, ov.Model]:  # fmt: skip
     """NNCF ``quantize_with_accuracy_control`` at each max_drop in :data:`AC_DROPS`, with the quantization
-    settings apsq-ov calibrates with (:func:`_settings`).
+    settings ``pkg`` was calibrated with (:func:`_settings`).
 
     :param score: ``score(compiled, sample_index) -> float`` on the held-out samples (the task metric).
     """
@@ -102,7 +105,7 @@ def accuracy_control(tag: str, model: ov.Model, calib: list[np.ndarray], held: l
 
     nncf.set_log_level(logging.ERROR)
     items = [(x, k) for k, x in enumerate(held)]
-    settings = _settings()
+    settings, suffix = _settings(pkg)
 
     def validate(compiled: ov.CompiledModel, data) -> float:
         return float(np.mean([score(compiled(x)[0], k) for x, k in data]))
@@ -123,20 +126,22 @@ def accuracy_control(tag: str, model: ov.Model, calib: list[np.ndarray], held: l
             console.print(f"accuracy control {d}: {time.perf_counter() - t0:.0f} s")
             return q
 
-        out[f"NNCF accuracy control {d:g}"] = _cached(f"{tag}_ac_{d:g}", reuse, build)
+        out[f"NNCF accuracy control {d:g}"] = _cached(f"{tag}_ac_{d:g}{suffix}", reuse, build)
     return out
 
 
-def nncf_int8(tag: str, model: ov.Model, calib: list[np.ndarray], reuse: bool) -> dict[str, ov.Model]:
-    """``nncf.quantize`` with NNCF's defaults, and with the settings apsq-ov calibrates with."""
+def nncf_int8(tag: str, pkg: apsq_ov.Package, model: ov.Model, calib: list[np.ndarray],
+              reuse: bool) -> dict[str, ov.Model]:  # fmt: skip
+    """``nncf.quantize`` with NNCF's defaults, and with the settings ``pkg`` was calibrated with."""
     import nncf
 
     def build(**kwargs: Any) -> ov.Model:
         with contextlib.redirect_stdout(io.StringIO()):
             return nncf.quantize(model.clone(), nncf.Dataset(calib), subset_size=len(calib), **kwargs)
 
-    return {"NNCF INT8": _cached(f"{tag}_int8", reuse, build),
-            "NNCF INT8, apsq settings": _cached(f"{tag}_int8_apsq", reuse, lambda: build(**_settings()))}  # fmt: skip
+    settings, suffix = _settings(pkg)
+    apsq = _cached(f"{tag}_int8_apsq{suffix}", reuse, lambda: build(**settings))
+    return {"NNCF INT8": _cached(f"{tag}_int8", reuse, build), "NNCF INT8, apsq settings": apsq}
 
 
 def fmnist(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,8 +157,8 @@ def fmnist(args: argparse.Namespace) -> dict[str, Any]:
     calib = [x_train[i : i + 1] for i in subset]
     held_idx = pick[sample_order(len(pick), 0)[300:]]
     held = [x_train[i : i + 1] for i in held_idx]
-    statics = nncf_int8("fmnist", model, calib, args.reuse_nncf)
-    statics |= accuracy_control("fmnist", model, calib, held,
+    statics = nncf_int8("fmnist", pkg, model, calib, args.reuse_nncf)
+    statics |= accuracy_control("fmnist", pkg, model, calib, held,
                                 lambda y, k: float(np.argmax(y) == y_train[held_idx[k]]), args.reuse_nncf)  # fmt: skip
     x_test, y_test = load_fashion_mnist("test")
     n = args.limit or len(x_test)
@@ -178,8 +183,8 @@ def effnet(args: argparse.Namespace) -> dict[str, Any]:
     fp32 = ov.Core().compile_model(model, "CPU", F32)
     held_ref = [int(np.argmax(fp32(held_x[i : i + 1])[0])) for i in range(len(held_x))]
     held = [held_x[i : i + 1] for i in range(len(held_x))]
-    statics = nncf_int8("effnet", model, calib, args.reuse_nncf)
-    statics |= accuracy_control("effnet", model, calib, held, lambda y, k: float(np.argmax(y) == held_ref[k]),
+    statics = nncf_int8("effnet", pkg, model, calib, args.reuse_nncf)
+    statics |= accuracy_control("effnet", pkg, model, calib, held, lambda y, k: float(np.argmax(y) == held_ref[k]),
                                 args.reuse_nncf)  # fmt: skip
     fresh = photo_crops(args.limit or 500, seed=1)
     shifts = ["clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate"]
@@ -206,8 +211,8 @@ def ocr(args: argparse.Namespace) -> dict[str, Any]:
     calib = [calib_x[i : i + 1] for i in order[:300]]
     held_x, held_texts = render_text_lines(60, seed=7)
     held = [held_x[i : i + 1] for i in range(len(held_x))]
-    statics = nncf_int8("ocr", model, calib, args.reuse_nncf)
-    statics |= accuracy_control("ocr", model, calib, held,
+    statics = nncf_int8("ocr", pkg, model, calib, args.reuse_nncf)
+    statics |= accuracy_control("ocr", pkg, model, calib, held,
                                 lambda y, k: 1.0 - cer(ctc_greedy_decode(y[0], charset), held_texts[k]),
                                 args.reuse_nncf)  # fmt: skip
     test_x, texts = render_text_lines(args.limit or 300, seed=1)

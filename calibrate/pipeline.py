@@ -75,6 +75,13 @@ Progress = Callable[[str, int, int], None]
 MACS_PER_PASS = 32.0
 """The router's in-graph cost model: one element pass of a reduction ≈ this many MACs of the route."""
 DROP_METRIC = "1 - top-1 agreement with FP32 (argmax over the judged output's class axis: 'decision'), held-out split"
+ACTIVATION_RANGES = ("minmax", "histogram")
+"""NNCF's activation range estimators calibration can use (``RangeEstimatorParametersSet.MINMAX`` — NNCF's
+default — and ``.HISTOGRAM``). Which reads closer to FP32 depends on the model, measured on fresh data here
+(all-INT8, NNCF's 300-sample subset, full bias correction): EfficientNet-Lite0 top-1 agreement 92.0% → 93.5%
+with histogram ranges (2,000 crops, McNemar p = 0.003), PP-OCRv4 rec 1 − CER 96.4% → 95.5%, Fashion-MNIST
+accuracy 91.83% → 91.85% (output NMSE 5x lower). The judged output's NMSE on 200 held-out inputs picked the
+better one in every draw: hence ``auto``."""
 _BUILDABLE = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8, Precision.INT4)
 
 
@@ -102,6 +109,10 @@ class CalibrationConfig:
         ``router_shifts``: a lower τ, more escalation on clean data, the budget kept under those shifts).
     :param bias_correction: NNCF's bias correction for the INT8 variants: ``full`` (``fast_bias_correction=False``:
         slower calibration, a closer INT8 route) or ``fast`` (NNCF's default).
+    :param activation_ranges: how NNCF sets the activation quantizers' ranges: ``minmax`` (NNCF's default
+        estimator), ``histogram`` (NNCF's histogram estimator, which clips rare extremes), or ``auto``
+        (quantize with both, keep the INT8 model whose judged output is closer to FP32 on the held-out split:
+        one more ``nncf.quantize``). See :data:`ACTIVATION_RANGES`.
     :param class_axis: the axis of the judged output that holds the classes (``None``: the last), e.g. 1
         for an ``(N, C, H, W)`` segmentation or detection map; a one-class axis is a binary decision
         (:mod:`apsq_ov.decisions`).
@@ -126,6 +137,7 @@ class CalibrationConfig:
     router_features: tuple[Feature, ...] | None = None
     router_hold: str = "clean"
     bias_correction: str = "full"
+    activation_ranges: str = "auto"
     class_axis: int | None = None
     judged_output: str | None = None
 
@@ -140,6 +152,9 @@ class CalibrationConfig:
                 raise ConfigError(f"unknown router shift {name!r}; use {', '.join(CALIBRATION_SHIFTS)}")
         if self.bias_correction not in ("full", "fast"):
             raise ConfigError(f"bias correction must be 'full' or 'fast', got {self.bias_correction!r}")
+        if self.activation_ranges not in ("auto", *ACTIVATION_RANGES):
+            raise ConfigError(f"activation ranges must be 'auto', {' or '.join(repr(r) for r in ACTIVATION_RANGES)}, "
+                              f"got {self.activation_ranges!r}")  # fmt: skip
         if self.router_hold not in ("clean", "shifts"):
             raise ConfigError(f"router hold must be 'clean' or 'shifts', got {self.router_hold!r}")
         if not 0.0 < self.router_budget <= 1.0:
@@ -242,10 +257,13 @@ def calibrate_model(
 
     decision = _decision(model, batches(order[: min(len(order), 16)]), config.class_axis,
                          config.judged_output)  # before NNCF: fail fast  # fmt: skip
-    q_model = None
-    settings = calibration_quantize_settings(config, profile)
+    # Scoring and ground truth use disjoint splits of the calibration data when there is enough
+    # of it (the score is judged on data it never saw); both may use more than NNCF's subset.
+    sens_idx, drop_idx = _splits(order, config.sensitivity_samples, config.drop_samples)
+    q_model, settings, ranges = None, None, None
     if Precision.INT8 in precisions:
-        q_model = _nncf_quantize(model, batches(calib_idx), progress, settings)
+        q_model, settings, ranges = _quantize(model, batches(calib_idx), batches(drop_idx[:RANGE_CHECK_SAMPLES]),
+                                              decision.output, config, profile, progress)  # fmt: skip
     q4_model = _nncf_compress_int4(model, progress) if Precision.INT4 in precisions else None
     units = find_routable_ops(model, q_model, q4_model)
     if not units:
@@ -270,9 +288,6 @@ def calibrate_model(
         )
         for u in units
     }
-    # Scoring and ground truth use disjoint splits of the calibration data when there is enough
-    # of it (the score is judged on data it never saw); both may use more than NNCF's subset.
-    sens_idx, drop_idx = _splits(order, config.sensitivity_samples, config.drop_samples)
 
     def labels_of(idx: np.ndarray) -> list[np.ndarray] | None:
         if samples.labels is None:
@@ -318,7 +333,9 @@ def calibrate_model(
             "samples": int(n_batches * batch),
             "subset_size": int(len(calib_idx) * batch),
             "seed": config.seed,
-            "quantizer": settings.description if q_model is not None else None,
+            "quantizer": settings.description if settings is not None else None,
+            "bias_correction": config.bias_correction,
+            **(ranges or {}),
             "drop_metric": DROP_METRIC,
             "drop_samples": int(len(drop_idx) * batch),
             "sensitivity_samples": int(len(sens_idx) * batch),
@@ -659,7 +676,10 @@ class QuantizeSettings:
 
 
 def quantize_settings(
-    profile: DeviceProfile, bias_correction: str = "full", host_int8_hardware: str | None = None
+    profile: DeviceProfile,
+    bias_correction: str = "full",
+    host_int8_hardware: str | None = None,
+    activation_ranges: str = "minmax",
 ) -> QuantizeSettings:
     """The ``nncf.quantize`` settings for ``profile``'s device.
 
@@ -669,47 +689,118 @@ def quantize_settings(
     ``full`` bias correction (``fast_bias_correction=False``) re-estimates each bias on the quantized
     model's own activations. Measured on EfficientNet-Lite0 (500 fresh crops, this machine): top-1
     agreement with FP32 83.0% (NNCF's defaults) → 91.6% (both), the same latency (1.00x).
+    ``activation_ranges``: one of :data:`ACTIVATION_RANGES` (``auto`` is resolved by :func:`calibrate`).
     """
     import nncf
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+    if activation_ranges not in ACTIVATION_RANGES:
+        raise ConfigError(f"activation ranges must be {' or '.join(repr(r) for r in ACTIVATION_RANGES)} here, "
+                          f"got {activation_ranges!r}")  # fmt: skip
     saturates = not profile.device.startswith("GPU") and (
         profile.int8_hardware not in NO_SATURATION
         or (host_int8_hardware is not None and host_int8_hardware not in NO_SATURATION)
     )
     kwargs: dict[str, Any] = {"fast_bias_correction": bias_correction == "fast"}
+    advanced: dict[str, Any] = {}
     if not saturates:
-        kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)
+        advanced["overflow_fix"] = nncf.OverflowFix.DISABLE
+    if activation_ranges == "histogram":
+        advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.HISTOGRAM
+    if advanced:
+        kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(**advanced)
     hw = host_int8_hardware if saturates and host_int8_hardware is not None else profile.int8_hardware
     fix = f"first-layer overflow fix ({hw} INT8)" if saturates else f"no overflow fix ({hw} INT8)"
-    return QuantizeSettings(kwargs, f"nncf.quantize (preset performance, {bias_correction} bias correction, {fix})")
+    return QuantizeSettings(
+        kwargs,
+        f"nncf.quantize (preset performance, {bias_correction} bias correction, {activation_ranges} activation "
+        f"ranges, {fix})",
+    )
 
 
 def calibration_quantize_settings(
-    config: CalibrationConfig | None = None, profile: DeviceProfile | None = None
+    config: CalibrationConfig | None = None, profile: DeviceProfile | None = None, activation_ranges: str | None = None
 ) -> QuantizeSettings:
     """The settings :func:`calibrate` gives ``nncf.quantize`` for ``config`` (default: the defaults) and
     its device's profile: where the package targets this machine's CPU, the host's own INT8 hardware
-    must not saturate either. What baselines meant to match apsq-ov's INT8 route should use."""
-    config = config or CalibrationConfig()
+    must not saturate either. What baselines meant to match apsq-ov's INT8 route should use — with the
+    activation ranges a package's calibration chose (:func:`package_quantize_settings`).
+
+    :param activation_ranges: overrides ``config.activation_ranges``, which must not be ``auto`` without it.
+    """
+    config = config or CalibrationConfig(activation_ranges="minmax")
     profile = profile or load_profile(config.device, config.profile)
     host = host_int8_hardware() if _runs_here(config.device, profile) else None
-    return quantize_settings(profile, config.bias_correction, host)
+    ranges = activation_ranges or config.activation_ranges
+    if ranges == "auto":
+        raise ConfigError("activation ranges 'auto' are chosen by calibration: pass the one it chose")
+    return quantize_settings(profile, config.bias_correction, host, ranges)
+
+
+def package_quantize_settings(manifest: Manifest) -> QuantizeSettings:
+    """The ``nncf.quantize`` settings ``manifest``'s package was calibrated with (its INT8 route is NNCF's
+    model with these): the bias correction and activation ranges it records, its profile's device."""
+    cal = manifest.calibration
+    config = CalibrationConfig(device=manifest.profile.device, bias_correction=cal.get("bias_correction", "full"),
+                               activation_ranges=cal.get("activation_ranges", "minmax"))  # fmt: skip
+    return calibration_quantize_settings(config, manifest.profile)
 
 
 def _nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Progress | None,
-                   settings: QuantizeSettings) -> ov.Model:  # fmt: skip
+                   settings: QuantizeSettings, phase: str = "nncf.quantize") -> ov.Model:  # fmt: skip
     import nncf  # heavy: imported only when calibrating
 
     nncf.set_log_level(logging.ERROR)
     if progress:
-        progress("nncf.quantize", 0, 1)
+        progress(phase, 0, 1)
     try:
         q = nncf.quantize(model.clone(), nncf.Dataset(data), subset_size=len(data), **settings.kwargs)
     except Exception as exc:  # NNCF raises many types; translate them all at this boundary
         raise CalibrationError(f"nncf.quantize failed: {type(exc).__name__}: {exc}") from exc
     if progress:
-        progress("nncf.quantize", 1, 1)
+        progress(phase, 1, 1)
     return q
+
+
+RANGE_CHECK_SAMPLES = 256
+"""Held-out samples (at most) on which ``activation_ranges="auto"`` compares the INT8 models."""
+
+
+def _quantize(
+    model: ov.Model,
+    calib: list[list[np.ndarray]],
+    check: list[list[np.ndarray]],
+    output: int,
+    config: CalibrationConfig,
+    profile: DeviceProfile,
+    progress: Progress | None,
+) -> tuple[ov.Model, QuantizeSettings, dict[str, Any]]:
+    """NNCF's INT8 model, its settings and what the manifest records of the activation ranges. With
+    ``auto``, one model per :data:`ACTIVATION_RANGES` entry, kept: the one whose judged output (``output``)
+    has the lower mean NMSE against FP32's on ``check`` (the ground-truth split, held out from scoring; NNCF's
+    subset includes it when the calibration data is small); ties keep NNCF's default (``minmax``)."""
+    if config.activation_ranges != "auto":
+        settings = calibration_quantize_settings(config, profile)
+        q = _nncf_quantize(model, calib, progress, settings)
+        return q, settings, {"activation_ranges": config.activation_ranges}
+    ref = _outputs(model, check, output)
+    built: dict[str, tuple[ov.Model, QuantizeSettings]] = {}
+    nmse: dict[str, float] = {}
+    for ranges in ACTIVATION_RANGES:
+        settings = calibration_quantize_settings(config, profile, activation_ranges=ranges)
+        built[ranges] = _nncf_quantize(model, calib, progress, settings, f"nncf.quantize ({ranges} ranges)"), settings
+        got = _outputs(built[ranges][0], check, output)
+        nmse[ranges] = float(np.mean([np.sum((g - r) ** 2) / max(float(np.sum(r**2)), 1e-30)
+                                      for g, r in zip(got, ref, strict=True)]))  # fmt: skip
+    chosen = min(ACTIVATION_RANGES, key=lambda k: nmse[k])  # the first of equals: NNCF's default
+    return (*built[chosen], {"activation_ranges": chosen, "activation_ranges_nmse": nmse,
+                             "activation_ranges_checked_on": len(check)})  # fmt: skip
+
+
+def _outputs(model: ov.Model, data: list[list[np.ndarray]], output: int) -> list[np.ndarray]:
+    """Output ``output`` of ``model`` (FP32 inference precision) for each item of ``data``."""
+    req = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    return [req.infer(x)[output].astype(np.float64) for x in data]
 
 
 def _nncf_compress_int4(model: ov.Model, progress: Progress | None) -> ov.Model:

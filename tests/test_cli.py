@@ -40,6 +40,11 @@ def test_calibrate_then_infer_json_and_output(tiny_files, tmp_path):
                  "--drop-samples", "8")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert {p.name for p in pkg.iterdir()} == {"model.xml", "model.bin", "apsq.json"}
+    cal = json.loads((pkg / "apsq.json").read_text())["calibration"]  # the default --activation-ranges auto
+    nmse = cal["activation_ranges_nmse"]
+    assert set(nmse) == {"minmax", "histogram"} and cal["activation_ranges"] == min(nmse, key=nmse.get)
+    assert f"INT8 activation ranges: {cal['activation_ranges']}" in result.stdout
+    assert f"{cal['activation_ranges']} activation ranges" in cal["quantizer"]
     inp = tmp_path / "in.npy"
     np.save(inp, conv_chain_data(5, seed=11))
     out = tmp_path / "out.npz"
@@ -246,6 +251,9 @@ def test_policy_errors_are_one_line(tiny_files, tmp_path):
     hold = one_line_error(run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "h",
                               "--router-hold", "sometimes"))  # fmt: skip
     assert "router hold" in hold and "'shifts'" in hold and not (tmp_path / "h").exists()
+    ranges = one_line_error(run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "r",
+                                "--activation-ranges", "percentile"))  # fmt: skip
+    assert "activation ranges" in ranges and "'histogram'" in ranges and not (tmp_path / "r").exists()
 
 
 def test_unnamed_model_output_keeps_the_manifests_name(tmp_path):
