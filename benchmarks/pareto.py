@@ -76,7 +76,7 @@ def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> ap
     return pkg
 
 
-def _settings(pkg: apsq_ov.Package) -> tuple[dict[str, Any], str]:
+def package_settings(pkg: apsq_ov.Package) -> tuple[dict[str, Any], str]:
     """The ``nncf.quantize`` arguments ``pkg`` was calibrated with on this machine, and the suffix of their
     baselines' cache names (the activation ranges calibration chose, when not NNCF's default)."""
     ranges = pkg.manifest.calibration.get("activation_ranges", "minmax")
@@ -97,7 +97,7 @@ def _cached(name: str, reuse: bool, build: Any) -> ov.Model:
 def accuracy_control(tag: str, pkg: apsq_ov.Package, model: ov.Model, calib: list[np.ndarray],
                      held: list[np.ndarray], score: Any, reuse: bool) -> dict[str, ov.Model]:  # fmt: skip
     """NNCF ``quantize_with_accuracy_control`` at each max_drop in :data:`AC_DROPS`, with the quantization
-    settings ``pkg`` was calibrated with (:func:`_settings`).
+    settings ``pkg`` was calibrated with (:func:`package_settings`).
 
     :param score: ``score(compiled, sample_index) -> float`` on the held-out samples (the task metric).
     """
@@ -105,7 +105,7 @@ def accuracy_control(tag: str, pkg: apsq_ov.Package, model: ov.Model, calib: lis
 
     nncf.set_log_level(logging.ERROR)
     items = [(x, k) for k, x in enumerate(held)]
-    settings, suffix = _settings(pkg)
+    settings, suffix = package_settings(pkg)
 
     def validate(compiled: ov.CompiledModel, data) -> float:
         return float(np.mean([score(compiled(x)[0], k) for x, k in data]))
@@ -139,8 +139,8 @@ def nncf_int8(tag: str, pkg: apsq_ov.Package, model: ov.Model, calib: list[np.nd
         with contextlib.redirect_stdout(io.StringIO()):
             return nncf.quantize(model.clone(), nncf.Dataset(calib), subset_size=len(calib), **kwargs)
 
-    settings, suffix = _settings(pkg)
-    apsq = _cached(f"{tag}_int8_apsq{suffix}", reuse, lambda: build(**settings))
+    settings, suffix = package_settings(pkg)
+    apsq = _cached(f"{tag}_int8_apsq{suffix}", reuse, lambda: build(**settings))  # (throughput.py loads it)
     return {"NNCF INT8": _cached(f"{tag}_int8", reuse, build), "NNCF INT8, apsq settings": apsq}
 
 

@@ -34,6 +34,8 @@ CACHE = RESULTS / ".cache" / "pareto"
 sys.path.insert(0, str(HERE))
 console = Console()
 
+from pareto import package_settings  # noqa: E402
+
 
 def inputs(name: str) -> tuple[ov.Model, np.ndarray]:
     """The plain model and the clean evaluation inputs ``benchmarks/pareto.py`` measures throughput on."""
@@ -62,10 +64,11 @@ def main() -> None:
         model, x = inputs(name)
         pkg = apsq_ov.Package.load(CACHE / f"{name}.apsq")
         core = ov.Core()
+        suffix = package_settings(pkg)[1]  # the NNCF model with the settings the package was calibrated with
         plain = [("OpenVINO FP32", "baseline", model, "f32"), ("OpenVINO BF16 (bf16 hint)", "baseline", model, "bf16"),
                  ("NNCF INT8", "baseline", core.read_model(CACHE / "nncf" / f"{name}_int8.xml"), "f32"),
-                 ("NNCF INT8, apsq settings", "baseline", core.read_model(CACHE / "nncf" / f"{name}_int8_apsq.xml"),
-                  "f32")]  # fmt: skip
+                 ("NNCF INT8, apsq settings", "baseline",
+                  core.read_model(CACHE / "nncf" / f"{name}_int8_apsq{suffix}.xml"), "f32")]  # fmt: skip
         runs, waits = [], []
         for r in range(args.repeats):
             with console.status(f"{name}: run {r + 1}/{args.repeats}"):
