@@ -213,8 +213,9 @@ def test_risk_model_extracts_the_deployed_risk(chain):
 
 
 def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
-    """``choose_body``: a budget's static level unless the cascade point for it is faster; ``static`` and
-    ``cascade`` force one; below the smallest cascade budget the cascade escalates every input."""
+    """``choose_body``: a budget's static level unless the cascade point for it is faster (in the mean, and
+    for the median input: it escalates fewer than half); ``static`` and ``cascade`` force one; below the
+    smallest cascade budget the cascade escalates every input."""
     import dataclasses
 
     from apsq_ov.errors import ConfigError
@@ -242,6 +243,12 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
     assert choose_body(m2, 0.02).level != cascade  # the fast route alone fits and the level is faster
     assert choose_body(m, 0.001, "cascade").tau == -NEVER
     assert m.full_level == cascade + 1
+    # Half the inputs or more escalated: a mean below the level's, but the median input runs both routes.
+    busy = [CascadePoint(0.005, 0.3, 0.5, 0.004, 1.2), *points[1:]]
+    m3 = dataclasses.replace(m, router=dataclasses.replace(router, points=busy))
+    assert choose_body(m3, 0.005).level != cascade and choose_body(m3, 0.005, "cascade").tau == 0.3
+    busy[0] = CascadePoint(0.005, 0.3, 0.49, 0.004, 1.2)
+    assert choose_body(m3, 0.005).level == cascade
 
 
 def test_a_larger_budget_never_runs_a_slower_level(tiny_files):
