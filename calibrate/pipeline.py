@@ -862,8 +862,7 @@ def _decision(
     shape = [d.get_length() if d.is_static else 2 for d in out.get_partial_shape()]
     decision = decide([np.zeros(shape, np.float32)], class_axis, name)  # checks the axis
     if decision.binary is not None:
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        decision = decide([np.asarray(compiled(x)[k]) for x in data], class_axis, name)
+        decision = decide(_outputs(model, data, k), class_axis, name)
     return replace(decision, output=k)
 
 
