@@ -320,7 +320,8 @@ def test_cascade_thresholds_hold_the_budget_on_every_distribution_asked():
     router = Router(fast_level=1, precise_level=0, terms=[Term(Feature.MARGIN, None, -1.0)], bias=0.0,
                     probabilities=False, ranges={})  # fmt: skip
     budgets = cascade_budgets([0.0, 0.01, 0.02, 0.04, 1.0])
-    assert budgets == pytest.approx([0.0025, 0.005, 0.01, 0.014142, 0.02, 0.028284, 0.04, 0.2])
+    assert budgets == pytest.approx([0.0025, 0.005, 0.01, 0.011892, 0.014142, 0.016818, 0.02, 0.023784, 0.028284,
+                                     0.033636, 0.04, 0.089443, 0.2, 0.447214])  # 2^(k/4) steps; 0.04 → 1: 25^(k/4)
     clean = cascade_points(router, data, budgets, 1.0, 2.0, 0.0)
     both = cascade_points(router, data, budgets, 1.0, 2.0, 0.0, hold=("clean", "noise"))
     risk = -np.log(margin + 1e-6)
