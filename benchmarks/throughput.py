@@ -7,7 +7,8 @@ configuration to NNCF INT8 still moved by several percent. This script repeats t
 ``benchmarks/pareto.py`` cached, and reports per configuration the median, min and max of its ratio
 to NNCF INT8 (NNCF's defaults) over the runs.
 
-Writes ``results/throughput.json`` and ``results/throughput.md``.
+Writes ``results/throughput.json`` and ``results/throughput.md``; a model not in ``--models`` keeps its
+section from an earlier run (each section is dated).
 
 Usage: ``python benchmarks/throughput.py [--models effnet,fmnist] [--repeats 3] [--seconds 5]``
 (after ``python benchmarks/pareto.py`` has filled ``results/.cache/pareto``).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="throughput seconds per configuration and run")
     ap.add_argument("--compiles", type=int, default=3)
     args = ap.parse_args()
-    out: dict[str, Any] = {"repeats": args.repeats, "seconds": args.seconds, "compiles": args.compiles, "models": {}}
+    path = RESULTS / "throughput.json"
+    out: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    out.setdefault("models", {})
     for name in args.models.split(","):
         model, x = inputs(name)
         pkg = apsq_ov.Package.load(CACHE / f"{name}.apsq")
@@ -74,10 +78,12 @@ def main() -> None:
             with console.status(f"{name}: run {r + 1}/{args.repeats}"):
                 waits.append({})
                 runs.append(bench.throughputs(pkg, plain, x, args.seconds, compiles=args.compiles, waits=waits[-1]))
-        out["models"][name] = {"runs": runs, "waits": waits, "served_by": served_by(pkg)}
+        out["models"][name] = {"runs": runs, "waits": waits, "served_by": served_by(pkg), "repeats": args.repeats,
+                               "seconds": args.seconds, "compiles": args.compiles,
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
         console.print(f"{name}: done")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "throughput.json").write_text(json.dumps(out, indent=1))
+    path.write_text(json.dumps(out, indent=1))
     text = markdown(out)
     (RESULTS / "throughput.md").write_text(text)
     console.print(text)
@@ -102,8 +108,8 @@ def served_by(pkg: apsq_ov.Package) -> dict[str, str]:
 
 def markdown(out: dict[str, Any]) -> str:
     lines = ["# Async throughput, run to run", "",
-             f"`python benchmarks/throughput.py`: {out['repeats']} independent runs, each every model compiled "
-             f"{out['compiles']}x afresh, {out['seconds']:g} s per configuration in 6 interleaved rounds (all cores, "
+             "`python benchmarks/throughput.py`: independent runs (number per model below), each every model compiled "
+             "afresh, seconds per configuration in 6 interleaved rounds (all cores, "
              "THROUGHPUT hint, clean data; every queue twice the optimal number of requests, its callback reading "
              "every result; the adaptive rows through `AdaptiveAsyncInferQueue`, escalations re-run "
              f"{bench.ESCALATION_BATCH} at a time unless marked in-graph). Ratio to NNCF INT8 (NNCF's defaults) in "
@@ -112,7 +118,10 @@ def markdown(out: dict[str, Any]) -> str:
     for name, res in out["models"].items():
         runs, served = res["runs"], res.get("served_by", {})
         header = "| configuration | auto runs | inputs/s (median) | vs NNCF INT8: median [min, max] |"
-        lines += [f"## {name}", "", header, "|---|---|---|---|"]
+        repeats, compiles, seconds = (res.get(k, out.get(k)) for k in ("repeats", "compiles", "seconds"))
+        how = f"{repeats} runs, each compiled {compiles}x afresh, {seconds:g} s per configuration"
+        lines += [f"## {name}", "", f"Run of {res['date']}: {how}." if "date" in res else f"{how}.", "",
+                  header, "|---|---|---|---|"]
         for k in runs[0]:
             v = [run[k] / run["NNCF INT8"] for run in runs]
             rate = float(np.median([run[k] for run in runs]))
