@@ -201,7 +201,7 @@ def choose_body(manifest: Manifest, max_drop: float, policy: str = "auto") -> Bo
     if point is None:
         return Body(k)
     # Where the fast route alone fits (τ = never) the static level usually serves it; the cascade still
-    # wins where it was measured faster (it sits one If below the top of the dispatch, the level deeper).
+    # wins where calibration measured it faster (each body timed compiled on its own, as deployed).
     # ``point.ms`` is the cascade's mean; where it escalates half the inputs or more, the median input runs
     # fast route + precise route, slower than any level (EfficientNet-Lite0 at 0.01: 51% escalated, mean
     # 8.5 ms < level 8.8 ms, median 12.5 ms): the level serves it, faster for most inputs.
