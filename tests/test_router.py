@@ -241,6 +241,11 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
     never = [*points[:2], CascadePoint(0.02, NEVER, 0.0, 0.015, 5.0)]
     m2 = dataclasses.replace(m, router=dataclasses.replace(router, points=never))
     assert choose_body(m2, 0.02).level != cascade  # the fast route alone fits and the level is faster
+    # A cascade reading faster than its own fast route is noise: where that route is the budget's level, the
+    # level serves it (no router on top).
+    noise = [*points[:2], CascadePoint(1.0, NEVER, 0.0, 0.2, 1.0, measured_ms=0.99)]
+    m4 = dataclasses.replace(m, router=dataclasses.replace(router, points=noise))
+    assert choose_body(m4, 1.0).level == router.fast_level and choose_body(m4, 1.0, "cascade").tau == NEVER
     assert choose_body(m, 0.001, "cascade").tau == -NEVER
     assert m.full_level == cascade + 1
     # Half the inputs or more escalated: a mean below the level's, but the median input runs both routes.
