@@ -149,8 +149,8 @@ def adaptive_rows(pkg: Package, rows: list[dict[str, Any]]) -> list[dict[str, An
     for d in m.budgets:
         body = choose_body(m, d)
         point = m.router.point_for(d) if m.router is not None else None
-        if body.level == m.cascade_level and point is not None:
-            src = NEVER_ROW if point.tau >= NEVER else f"apsq cascade {point.max_drop:g}"
+        if body.level == m.cascade_level and point is not None:  # (auto serves a τ = never by the fast route)
+            src = f"apsq cascade {point.max_drop:g}"
         else:
             src = f"apsq static mix {m.levels[body.level].max_drop:g}"
         if src in by_name:

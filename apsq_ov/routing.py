@@ -210,5 +210,6 @@ def choose_body(manifest: Manifest, max_drop: float, policy: str = "auto") -> Bo
     # ``auto`` served the budget with the router on top, 0.949x NNCF INT8 throughput vs the level's ~0.98x).
     cascade_ms = max(point.ms, level_ms(manifest.levels[router.fast_level]))
     if cascade_ms < level_ms(manifest.levels[k]) and point.escalation < 0.5:
-        return Body(len(manifest.levels), point.tau)
+        # τ = never: no input escalates, so the fast route alone gives the same outputs without the router.
+        return Body(router.fast_level) if point.tau >= NEVER else Body(len(manifest.levels), point.tau)
     return Body(k)

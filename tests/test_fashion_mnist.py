@@ -361,9 +361,10 @@ def test_report_shows_the_router_and_the_cascade(fm):
 
 
 def test_bench_rows_for_the_cascade_that_never_escalates(fm):
-    """Where a budget's τ never escalates and ``auto`` runs the cascade there (fast route + router), the
-    bench measures that body once and the budget's adaptive row copies it, not counted as an adaptive
-    point; budgets with a finite τ copy their cascade row; the others their static mix."""
+    """The bench measures the cascade that never escalates once (the router's cost, for the perfect-router
+    bound); where a budget's τ never escalates and the fast route beats the budget's level, ``auto`` runs
+    the fast route alone (same outputs, no router) and the adaptive row copies that static mix; budgets
+    with a finite τ copy their cascade row; the others their static mix."""
     import dataclasses
 
     from apsq_ov.bench import NEVER_ROW, adaptive_rows, dominance, package_methods
@@ -375,18 +376,25 @@ def test_bench_rows_for_the_cascade_that_never_escalates(fm):
     assert m.router is not None and any(p.tau >= NEVER for p in m.router.points)
     names = [meth.name for meth in package_methods(pkg, bf16_reference=False, forced=False)]
     assert names.count(NEVER_ROW) == 1
-    # Levels priced out of reach: auto runs the cascade wherever it has a point.
-    slow = dataclasses.replace(m, levels=[dataclasses.replace(lv, measured_ms=1e9) for lv in m.levels])
+    # Levels but the fast route priced out of reach: auto runs the cascade wherever it has a point.
+    fast = m.router.fast_level
+    slow = dataclasses.replace(m, levels=[dataclasses.replace(lv, measured_ms=0.01 if k == fast else 1e9)
+                                          for k, lv in enumerate(m.levels)])  # fmt: skip
     rows = [{"name": n, "family": "apsq cascade" if "cascade" in n else "apsq static mix", "accuracy": 0.9,
              "median_ms": 1.0} | ({"escalated": 0.1} if n.startswith("apsq cascade 0") else {})
             for n in names]  # fmt: skip
     got = {r["max_drop"]: r for r in adaptive_rows(Package(pkg.path, slow), rows)}
+    fast_row, seen = f"apsq static mix {m.levels[fast].max_drop:g}", set()
     for d in slow.budgets:
         point = slow.router.point_for(d)
-        if choose_body(slow, d).level != slow.cascade_level or point is None or point.tau <= -NEVER:
+        if point is None or point.tau <= -NEVER or point.escalation >= 0.5 or fastest_level(slow.levels, d) == fast:
             continue  # (a τ that escalates every input is the FP32 level plus a fast pass: never measured)
-        expect = NEVER_ROW if point.tau >= NEVER else f"apsq cascade {point.max_drop:g}"
-        assert got[d]["runs"] == expect and (("escalated" in got[d]) == (point.tau < NEVER))
+        never = point.tau >= NEVER
+        assert choose_body(slow, d).level == (fast if never else slow.cascade_level), d
+        assert got[d]["runs"] == (fast_row if never else f"apsq cascade {point.max_drop:g}")
+        assert ("escalated" in got[d]) == (not never)
+        seen.add(never)
+    assert seen == {True, False}  # both kinds of budget were checked
     points = dominance([*rows, *got.values()], "accuracy")["adaptive_points"]
     assert points and all(got[float(p.split()[-1])]["runs"] != NEVER_ROW for p in points)
 

@@ -220,7 +220,7 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
 
     from apsq_ov.errors import ConfigError
     from apsq_ov.package import CascadePoint
-    from apsq_ov.routing import choose_body
+    from apsq_ov.routing import Body, choose_body
 
     m = dataclasses.replace(tiny_files["package"].manifest, router=None, router_note="not built (test)")
     ms = np.linspace(2.0, 1.0, len(m.levels))
@@ -237,7 +237,8 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
     assert choose_body(m, 0.005).level == cascade and choose_body(m, 0.005).tau == 0.3  # 1.2 ms beats the level
     assert choose_body(m, 0.01).level == k  # the level (measured) beats a 9 ms cascade
     assert choose_body(m, 0.01, "cascade").tau == 0.7 and choose_body(m, 0.005, "static").level != cascade
-    assert choose_body(m, 0.02).level == cascade  # τ = never, measured faster than the level: still the cascade
+    # τ = never, faster than the budget's level: the fast route it runs on every input, without the router.
+    assert choose_body(m, 0.02) == Body(router.fast_level) and choose_body(m, 0.02, "cascade").tau == NEVER
     never = [*points[:2], CascadePoint(0.02, NEVER, 0.0, 0.015, 5.0)]
     m2 = dataclasses.replace(m, router=dataclasses.replace(router, points=never))
     assert choose_body(m2, 0.02).level != cascade  # the fast route alone fits and the level is faster
@@ -245,7 +246,7 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
     # level serves it (no router on top).
     noise = [*points[:2], CascadePoint(1.0, NEVER, 0.0, 0.2, 1.0, measured_ms=0.99)]
     m4 = dataclasses.replace(m, router=dataclasses.replace(router, points=noise))
-    assert choose_body(m4, 1.0).level == router.fast_level and choose_body(m4, 1.0, "cascade").tau == NEVER
+    assert choose_body(m4, 1.0) == Body(router.fast_level) and choose_body(m4, 1.0, "cascade").tau == NEVER
     assert choose_body(m, 0.001, "cascade").tau == -NEVER
     assert m.full_level == cascade + 1
     # Half the inputs or more escalated: a mean below the level's, but the median input runs both routes.
