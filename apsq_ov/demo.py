@@ -121,7 +121,8 @@ def run_demo(
             progress("measure", k + 1, total)
     for k, (name, policy) in enumerate(policies, start=len(configs)):
         # Timed like the static rows: the raw OpenVINO request, policy state written once beforehand.
-        # (AdaptiveInferRequest.infer adds ~10 us of input checks per call on top.)
+        # (AdaptiveInferRequest.infer adds ~10 us of input checks per call on top.) The route is read after
+        # the clock through the API: a level without routed ops runs a body without the route output.
         request = adaptive.create_infer_request()
         request.set_policy(**policy)
         raw = request.request
@@ -132,7 +133,7 @@ def run_demo(
             res = raw.infer([x_test[i : i + 1]])
             lat.append(time.perf_counter() - t0)
             predicted.append(int(np.argmax(res[0])))
-            routes.append(tuple(int(c) for c in res["apsq_route"]))
+            routes.append(tuple(int(c) for c in request.get_result().route))
         counts = collections.Counter(routes)
         fast = tuple(m.fast_route_codes or ()) if policy.get("policy") == "cascade" else None
         rows.append({

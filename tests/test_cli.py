@@ -275,3 +275,24 @@ def test_unnamed_model_output_keeps_the_manifests_name(tmp_path):
     assert run("infer", pkg, "--input", inp, "--output", out).exit_code == 0
     with np.load(out) as z:
         assert z["output0"].shape == (3, 4)
+
+
+def test_demo_runs_the_main_job_end_to_end(tmp_path):
+    """``apsq-ov demo`` (the README's first command) on the bundled ResNet and 200 real Fashion-MNIST test
+    images: every configuration runs and reads the route it took (a level without routed ops runs a body
+    without the route output), the FP32 level answers as OpenVINO FP32 does, and the JSON matches the table."""
+    result = run("demo", "-o", tmp_path / "demo", "--limit", "200")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert doc["samples"] == 200 and all(name[:40] in result.stdout for name in rows)
+    assert all(0.85 < r["accuracy"] <= 1.0 and r["median_ms"] > 0 for r in rows.values())  # a trained model
+    fp32 = rows["OpenVINO FP32 (static)"]
+    levels = [r for n, r in rows.items() if n.startswith("apsq-ov static level")]
+    cascades = [r for n, r in rows.items() if n.startswith("apsq-ov cascade")]
+    assert levels and cascades and sum("(default)" in n for n in rows) == 1
+    assert rows["apsq-ov static level, max-drop 0"]["accuracy"] == fp32["accuracy"]
+    assert all(r["distinct_routes"] == 1 and r["top_route_share"] == 1.0 for r in levels)  # no routed ops
+    for r in cascades:  # the fast route, or the fast route and the escalation
+        assert r["distinct_routes"] in (1, 2) and 0.0 <= r["escalated"] < 0.5
+        assert r["escalated"] == pytest.approx(1.0 - r["top_route_share"] if r["distinct_routes"] == 2 else 0.0)
