@@ -200,16 +200,19 @@ def choose_body(manifest: Manifest, max_drop: float, policy: str = "auto") -> Bo
         return Body(len(manifest.levels), -NEVER if point is None else point.tau)
     if point is None:
         return Body(k)
-    # Where the fast route alone fits (τ = never) the static level usually serves it; the cascade still
-    # wins where calibration measured it faster (each body timed compiled on its own, as deployed).
-    # ``point.ms`` is the cascade's mean; where it escalates half the inputs or more, the median input runs
-    # fast route + precise route, slower than any level (EfficientNet-Lite0 at 0.01: 51% escalated, mean
-    # 8.5 ms < level 8.8 ms, median 12.5 ms): the level serves it, faster for most inputs.
-    # Every input runs the fast route first, so the cascade costs at least that level: a reading below it is
-    # timing noise (EfficientNet-Lite0 at budget 1: τ = never read 4.19 ms, its fast route 4.21 ms, and
-    # ``auto`` served the budget with the router on top, 0.949x NNCF INT8 throughput vs the level's ~0.98x).
-    cascade_ms = max(point.ms, level_ms(manifest.levels[router.fast_level]))
-    if cascade_ms < level_ms(manifest.levels[k]) and point.escalation < 0.5:
-        # τ = never: no input escalates, so the fast route alone gives the same outputs without the router.
-        return Body(router.fast_level) if point.tau >= NEVER else Body(len(manifest.levels), point.tau)
+    fast_ms = level_ms(manifest.levels[router.fast_level])
+    if point.tau >= NEVER:
+        # τ = never: the router measured the fast route alone within this budget on held-out calibration
+        # inputs, so the fast level serves it where it is faster than the budget's level — the cascade's
+        # outputs without the router on top (EfficientNet-Lite0 at budgets 0.13–1 ran the never-escalating
+        # cascade, 0.949x NNCF INT8 throughput, where its fast route runs ~0.98x).
+        return Body(router.fast_level) if fast_ms < level_ms(manifest.levels[k]) else Body(k)
+    # Otherwise the cascade serves the budget where calibration timed it faster than the level (each body
+    # compiled on its own, as deployed). ``point.ms`` is the cascade's mean; where it escalates half the
+    # inputs or more, the median input runs fast route + precise route, slower than any level
+    # (EfficientNet-Lite0 at 0.01: 51% escalated, mean 8.5 ms < level 8.8 ms, median 12.5 ms): the level
+    # serves it, faster for most inputs. Every input runs the fast route first, so the cascade costs at
+    # least that level: a reading below it is timing noise.
+    if max(point.ms, fast_ms) < level_ms(manifest.levels[k]) and point.escalation < 0.5:
+        return Body(len(manifest.levels), point.tau)
     return Body(k)

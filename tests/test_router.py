@@ -239,9 +239,15 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
     assert choose_body(m, 0.01, "cascade").tau == 0.7 and choose_body(m, 0.005, "static").level != cascade
     # τ = never, faster than the budget's level: the fast route it runs on every input, without the router.
     assert choose_body(m, 0.02) == Body(router.fast_level) and choose_body(m, 0.02, "cascade").tau == NEVER
-    never = [*points[:2], CascadePoint(0.02, NEVER, 0.0, 0.015, 5.0)]
-    m2 = dataclasses.replace(m, router=dataclasses.replace(router, points=never))
-    assert choose_body(m2, 0.02).level != cascade  # the fast route alone fits and the level is faster
+    # The cascade's own timing (router included) does not matter there: the fast route runs without it.
+    pricey = [*points[:2], CascadePoint(0.02, NEVER, 0.0, 0.015, 1.0, measured_ms=9.9)]
+    assert choose_body(dataclasses.replace(m, router=dataclasses.replace(router, points=pricey)), 0.02) == Body(
+        router.fast_level)
+    # ... unless the budget's level is faster than the fast route (its τ = never point's timing is moot).
+    k2 = next(i for i, lv in enumerate(levels) if lv.max_drop == 0.02)
+    slow_fast = [dataclasses.replace(lv, measured_ms=3.0) if i == router.fast_level else lv
+                 for i, lv in enumerate(levels)]  # fmt: skip
+    assert choose_body(dataclasses.replace(m, levels=slow_fast), 0.02) == Body(k2)
     # A cascade reading faster than its own fast route is noise: where that route is the budget's level, the
     # level serves it (no router on top).
     noise = [*points[:2], CascadePoint(1.0, NEVER, 0.0, 0.2, 1.0, measured_ms=0.99)]
