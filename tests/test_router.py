@@ -239,15 +239,22 @@ def test_auto_policy_picks_the_faster_of_level_and_cascade(tiny_files):
     assert choose_body(m, 0.01, "cascade").tau == 0.7 and choose_body(m, 0.005, "static").level != cascade
     # τ = never, faster than the budget's level: the fast route it runs on every input, without the router.
     assert choose_body(m, 0.02) == Body(router.fast_level) and choose_body(m, 0.02, "cascade").tau == NEVER
-    # The cascade's own timing (router included) does not matter there: the fast route runs without it.
-    pricey = [*points[:2], CascadePoint(0.02, NEVER, 0.0, 0.015, 1.0, measured_ms=9.9)]
-    assert choose_body(dataclasses.replace(m, router=dataclasses.replace(router, points=pricey)), 0.02) == Body(
-        router.fast_level)
-    # ... unless the budget's level is faster than the fast route (its τ = never point's timing is moot).
+    # ... only where it wins with the router priced in (its drop is the router's estimate, not the dial's).
     k2 = next(i for i, lv in enumerate(levels) if lv.max_drop == 0.02)
+    pricey = [*points[:2], CascadePoint(0.02, NEVER, 0.0, 0.015, 1.0, measured_ms=9.9)]
+    assert choose_body(dataclasses.replace(m, router=dataclasses.replace(router, points=pricey)), 0.02) == Body(k2)
+    # ... and never where the budget's level is faster than the fast route itself.
     slow_fast = [dataclasses.replace(lv, measured_ms=3.0) if i == router.fast_level else lv
                  for i, lv in enumerate(levels)]  # fmt: skip
     assert choose_body(dataclasses.replace(m, levels=slow_fast), 0.02) == Body(k2)
+    # Once the fast route won a τ = never budget it serves the larger ones where it beats their (faster)
+    # level, even by less than the router's cost: a larger budget never runs slower.
+    k1 = next(i for i, lv in enumerate(levels) if lv.max_drop == 0.01)
+    dial = [dataclasses.replace(lv, measured_ms={k1: 2.0, k2: 1.2, router.fast_level: 1.0}.get(i, 9.0))
+            for i, lv in enumerate(levels)]  # fmt: skip
+    nevers = [points[0], CascadePoint(0.01, NEVER, 0.0, 0.009, 1.5), CascadePoint(0.02, NEVER, 0.0, 0.009, 1.5)]
+    m5 = dataclasses.replace(m, levels=dial, router=dataclasses.replace(router, points=nevers))
+    assert choose_body(m5, 0.01) == choose_body(m5, 0.02) == Body(router.fast_level)
     # A cascade reading faster than its own fast route is noise: where that route is the budget's level, the
     # level serves it (no router on top).
     noise = [*points[:2], CascadePoint(1.0, NEVER, 0.0, 0.2, 1.0, measured_ms=0.99)]
