@@ -99,15 +99,16 @@ def run_demo(
     ]  # fmt: skip
     adaptive = compile_model(package, "CPU", latency_cfg, standalone="all")  # each level as deployed
     default = adaptive.plan(max_drop=m.default_max_drop)
+    mark = f" (runs the default, max-drop {m.default_max_drop:g})"
     policies: list[tuple[str, dict[str, Any]]] = [
-        (f"apsq-ov static level, max-drop {lv.max_drop:g}" + (" (default)" if i == default.level else ""),
+        (f"apsq-ov static level, max-drop {lv.max_drop:g}" + (mark if i == default.level else ""),
          {"max_drop": lv.max_drop, "policy": "static"})
         for i, lv in enumerate(m.levels)
     ]  # fmt: skip
     if m.router is not None:  # the escalation cascade at each budget that escalates some inputs
         policies += [
             (f"apsq-ov cascade, max-drop {p.max_drop:g}"
-             + (" (default)" if default.level == m.cascade_level and p.tau == default.tau else ""),
+             + (mark if default.level == m.cascade_level and p.tau == default.tau else ""),
              {"max_drop": p.max_drop, "policy": "cascade"})
             for p in m.router.points if -NEVER < p.tau < NEVER
         ]  # fmt: skip

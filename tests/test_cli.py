@@ -290,7 +290,7 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path):
     fp32 = rows["OpenVINO FP32 (static)"]
     levels = [r for n, r in rows.items() if n.startswith("apsq-ov static level")]
     cascades = [r for n, r in rows.items() if n.startswith("apsq-ov cascade")]
-    assert levels and cascades and sum("(default)" in n for n in rows) == 1
+    assert levels and cascades and sum("(runs the default, max-drop 0.01)" in n for n in rows) == 1
     assert rows["apsq-ov static level, max-drop 0"]["accuracy"] == fp32["accuracy"]
     assert all(r["distinct_routes"] == 1 and r["top_route_share"] == 1.0 for r in levels)  # no routed ops
     for r in cascades:  # the fast route, or the fast route and the escalation
