@@ -280,7 +280,7 @@ def test_unnamed_model_output_keeps_the_manifests_name(tmp_path):
 def test_demo_runs_the_main_job_end_to_end(tmp_path):
     """``apsq-ov demo`` (the README's first command) on the bundled ResNet and 200 real Fashion-MNIST test
     images: every configuration runs and reads the route it took (a level without routed ops runs a body
-    without the route output), the FP32 level answers as OpenVINO FP32 does, and the JSON matches the table."""
+    without the route output), the FP32 level reads OpenVINO FP32's accuracy, and the JSON matches the table."""
     result = run("demo", "-o", tmp_path / "demo", "--limit", "200")
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "demo" / "demo_results.json").read_text())

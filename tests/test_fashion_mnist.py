@@ -362,8 +362,8 @@ def test_report_shows_the_router_and_the_cascade(fm):
 
 def test_bench_rows_for_the_cascade_that_never_escalates(fm):
     """The bench measures the cascade that never escalates once (the router's cost, for the perfect-router
-    bound); where a budget's τ never escalates and the fast route beats the budget's level, ``auto`` runs
-    the fast route alone (same outputs, no router) and the adaptive row copies that static mix; budgets
+    bound); where a budget's τ never escalates and that cascade, router included, beats the budget's level,
+    ``auto`` runs the fast level alone (same outputs, no router) and the adaptive row copies that static mix; budgets
     with a finite τ copy their cascade row; the others their static mix."""
     import dataclasses
 
