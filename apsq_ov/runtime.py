@@ -213,8 +213,9 @@ class AdaptiveCompiledModel:
 
         ``max_drop`` selects a level of the dial — the level body with the largest budget ≤ ``max_drop``
         (static ops, a few per-input routed ones) — or, where the package has a router and it is faster
-        for that budget, the escalation cascade at that budget's threshold (``policy``: ``auto``,
-        ``static``, ``cascade``; see :func:`apsq_ov.routing.choose_body`). ``precision`` /
+        for that budget, the escalation cascade at that budget's threshold, or its fast level alone where
+        that threshold never escalates (``policy``: ``auto``, ``static``, ``cascade``; see
+        :func:`apsq_ov.routing.choose_body`). ``precision`` /
         ``precision_map`` run the fully routed body, where every op follows its own state.
         """
         key = _policy_key(max_drop, precision, precision_map, policy)
