@@ -149,7 +149,7 @@ def adaptive_rows(pkg: Package, rows: list[dict[str, Any]]) -> list[dict[str, An
     for d in m.budgets:
         body = choose_body(m, d)
         point = m.router.point_for(d) if m.router is not None else None
-        if body.level == m.cascade_level and point is not None:  # (auto serves a τ = never by the fast route)
+        if body.level == m.cascade_level and point is not None:  # (a τ = never budget runs a level under auto)
             src = f"apsq cascade {point.max_drop:g}"
         else:
             src = f"apsq static mix {m.levels[body.level].max_drop:g}"
