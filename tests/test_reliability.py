@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import apsq_ov
+from apsq_ov import runtime
 from apsq_ov.cli import app
 from apsq_ov.errors import ConfigError, DataError
 from apsq_ov.package import ROUTE_OUTPUT, Package, sha256_file
@@ -246,10 +247,21 @@ def test_async_queue_10000_requests_with_random_policies_match_runs_alone(compil
     assert len(routes) > 3  # the policies really did route differently
 
 
-def test_async_queue_nonfinite_inputs_and_input_forms_match_runs_alone(compiled):
-    """The queue checks for NaN/Inf in the callback's thread and re-runs such inputs on the FP32 level;
-    inputs given as Fortran-ordered or float64 arrays, lists or dicts skip its exact-array fast path:
-    every result, whichever way in, is what the same input gives alone (NaN compared as NaN)."""
+@pytest.mark.parametrize("fed", ["copied", "dispatched"])
+def test_async_queue_nonfinite_inputs_and_input_forms_match_runs_alone(compiled, fed, monkeypatch):
+    """The queue re-runs inputs holding NaN/Inf on the FP32 level, whether it copied an input into the
+    request itself and checked it there (``copied``: static input shapes, as calibration makes them) or
+    handed it to OpenVINO's ``start_async`` and checks it in the callback's thread (``dispatched``: dynamic
+    shapes); inputs given as Fortran-ordered or float64 arrays, lists or dicts are converted first: every
+    result, whichever way in, is what the same input gives alone (NaN compared as NaN)."""
+    if fed == "dispatched":
+        made = runtime._Pool.__init__
+
+        def dynamic(self, *args):
+            made(self, *args)
+            self.inputs = [None] * len(self.inputs)
+
+        monkeypatch.setattr(runtime._Pool, "__init__", dynamic)
     pool = _pool()[:12]
     bad = pool.copy()
     bad[::3, 0, 1, 2] = np.nan
@@ -264,6 +276,7 @@ def test_async_queue_nonfinite_inputs_and_input_forms_match_runs_alone(compiled)
         queue.start_async(forms[f](src[i : i + 1]), n, **POLICIES[k])
     queue.wait_all()
     assert sorted(results) == list(range(len(jobs)))
+    assert queue._pools and all((p.inputs[0] is None) == (fed == "dispatched") for p in queue._pools.values())
     flagged = 0
     for n, (src, i, k, _f) in enumerate(jobs):
         want = compiled.create_infer_request().infer(src[i : i + 1], **POLICIES[k])
