@@ -404,6 +404,7 @@ def run_suite(
                 waits: dict[str, dict[str, float]] = {}
                 entry["throughput"] = throughputs(pkg, plain, xs, throughput_s, compiles=compiles, waits=waits)
                 entry["throughput_waits"] = waits
+                entry["throughput_feed"] = "copied"  # how queues got their inputs (see write_markdown)
             result["shifts"][s] = entry
     return result
 
@@ -555,7 +556,8 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
              "Latency: 1 thread, LATENCY hint, f32 hint, median over all inputs (mean beside it), methods "
              "interleaved in blocks of 25 inputs; ratios against NNCF INT8 in the same run. Throughput: async "
              "queue, all cores, THROUGHPUT hint, clean data, median of 6 interleaved rounds; every queue twice the "
-             "optimal number of requests, its callback reading every result, the adaptive rows through "
+             "optimal number of requests, each input copied into the idle request's input tensor and the request "
+             "started without inputs, its callback reading every result, the adaptive rows through "
              f"`AdaptiveAsyncInferQueue` (escalations re-run {ESCALATION_BATCH} at a time, or in the graph where "
              "marked). Every model compiled "
              + ", ".join(sorted({f"{r.get('compiles', 1)}x" for r in result.get("models", {}).values()}))
@@ -597,6 +599,10 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
             if "throughput" in entry:
                 tp = entry["throughput"]
                 ref = tp.get("NNCF INT8")
+                if entry.get("throughput_feed") != "copied":
+                    lines += ["Throughput of an earlier run: every queue fed through `start_async(array)` (OpenVINO's "
+                              "Python input dispatch per input), the adaptive queue checking NaN/Inf in its "
+                              "callback.", ""]  # fmt: skip
                 lines += ["| async throughput (clean) | inputs/s | vs NNCF INT8 |", "|---|---|---|"]
                 lines += [f"| {k} | {v:.0f} | {v / ref:.2f}x |" if ref else f"| {k} | {v:.0f} | |"
                           for k, v in tp.items()]

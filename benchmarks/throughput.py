@@ -110,7 +110,8 @@ def markdown(out: dict[str, Any]) -> str:
     lines = ["# Async throughput, run to run", "",
              "`python benchmarks/throughput.py`: independent runs (number per model below), each every model compiled "
              "afresh, seconds per configuration in 6 interleaved rounds (all cores, "
-             "THROUGHPUT hint, clean data; every queue twice the optimal number of requests, its callback reading "
+             "THROUGHPUT hint, clean data; every queue twice the optimal number of requests, each input copied into "
+             "the idle request's input tensor and the request started without inputs, its callback reading "
              "every result; the adaptive rows through `AdaptiveAsyncInferQueue`, escalations re-run "
              f"{bench.ESCALATION_BATCH} at a time unless marked in-graph). Ratio to NNCF INT8 (NNCF's defaults) in "
              "the same run: median [min, max] over the runs. Last, the wait of escalated inputs in the last run.",
