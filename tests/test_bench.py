@@ -8,7 +8,7 @@ import numpy as np
 import openvino as ov
 from typer.testing import CliRunner
 
-from apsq_ov.bench import dominance, measure, package_methods, pareto_flags, plain_method
+from apsq_ov.bench import dominance, measure, package_methods, pareto_flags, plain_method, write_markdown
 from apsq_ov.cli import app
 from tests.models import conv_chain_data
 
@@ -58,6 +58,14 @@ def test_bench_cli_json_and_plots(tiny_files, tmp_path):
     assert len(bound["rows"]) == len(m.levels) - 1 and bound["router_ms"] == 0.0
     assert all(r["agreement"] == 1.0 for r in bound["rows"])
     assert doc["shifts"]["noise"]["seen_by_calibration"] and png.is_file() and (tmp_path / "p-noise.png").is_file()
+    # BENCHMARKS.md marks throughput measured before queues were fed by copying into their requests.
+    md = tmp_path / "BENCHMARKS.md"
+    assert doc["shifts"]["clean"]["throughput_feed"] == "copied"
+    write_markdown({"models": {"tiny": doc}}, md, tmp_path)
+    assert "| async throughput (clean) |" in md.read_text() and "Throughput of an earlier run" not in md.read_text()
+    del doc["shifts"]["clean"]["throughput_feed"]
+    write_markdown({"models": {"tiny": doc}}, md, tmp_path)
+    assert md.read_text().count("Throughput of an earlier run") == 1
     bad = runner.invoke(app, ["bench", str(tiny_files["package"].path), "--data", str(data), "--shift", "fog"])
     assert bad.exit_code == 2 and "fog" in bad.output
 
