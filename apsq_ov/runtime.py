@@ -501,15 +501,15 @@ class AdaptiveAsyncInferQueue:
     (it may wait for an idle request only a callback can free).
 
     The thread calling :meth:`start_async` is the producer every request waits on, so the queue does
-    there only what must precede the start. Fast path (one C-contiguous array of the input's exact shape
-    and dtype, a policy seen before, a graph with static input shapes): the array is copied into the idle
-    request's own input tensor, checked there for NaN/Inf while it is still in cache, and the request
-    started without inputs (no OpenVINO input dispatch per call: on Fashion-MNIST that dispatch was a
-    quarter of a start's cost). Other inputs go through OpenVINO's ``start_async`` and are checked in the
-    callback's thread. An input holding NaN/Inf runs its policy's route first, and is re-run on the FP32
-    level before its callback (the in-graph range check cannot see NaN: its comparisons are false).
-    Checking the request's input in the callback instead, out of cache, cost ~70 µs per 600 KB
-    EfficientNet-Lite0 input and 7% of its async throughput.
+    there only what must precede the start. On a graph with static input shapes (as calibration makes
+    them) each input array is copied into the idle request's own input tensor, checked there for NaN/Inf
+    while it is still in cache, and the request started without inputs: OpenVINO's per-call input
+    dispatch, skipped so, cost Fashion-MNIST's NNCF INT8 a quarter of its async throughput in a plain
+    ``AsyncInferQueue``. With dynamic input shapes the arrays go through OpenVINO's ``start_async`` and
+    are checked in the callback's thread. An input holding NaN/Inf runs its policy's route first, and is
+    re-run on the FP32 level before its callback (the in-graph range check cannot see NaN: its
+    comparisons are false). Checking every input in the callback, out of cache, cost ~70 µs per 600 KB
+    EfficientNet-Lite0 input: most of the 3–7% by which this queue trailed OpenVINO's on that model.
 
     On a model compiled with ``escalation_batch`` (:func:`compile_model`), an input whose policy runs the
     escalation cascade runs its fast route only; if the router escalates it, its inputs are kept and
