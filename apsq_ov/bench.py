@@ -160,9 +160,10 @@ def adaptive_rows(pkg: Package, rows: list[dict[str, Any]]) -> list[dict[str, An
 
 
 def measure(methods: Sequence[Method], x: np.ndarray, *, block: int = 25, progress: Any = None,
-            desc: str = "measure", output: int = 0) -> None:  # fmt: skip
+            desc: str = "measure", output: int = 0, keep_routes: bool = False) -> None:  # fmt: skip
     """Every input through every method, block by block (see the module docstring); each keeps its
-    output ``output`` (the one calibration judged: every method has the source model's outputs in order)."""
+    output ``output`` (the one calibration judged: every method has the source model's outputs in order)
+    and, with ``keep_routes``, each input's ``apsq_route`` (where its graph has one) in ``routes``."""
     clock = time.perf_counter
     for meth in methods:
         for req in [meth.request, *meth.spares]:
@@ -193,7 +194,8 @@ def measure(methods: Sequence[Method], x: np.ndarray, *, block: int = 25, progre
     for meth in methods:
         if meth.fast_codes is not None:
             meth.escalated = [bool((r.reshape(-1) != meth.fast_codes).any()) for r in meth.routes]
-        meth.routes.clear()
+        if not keep_routes:
+            meth.routes.clear()
 
 
 def quality(meth: Method, reference: np.ndarray, labels: np.ndarray | None, task: Task | None) -> dict[str, Any]:

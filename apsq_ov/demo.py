@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,21 +20,35 @@ import numpy as np
 import openvino as ov
 
 from apsq_ov import embedded_model
+from apsq_ov.bench import Method, measure
 from apsq_ov.datasets import load_fashion_mnist
 from apsq_ov.package import NEVER
 
 CALIBRATION_SAMPLES = 1000
 
 
-def _time_static(compiled: ov.CompiledModel, x: np.ndarray) -> tuple[np.ndarray, float]:
-    request = compiled.create_infer_request()
-    preds, lat = [], []
-    for i in range(len(x)):
-        t0 = time.perf_counter()
-        res = request.infer([x[i : i + 1]])
-        lat.append(time.perf_counter() - t0)
-        preds.append(int(np.argmax(res[0])))
-    return np.asarray(preds), float(np.median(lat) * 1e3)
+def _accuracy(meth: Method, labels: np.ndarray) -> float:
+    """Top-1 accuracy of one measured configuration (its outputs come back in the order it ran them)."""
+    top = np.array([int(np.argmax(y)) for y in meth.outputs])
+    return float(np.mean(top == labels[np.asarray(meth.index)]))
+
+
+class _Phase:
+    """:func:`apsq_ov.bench.measure`'s progress (``add_task``/``advance``) onto a phase callback."""
+
+    def __init__(self, callback: Callable[[str, int, int], None] | None) -> None:
+        self.callback, self.desc, self.done, self.total = callback, "", 0, 0
+
+    def add_task(self, desc: str, total: int) -> int:
+        self.desc, self.done, self.total = desc, 0, total
+        if self.callback is not None:
+            self.callback(desc, 0, total)
+        return 0
+
+    def advance(self, _task: int, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.desc, self.done, self.total)
 
 
 def run_demo(
@@ -113,41 +126,36 @@ def run_demo(
             for p in m.router.points if -NEVER < p.tau < NEVER
         ]  # fmt: skip
     policies += [(f"apsq-ov forced {p}, every op routed", {"precision": p}) for p in ("fp32", "int8")]
-    total = len(configs) + len(policies)
-    rows: list[dict[str, Any]] = []
-    for k, (name, compiled) in enumerate(configs):
-        preds, med = _time_static(compiled, x_test)
-        rows.append({"name": name, "accuracy": float(np.mean(preds == y_test)), "median_ms": med})
-        if progress:
-            progress("measure", k + 1, total)
-    for k, (name, policy) in enumerate(policies, start=len(configs)):
-        # Timed like the static rows: the raw OpenVINO request, policy state written once beforehand.
-        # (AdaptiveInferRequest.infer adds ~10 us of input checks per call on top.) The route is read after
-        # the clock through the API: a level without routed ops runs a body without the route output.
+    # Every configuration on every image, interleaved block by block with a warm-up (bench.measure, the
+    # benchmarks' protocol): timed one after another, a configuration could read a passing slow spell of
+    # a shared machine as its own cost (seen: NNCF INT8 at 1.4x the same graph's static level).
+    methods = [Method(name, "baseline", compiled.create_infer_request()) for name, compiled in configs]
+    wrappers = []
+    for name, policy in policies:  # the raw OpenVINO request, policy state written once beforehand
         request = adaptive.create_infer_request()
         request.set_policy(**policy)
-        raw = request.request
-        predicted: list[int] = []
-        lat, routes = [], []
-        for i in range(len(x_test)):
-            t0 = time.perf_counter()
-            res = raw.infer([x_test[i : i + 1]])
-            lat.append(time.perf_counter() - t0)
-            predicted.append(int(np.argmax(res[0])))
-            routes.append(tuple(int(c) for c in request.get_result().route))
+        wrappers.append(request)
+        methods.append(Method(name, "apsq", request.request))
+    measure(methods, x_test, progress=_Phase(progress), keep_routes=True)
+    rows: list[dict[str, Any]] = []
+    for meth in methods[: len(configs)]:
+        rows.append({"name": meth.name, "accuracy": _accuracy(meth, y_test), "median_ms": float(np.median(meth.ms))})
+    for meth, request, (name, policy) in zip(methods[len(configs) :], wrappers, policies, strict=True):
+        # A level without routed ops runs a body without the route output: its route is the body's own.
+        routes = [tuple(int(c) for c in r.reshape(-1)) for r in meth.routes] or [
+            tuple(int(c) for c in request.get_result().route)
+        ] * len(x_test)
         counts = collections.Counter(routes)
         fast = tuple(m.fast_route_codes or ()) if policy.get("policy") == "cascade" else None
         rows.append({
             "name": name,
             "policy": policy,
-            "accuracy": float(np.mean(np.asarray(predicted) == y_test)),
-            "median_ms": float(np.median(lat) * 1e3),
+            "accuracy": _accuracy(meth, y_test),
+            "median_ms": float(np.median(meth.ms)),
             "distinct_routes": len(counts),
             "top_route_share": counts.most_common(1)[0][1] / len(routes),
             "route_patterns": [{"route": list(r), "fraction": c / len(routes)} for r, c in counts.most_common(10)],
         } | ({} if fast is None else {"escalated": float(np.mean([r != fast for r in routes]))}))  # fmt: skip
-        if progress:
-            progress("measure", k + 1, total)
     fp32_ms = rows[0]["median_ms"]
     for row in rows:
         row["ratio_vs_fp32"] = row["median_ms"] / fp32_ms
