@@ -289,6 +289,14 @@ def _queue_rate(queue: ov.AsyncInferQueue, x: np.ndarray, seconds: float) -> flo
     return _rate(start, queue.wait_all, x, seconds)
 
 
+def plain_rate(compiled: ov.CompiledModel, x: np.ndarray, seconds: float) -> float:
+    """Inputs per second of ``compiled`` in a plain ``openvino.AsyncInferQueue`` (:func:`_queue`), fed as every
+    throughput row here is (:func:`_queue_rate`), after :data:`WARMUP_S` untimed."""
+    queue = _queue(compiled, None)
+    _queue_rate(queue, x, WARMUP_S)
+    return _queue_rate(queue, x, seconds)
+
+
 def _adaptive_rate(queue: Any, x: np.ndarray, max_drop: float, timing: tuple[list[float], list[float]] | None,
                    seconds: float) -> float:  # fmt: skip
     """Inputs per second through an ``AdaptiveAsyncInferQueue`` at ``max_drop``; with ``timing``, each input's
