@@ -343,7 +343,35 @@ def dominance(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     dominating = [(a["name"], b["name"]) for a in adaptive for b in rivals if _dominates(a, b, key)]
     holds = bool(adaptive) and not dominated and bool(dominating)
     return {"adaptive_points": [a["name"] for a in adaptive], "adaptive_dominated_by": dominated,
-            "adaptive_dominates": dominating, "holds": holds}  # fmt: skip
+            "adaptive_dominates": dominating, "holds": holds,
+            "margins": [_margin(b, a, key) for a in adaptive for b in rivals if _dominates(b, a, key)],
+            "closest": [] if dominating else _closest(adaptive, rivals, key)}  # fmt: skip
+
+
+def _margin(winner: dict[str, Any], loser: dict[str, Any], key: str) -> dict[str, Any]:
+    """By how much ``winner`` beats ``loser``: quality (its units, ×100 = points) and median ms."""
+    return {"winner": winner["name"], "loser": loser["name"], "quality": winner[key] - loser[key],
+            "ms": loser["median_ms"] - winner["median_ms"]}  # fmt: skip
+
+
+def _closest(adaptive: list[dict[str, Any]], rivals: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Where no adaptive point dominates a rival, the nearest misses: the adaptive point that lacks the
+    least quality to dominate a rival it is already as fast as, and the one that is the least slower than a
+    rival it is already as good as (what a point would have to gain to dominate)."""
+    out = []
+    by_quality = [(b[key] - a[key], a, b) for a in adaptive for b in rivals
+                  if a["median_ms"] <= b["median_ms"] and a[key] <= b[key]]  # fmt: skip
+    if by_quality:
+        gap, a, b = min(by_quality, key=lambda t: t[0])
+        out.append({"adaptive": a["name"], "rival": b["name"], "lacks": "quality", "gap": gap,
+                    "note": "a tie in both" if gap == 0 and a["median_ms"] == b["median_ms"] else ""})  # fmt: skip
+    by_time = [(a["median_ms"] - b["median_ms"], a, b) for a in adaptive for b in rivals
+               if a[key] >= b[key] and a["median_ms"] > b["median_ms"]]  # fmt: skip
+    if by_time:
+        gap, a, b = min(by_time, key=lambda t: t[0] / t[2]["median_ms"])
+        out.append({"adaptive": a["name"], "rival": b["name"], "lacks": "latency", "gap": gap,
+                    "ratio": a["median_ms"] / b["median_ms"]})  # fmt: skip
+    return out
 
 
 def run_suite(
@@ -598,13 +626,19 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
                              f"{r['kl']:.4f} | {r['median_ms']:.3f} | {r['mean_ms']:.3f} | "
                              f"{r['median_ms'] / base['median_ms']:.2f}x | {esc} |")  # fmt: skip
             d = entry["dominance"] = dominance(rows, key)
-            worst = ", ".join(f"{a} by {b}" for a, b in d["adaptive_dominated_by"][:4])
+            worst = ", ".join(f"{m['loser']} by {m['winner']} ({100 * m['quality']:+.2f} pt, {m['ms']:+.3f} ms)"
+                              for m in d["margins"][:4])  # fmt: skip
             lines += ["", f"Adaptive (the cascade points of `auto`: {len(d['adaptive_points'])}) vs NNCF accuracy "
                       f"control and the best static mix: **{'holds' if d['holds'] else 'does not hold'}** — "
                       f"adaptive points dominated: {len({a for a, _ in d['adaptive_dominated_by']})}"
-                      + (f" ({worst})" if worst else "")
+                      + (f" ({worst}: the rival's lead in {res['metric']}, the adaptive point's extra median)"
+                         if worst else "")
                       + f"; rival points an adaptive one strictly dominates: "
-                      f"{len({b for _, b in d['adaptive_dominates']})}.", ""]  # fmt: skip
+                      f"{len({b for _, b in d['adaptive_dominates']})}."]  # fmt: skip
+            if not d["adaptive_points"]:
+                lines.append("No budget of `auto` runs the cascade on this model (at every budget, calibration "
+                             "timed a static level faster than the cascade): no adaptive point to compare.")
+            lines += [*closest_lines(d, res["metric"]), ""]
             lines += bound_lines(entry.get("perfect_router"), key)
             if "throughput" in entry:
                 tp = entry["throughput"]
@@ -618,6 +652,20 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
                           for k, v in tp.items()]
                 lines += ["", *wait_lines(entry.get("throughput_waits", {})), ""]
     path.write_text("\n".join(lines) + "\n")
+
+
+def closest_lines(d: dict[str, Any], metric: str) -> list[str]:
+    """Markdown: by how much the nearest adaptive points miss dominating a rival (:func:`_closest`)."""
+    out = []
+    for c in d.get("closest", []):
+        if c["lacks"] == "quality":
+            what = (f"ties {c['rival']} in both" if c["note"] else
+                    f"is no slower than {c['rival']} but {100 * c['gap']:.2f} pt short in {metric}")  # fmt: skip
+        else:
+            what = (f"is no worse than {c['rival']} in {metric} but {c['gap']:.3f} ms ({c['ratio']:.2f}x) slower "
+                    "in median")  # fmt: skip
+        out.append(f"Nearest miss: {c['adaptive']} {what}.")
+    return [" ".join(out)] if out else []
 
 
 def bound_lines(bound: dict[str, Any] | None, key: str) -> list[str]:

@@ -26,7 +26,7 @@ contrast / blur copies of the calibration data, so those evaluated shifts are ma
 
 Writes ``results/pareto.json``, ``BENCHMARKS.md`` (repository root) and ``results/pareto_<model>_<shift>.png``.
 
-Usage: ``python benchmarks/pareto.py [--models fmnist,effnet,ocr] [--reuse] [--reuse-nncf] [--limit N]``
+Usage: ``python benchmarks/pareto.py [--models fmnist,effnet,ocr] [--reuse] [--reuse-nncf] [--limit N] [--render-only]``
 (``--reuse``: the packages calibrated under ``results/.cache/pareto``; ``--reuse-nncf``: the NNCF baselines
 saved there by an earlier run).
 """
@@ -235,10 +235,20 @@ def main() -> None:
     ap.add_argument("--fmnist-calibration", type=int, default=1000,
                     help="Fashion-MNIST training images to calibrate on (NNCF gets 300 of them, accuracy control "
                          "validates on the rest)")  # fmt: skip
+    ap.add_argument("--render-only", action="store_true",
+                    help="measure nothing: rewrite BENCHMARKS.md, the plots and the verdicts in pareto.json from "
+                         "the tables already in results/pareto.json")  # fmt: skip
     args = ap.parse_args()
     runners = {"fmnist": fmnist, "effnet": effnet, "ocr": ocr}
     out = RESULTS / "pareto.json"
     result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    if args.render_only:
+        if not result.get("models"):
+            raise SystemExit(f"{out}: no measured tables to render (run without --render-only first)")
+        bench.write_markdown(result, ROOT / "BENCHMARKS.md", RESULTS)
+        out.write_text(json.dumps(result, indent=1))
+        console.print(f"rendered {ROOT / 'BENCHMARKS.md'} from {out}")
+        return
     result.update({"machine": f"{platform.machine()}, {platform.node()}", "openvino": ov.__version__,
                    "calibration_shifts": {k: v for k, v in CALIBRATION.items()}})  # fmt: skip
     result.setdefault("models", {})

@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import openvino as ov
+import pytest
 from typer.testing import CliRunner
 
-from apsq_ov.bench import dominance, measure, package_methods, pareto_flags, plain_method, write_markdown
+from apsq_ov.bench import closest_lines, dominance, measure, package_methods, pareto_flags, plain_method, write_markdown
 from apsq_ov.cli import app
 from tests.models import conv_chain_data
 
@@ -30,8 +31,27 @@ def test_pareto_flags_and_dominance():
     assert ("a1", "mix") in d["adaptive_dominates"] and ("a1", "ac") in d["adaptive_dominates"]
     assert ("a2", "mix") in d["adaptive_dominated_by"] and not d["holds"]  # a2 is worse and slower than mix
     assert dominance(rows[:5], "accuracy")["holds"]
+    assert d["margins"][0] == {"winner": "mix", "loser": "a2", "quality": pytest.approx(0.01), "ms": pytest.approx(0.1)}
+    assert d["closest"] == []  # a1 dominates: no miss to report
     rows[5].pop("escalated")  # an auto row that runs a static level is that static mix, not an adaptive point
     assert dominance(rows, "accuracy")["holds"]
+
+
+def test_dominance_reports_the_nearest_misses():
+    """Where no adaptive point dominates a rival, by how much the nearest ones miss: the quality one lacks
+    against a rival it is already as fast as, and the time one loses to a rival it is already as good as."""
+    rows = [_row("mix", "apsq static mix", 0.91, 0.8), _row("ac", "NNCF accuracy control", 0.905, 0.7),
+            _row("a3", "apsq adaptive", 0.908, 0.75), _row("a4", "apsq adaptive", 0.85, 0.65)]  # fmt: skip
+    d = dominance(rows, "accuracy")
+    assert not d["holds"] and not d["adaptive_dominated_by"] and not d["adaptive_dominates"]
+    lacks = {c["lacks"]: c for c in d["closest"]}
+    assert lacks["quality"]["adaptive"] == "a3" and lacks["quality"]["rival"] == "mix"  # a4 lacks 0.055 against ac
+    assert lacks["quality"]["gap"] == pytest.approx(0.002)
+    assert lacks["latency"]["adaptive"] == "a3" and lacks["latency"]["rival"] == "ac"
+    assert lacks["latency"]["gap"] == pytest.approx(0.05) and lacks["latency"]["ratio"] == pytest.approx(0.75 / 0.7)
+    text = " ".join(closest_lines(d, "accuracy"))
+    assert "a3 is no slower than mix but 0.20 pt short in accuracy" in text
+    assert "a3 is no worse than ac in accuracy but 0.050 ms (1.07x) slower" in text
 
 
 def test_bench_cli_json_and_plots(tiny_files, tmp_path):
