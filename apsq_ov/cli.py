@@ -626,6 +626,37 @@ def _plot_score_vs_drop(rows: list[dict[str, Any]], path: Path, *, title: str) -
         plt.close(fig)
 
 
+THROUGHPUT_COLUMNS = {"": "inputs/s", ", in-graph escalation": "in-graph escalation",
+                      ", engine": "its graph in OpenVINO's queue"}  # fmt: skip
+"""``apsq_ov.bench.throughputs``' row suffixes and the column each goes to."""
+
+
+def throughput_table(rates: dict[str, float]) -> Table:
+    """``apsq_ov.bench.throughputs``' rates as a table: one row per configuration, budgets that run the same
+    body (the same measured rates) in one row, each way of running it in its own column."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, value in rates.items():
+        base, col = name, ""
+        for suffix in THROUGHPUT_COLUMNS:
+            if suffix and name.endswith(suffix):
+                base, col = name[: -len(suffix)], suffix
+        rows.setdefault(base, {})[col] = value
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for base, values in rows.items():
+        adaptive = base.startswith("apsq adaptive ")
+        groups.setdefault(("apsq adaptive" if adaptive else base, *sorted(values.items())), []).append(base)
+    table = Table(title="async throughput (clean data, all cores; median of interleaved rounds)")
+    table.add_column("configuration")
+    cols = [c for c in THROUGHPUT_COLUMNS if any(c in v for v in rows.values())]
+    for c in cols:
+        table.add_column(THROUGHPUT_COLUMNS[c], justify="right")
+    for names in groups.values():
+        label = names[0] if len(names) == 1 else "apsq adaptive " + " / ".join(n.split()[-1] for n in names)
+        values = rows[names[0]]
+        table.add_row(escape(label), *(f"{values[c]:.0f}" if c in values else "" for c in cols))
+    return table
+
+
 @app.command()
 @_user_errors
 def bench(
@@ -709,8 +740,14 @@ def bench(
                       f"top-1 differs from {escape(bound['precise'])}'s): best {100 * best[key]:.2f} at "
                       f"{best['median_ms']:.3f} ms ({escape(best['name'])}); against the static mixes it "
                       + ("could win" if bound["possible"] else "could not win"))  # fmt: skip
+        d = entry["dominance"]
+        verdict = "holds" if d["holds"] else "does not hold"
+        out.print(f"adaptive ({len(d['adaptive_points'])} cascade points of auto) vs the static mixes: {verdict}; "
+                  f"adaptive points dominated {len({a for a, _ in d['adaptive_dominated_by']})}, rival points "
+                  f"strictly dominated {len({b for _, b in d['adaptive_dominates']})}"
+                  + "".join(f". {line}" for line in bench_mod.closest_lines(d, metric)))  # fmt: skip
         if "throughput" in entry:
-            out.print("async throughput: " + ", ".join(f"{k} {v:.0f}/s" for k, v in entry["throughput"].items()))
+            out.print(throughput_table(entry["throughput"]))
         if "plot" in entry:
             out.print(f"wrote {entry['plot']}")
 

@@ -86,6 +86,11 @@ def test_bench_cli_json_and_plots(tiny_files, tmp_path):
     del doc["shifts"]["clean"]["throughput_feed"]
     write_markdown({"models": {"tiny": doc}}, md, tmp_path)
     assert md.read_text().count("Throughput of an earlier run") == 1
+    shown = runner.invoke(app, ["bench", str(tiny_files["package"].path), "--data", str(data), "--limit", "10",
+                                "--throughput-seconds", "0.2", "--compiles", "1"])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert "adaptive (0 cascade points of auto) vs the static mixes: does not hold" in shown.output  # no router
+    assert "async throughput" in shown.output and "its graph in OpenVINO's queue" in shown.output
     bad = runner.invoke(app, ["bench", str(tiny_files["package"].path), "--data", str(data), "--shift", "fog"])
     assert bad.exit_code == 2 and "fog" in bad.output
 
@@ -117,3 +122,21 @@ def test_measure_takes_every_compiled_copy_in_turn(tiny_files):
     expect = np.stack([ref(x[i : i + 1])[0] for i in range(len(x))])
     got = np.stack(plain.outputs)[np.argsort(plain.index)]
     assert np.allclose(got, expect, rtol=1e-5, atol=1e-6)  # every copy computes the same model
+
+
+def test_throughput_table_groups_budgets_that_run_the_same_body():
+    from rich.console import Console
+
+    from apsq_ov.cli import throughput_table
+
+    rates = {"OpenVINO FP32": 200.0,
+             "apsq adaptive 0": 210.0, "apsq adaptive 0, engine": 215.0,
+             "apsq adaptive 0.001": 210.0, "apsq adaptive 0.001, engine": 215.0,  # same body as 0: one row
+             "apsq adaptive 0.05": 480.0, "apsq adaptive 0.05, in-graph escalation": 490.0,
+             "apsq adaptive 0.05, engine": 495.0}  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(throughput_table(rates))
+    lines = [ln for ln in console.export_text().splitlines() if "│" in ln]
+    cells = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]] for ln in lines}
+    assert cells == {"OpenVINO FP32": ["200", "", ""], "apsq adaptive 0 / 0.001": ["210", "", "215"],
+                     "apsq adaptive 0.05": ["480", "490", "495"]}  # fmt: skip
