@@ -636,8 +636,11 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
                       + f"; rival points an adaptive one strictly dominates: "
                       f"{len({b for _, b in d['adaptive_dominates']})}."]  # fmt: skip
             if not d["adaptive_points"]:
-                lines.append("No budget of `auto` runs the cascade on this model (at every budget, calibration "
-                             "timed a static level faster than the cascade): no adaptive point to compare.")
+                why = ("at every budget, calibration timed a static level faster than the cascade"
+                       if any(r["family"] == "apsq cascade" and "escalated" in r for r in rows)
+                       else "the package has no escalation cascade")  # fmt: skip
+                lines.append(f"No budget of `auto` runs the cascade on this model ({why}): no adaptive point to "
+                             "compare.")  # fmt: skip
             lines += [*closest_lines(d, res["metric"]), ""]
             lines += bound_lines(entry.get("perfect_router"), key)
             if "throughput" in entry:

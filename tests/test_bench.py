@@ -83,6 +83,7 @@ def test_bench_cli_json_and_plots(tiny_files, tmp_path):
     assert doc["shifts"]["clean"]["throughput_feed"] == "copied"
     write_markdown({"models": {"tiny": doc}}, md, tmp_path)
     assert "| async throughput (clean) |" in md.read_text() and "Throughput of an earlier run" not in md.read_text()
+    assert "(the package has no escalation cascade): no adaptive point to compare." in md.read_text()
     del doc["shifts"]["clean"]["throughput_feed"]
     write_markdown({"models": {"tiny": doc}}, md, tmp_path)
     assert md.read_text().count("Throughput of an earlier run") == 1
