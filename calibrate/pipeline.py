@@ -675,7 +675,10 @@ def _escalations(fp32_model: ov.Model, units: list[RoutableOp], data: list[list[
     compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     req = compiled.create_infer_request()
     n_out = len(fp32_model.outputs)
-    seen = np.array([[float(req.infer(x)[n_out + j]) for j in range(len(checked))] for x in data])
+    seen = np.empty((len(data), len(checked)))
+    for i, x in enumerate(data):  # one pass per sample reads every op's abs-max
+        res = req.infer(x)
+        seen[i] = [float(res[n_out + j]) for j in range(len(checked))]
     return {u.name: seen[:, j] > u.int8_absmax for j, u in enumerate(checked)}
 
 

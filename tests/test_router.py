@@ -354,3 +354,26 @@ def test_cascade_thresholds_hold_the_budget_on_every_distribution_asked():
     assert any(b.tau < c.tau for c, b in zip(clean, both, strict=True))  # the shift really moved τ
     with pytest.raises(ValueError, match="no calibration rows for 'blur'"):
         cascade_points(router, data, budgets, 1.0, 2.0, 0.0, hold=("clean", "blur"))
+
+
+def test_range_escalations_take_one_fp32_pass_per_sample(chain, monkeypatch):
+    """Which samples leave each op's calibrated INT8 range: one FP32 inference per sample reads every op's
+    input abs-max (it once ran one inference per sample and op: 50x the work on EfficientNet-Lite0)."""
+    from apsq_ov.calibrate.pipeline import _escalations
+
+    model, _, units, data = chain
+    calls = []
+    infer = ov.InferRequest.infer
+    monkeypatch.setattr(ov.InferRequest, "infer", lambda self, *a, **k: calls.append(1) or infer(self, *a, **k))
+    batches = [[x[None]] for x in data[:10]]
+    got = _escalations(model, list(units.values()), batches)
+    assert len(calls) == len(batches) and set(got) == {n for n, u in units.items() if u.int8_absmax is not None}
+    monkeypatch.undo()
+    for name, flags in got.items():  # each flag: that op's input abs-max beyond its INT8 abs-max, read directly
+        probe = model.clone()
+        node = next(n for n in probe.get_ordered_ops() if n.get_friendly_name() == name)
+        probe.add_outputs([node.input(0).get_source_output()])
+        req = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+        amax = np.array([np.abs(req.infer(b)[len(model.outputs)]).max() for b in batches])
+        assert np.array_equal(flags, amax > units[name].int8_absmax)
+
