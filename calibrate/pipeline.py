@@ -661,7 +661,8 @@ def _size(unit: RoutableOp) -> tuple[float, float]:
 def _escalations(fp32_model: ov.Model, units: list[RoutableOp], data: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
     """Per sample and INT8 op: does the op input (FP32 path) leave the calibrated INT8 range? One FP32 pass
     of a copy of the model with each op input's abs-max as an extra output."""
-    checked = [u for u in units if u.int8_absmax is not None]
+    limits = {u.name: u.int8_absmax for u in units}
+    checked = [u for u in units if limits[u.name] is not None]
     if not checked:
         return {}
     probe = fp32_model.clone()
@@ -679,7 +680,7 @@ def _escalations(fp32_model: ov.Model, units: list[RoutableOp], data: list[list[
     for i, x in enumerate(data):  # one pass per sample reads every op's abs-max
         res = req.infer(x)
         seen[i] = [float(res[n_out + j]) for j in range(len(checked))]
-    return {u.name: seen[:, j] > u.int8_absmax for j, u in enumerate(checked)}
+    return {u.name: seen[:, j] > float(limits[u.name] or 0.0) for j, u in enumerate(checked)}
 
 
 # INT8 hardware on which 8-bit dot products cannot saturate their intermediate buffer (OpenVINO's "Saturation
