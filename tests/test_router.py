@@ -365,9 +365,10 @@ def test_range_escalations_take_one_fp32_pass_per_sample(chain, monkeypatch):
     calls = []
     infer = ov.InferRequest.infer
     monkeypatch.setattr(ov.InferRequest, "infer", lambda self, *a, **k: calls.append(1) or infer(self, *a, **k))
-    batches = [[x[None]] for x in data[:10]]
+    batches = [[x[None] * s] for x, s in zip(data[:10], np.linspace(0.5, 3.0, 10), strict=True)]  # some beyond
     got = _escalations(model, list(units.values()), batches)
     assert len(calls) == len(batches) and set(got) == {n for n, u in units.items() if u.int8_absmax is not None}
+    assert any(f.any() for f in got.values()) and any((~f).any() for f in got.values())
     monkeypatch.undo()
     for name, flags in got.items():  # each flag: that op's input abs-max beyond its INT8 abs-max, read directly
         probe = model.clone()
