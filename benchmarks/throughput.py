@@ -10,7 +10,8 @@ to NNCF INT8 (NNCF's defaults) over the runs.
 Writes ``results/throughput.json`` and ``results/throughput.md``; a model not in ``--models`` keeps its
 section from an earlier run (each section is dated).
 
-Usage: ``python benchmarks/throughput.py [--models effnet,fmnist] [--repeats 3] [--seconds 5]``
+Usage: ``python benchmarks/throughput.py [--models effnet,fmnist] [--repeats 3] [--seconds 5]
+[--effnet-calibration N]``
 (after ``python benchmarks/pareto.py`` has filled ``results/.cache/pareto``).
 """
 
@@ -60,26 +61,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="throughput seconds per configuration and run")
     ap.add_argument("--compiles", type=int, default=3)
+    ap.add_argument("--effnet-calibration", type=int, default=300,
+                    help="the EfficientNet-Lite0 package and NNCF models pareto.py calibrated on this many crops")
     args = ap.parse_args()
     path = RESULTS / "throughput.json"
     out: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     out.setdefault("models", {})
     for name in args.models.split(","):
         model, x = inputs(name)
-        pkg = apsq_ov.Package.load(CACHE / f"{name}.apsq")
+        tag = f"effnet{args.effnet_calibration}" if name == "effnet" and args.effnet_calibration != 300 else name
+        pkg = apsq_ov.Package.load(CACHE / f"{tag}.apsq")
         core = ov.Core()
         suffix = package_settings(pkg)[1]  # the NNCF model with the settings the package was calibrated with
         plain = [("OpenVINO FP32", "baseline", model, "f32"), ("OpenVINO BF16 (bf16 hint)", "baseline", model, "bf16"),
-                 ("NNCF INT8", "baseline", core.read_model(CACHE / "nncf" / f"{name}_int8.xml"), "f32"),
+                 ("NNCF INT8", "baseline", core.read_model(CACHE / "nncf" / f"{tag}_int8.xml"), "f32"),
                  ("NNCF INT8, apsq settings", "baseline",
-                  core.read_model(CACHE / "nncf" / f"{name}_int8_apsq{suffix}.xml"), "f32")]  # fmt: skip
+                  core.read_model(CACHE / "nncf" / f"{tag}_int8_apsq{suffix}.xml"), "f32")]  # fmt: skip
         runs, waits = [], []
         for r in range(args.repeats):
             with console.status(f"{name}: run {r + 1}/{args.repeats}"):
                 waits.append({})
                 runs.append(bench.throughputs(pkg, plain, x, args.seconds, compiles=args.compiles, waits=waits[-1]))
         out["models"][name] = {"runs": runs, "waits": waits, "served_by": served_by(pkg), "repeats": args.repeats,
-                               "seconds": args.seconds, "compiles": args.compiles,
+                               "seconds": args.seconds, "compiles": args.compiles, "package": tag,
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
         console.print(f"{name}: done")
     RESULTS.mkdir(parents=True, exist_ok=True)
