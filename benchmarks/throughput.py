@@ -125,6 +125,8 @@ def markdown(out: dict[str, Any]) -> str:
         header = "| configuration | auto runs | inputs/s (median) | vs NNCF INT8: median [min, max] |"
         repeats, compiles, seconds = (res.get(k, out.get(k)) for k in ("repeats", "compiles", "seconds"))
         how = f"{repeats} runs, each compiled {compiles}x afresh, {seconds:g} s per configuration"
+        if res.get("package", name) != name:  # e.g. EfficientNet-Lite0 calibrated on more crops
+            how += f"; package `{res['package']}.apsq` and its NNCF models"
         lines += [f"## {name}", "", f"Run of {res['date']}: {how}." if "date" in res else f"{how}.", "",
                   header, "|---|---|---|---|"]
         for k in runs[0]:
