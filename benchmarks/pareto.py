@@ -168,6 +168,12 @@ def fmnist(args: argparse.Namespace) -> dict[str, Any]:
                            labels=y_test[:n], metric="accuracy", progress=console)  # fmt: skip
 
 
+def effnet_tag(crops: int) -> str:
+    """Cache name of the EfficientNet-Lite0 package and NNCF models calibrated on ``crops`` crops (300: the
+    name of the earlier runs)."""
+    return "effnet" if crops == 300 else f"effnet{crops}"
+
+
 def effnet(args: argparse.Namespace) -> dict[str, Any]:
     from real_models import efficientnet_lite0_ir, photo_crops
 
@@ -175,7 +181,7 @@ def effnet(args: argparse.Namespace) -> dict[str, Any]:
     n = args.effnet_calibration
     # 300 crops: NNCF's default subset, calibration's default splits (the cache name of the earlier runs).
     # More: NNCF, accuracy control and calibration's isolated drops all get every crop beyond the scoring split.
-    tag, config = ("effnet", {}) if n == 300 else (f"effnet{n}", {"subset_size": n, "drop_samples": n - 64})
+    tag, config = effnet_tag(n), ({} if n == 300 else {"subset_size": n, "drop_samples": n - 64})
     calib_x = photo_crops(n, seed=0)
     CACHE.mkdir(parents=True, exist_ok=True)
     data = CACHE / f"{tag}_calib.npz"

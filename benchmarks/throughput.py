@@ -37,7 +37,7 @@ CACHE = RESULTS / ".cache" / "pareto"
 sys.path.insert(0, str(HERE))
 console = Console()
 
-from pareto import package_settings  # noqa: E402
+from pareto import effnet_tag, package_settings  # noqa: E402
 
 
 def inputs(name: str) -> tuple[ov.Model, np.ndarray]:
@@ -69,7 +69,7 @@ def main() -> None:
     out.setdefault("models", {})
     for name in args.models.split(","):
         model, x = inputs(name)
-        tag = f"effnet{args.effnet_calibration}" if name == "effnet" and args.effnet_calibration != 300 else name
+        tag = effnet_tag(args.effnet_calibration) if name == "effnet" else name
         pkg = apsq_ov.Package.load(CACHE / f"{tag}.apsq")
         core = ov.Core()
         suffix = package_settings(pkg)[1]  # the NNCF model with the settings the package was calibrated with
