@@ -586,6 +586,12 @@ def _fmt_q(r: dict[str, Any], key: str) -> str:
     return f"{100 * r[key]:.2f}"
 
 
+def host_cpu() -> str:
+    """This machine's CPU as OpenVINO names it (its ``FULL_DEVICE_NAME``): each run records it, since the
+    runs of one report may come from different machines."""
+    return str(ov.Core().get_property("CPU", "FULL_DEVICE_NAME"))
+
+
 def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
     """``BENCHMARKS.md`` from ``pareto.json`` (one section per model, one table per shift) and the PNGs."""
     lines = ["# Benchmarks: accuracy × latency of every static choice and of adaptive routing", "",
@@ -607,7 +613,8 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
     for name, res in result.get("models", {}).items():
         key = row_key(res["metric"])
         lines += [f"## {res['model']} ({res['samples']} inputs; quality = {res['metric']})", "",
-                  (f"Run of {res['date']}." if "date" in res else "An earlier run (before runs were dated).")
+                  (f"Run of {res['date']}" + (f" on {res['cpu']}." if "cpu" in res else ".") if "date" in res
+                   else "An earlier run (before runs were dated).")
                   + (f" Calibrated on {res['calibrated_on']}." if "calibrated_on" in res else ""), ""]
         for s, entry in res["shifts"].items():
             rows = entry["rows"]

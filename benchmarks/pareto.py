@@ -270,6 +270,7 @@ def main() -> None:
     for name in args.models.split(","):
         tables = runners[name](args)
         tables["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # sections can come from different runs
+        tables["cpu"] = bench.host_cpu()  # ... and machines
         result["models"][name] = tables
         out.write_text(json.dumps(result, indent=1))
         bench.write_markdown(result, ROOT / "BENCHMARKS.md", RESULTS)

@@ -84,6 +84,7 @@ def main() -> None:
                 runs.append(bench.throughputs(pkg, plain, x, args.seconds, compiles=args.compiles, waits=waits[-1]))
         out["models"][name] = {"runs": runs, "waits": waits, "served_by": served_by(pkg), "repeats": args.repeats,
                                "seconds": args.seconds, "compiles": args.compiles, "package": tag,
+                               "cpu": bench.host_cpu(),
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
         console.print(f"{name}: done")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,8 @@ def markdown(out: dict[str, Any]) -> str:
         how = f"{repeats} runs, each compiled {compiles}x afresh, {seconds:g} s per configuration"
         if res.get("package", name) != name:  # e.g. EfficientNet-Lite0 calibrated on more crops
             how += f"; package `{res['package']}.apsq` and its NNCF models"
-        lines += [f"## {name}", "", f"Run of {res['date']}: {how}." if "date" in res else f"{how}.", "",
+        on = f" on {res['cpu']}" if "cpu" in res else ""
+        lines += [f"## {name}", "", f"Run of {res['date']}{on}: {how}." if "date" in res else f"{how}.", "",
                   header, "|---|---|---|---|"]
         for k in runs[0]:
             v = [run[k] / run["NNCF INT8"] for run in runs]

@@ -9,7 +9,16 @@ import openvino as ov
 import pytest
 from typer.testing import CliRunner
 
-from apsq_ov.bench import closest_lines, dominance, measure, package_methods, pareto_flags, plain_method, write_markdown
+from apsq_ov.bench import (
+    closest_lines,
+    dominance,
+    host_cpu,
+    measure,
+    package_methods,
+    pareto_flags,
+    plain_method,
+    write_markdown,
+)
 from apsq_ov.cli import app
 from tests.models import conv_chain_data
 
@@ -87,6 +96,9 @@ def test_bench_cli_json_and_plots(tiny_files, tmp_path):
     del doc["shifts"]["clean"]["throughput_feed"]
     write_markdown({"models": {"tiny": doc}}, md, tmp_path)
     assert md.read_text().count("Throughput of an earlier run") == 1
+    doc |= {"date": "2026-12-01 04:00 UTC", "cpu": host_cpu()}  # runs of one report can come from two machines
+    write_markdown({"models": {"tiny": doc}}, md, tmp_path)
+    assert f"Run of 2026-12-01 04:00 UTC on {host_cpu()}." in md.read_text() and host_cpu()
     shown = runner.invoke(app, ["bench", str(tiny_files["package"].path), "--data", str(data), "--limit", "10",
                                 "--throughput-seconds", "0.2", "--compiles", "1"])  # fmt: skip
     assert shown.exit_code == 0, shown.output
