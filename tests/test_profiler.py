@@ -64,7 +64,8 @@ def test_every_op_type_has_fp32_bf16_int8_points(measured):
     for op_type, row in data["op_types"].items():
         assert {"fp32", "bf16", "int8"} <= set(row), op_type
         assert "int4" not in row or op_type == "MatMul"  # weight-only INT4 is for MatMul only
-    assert "fp16" not in data["native_precisions"]  # no native FP16 on this CPU
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")  # the EPYC: no FP16; a Xeon with AVX512-FP16: yes
+    assert ("fp16" in data["native_precisions"]) == ("FP16" in caps)
     assert data["device"]["int8_hardware"] == "VNNI"
 
 
@@ -100,8 +101,11 @@ def test_conv_64ch_56_orders_int8_bf16_fp32(measured):
         p: next(e["latency_ms"]["value"] for e in pts if e["shape"] == CONV_64.shape)
         for p, pts in data["op_types"]["Convolution"].items()
     }
-    assert lat["int8"] < lat["bf16"] < lat["fp32"]
-    assert data["default_precisions"] == ["fp32", "bf16", "int8"]
+    assert lat["int8"] < lat["fp32"] and lat["int8"] < lat["bf16"]
+    # BF16 is faster than FP32 on the EPYC (above), slower on a Xeon without AMX (where FP16 is native and
+    # faster): the defaults are FP32 and whatever this conv measured faster than it.
+    faster = [p for p in ("fp16", "bf16", "int8") if p in lat and lat[p] < lat["fp32"]]
+    assert data["default_precisions"] == ["fp32", *faster] and "int8" in faster
 
 
 def test_progress_reports_each_phase_to_completion(measured):
