@@ -33,6 +33,7 @@ import openvino as ov
 
 from apsq_ov.calibrate.router import as_probabilities
 from apsq_ov.package import LEVEL_STATE, NEVER, Package
+from apsq_ov.profiler import host_cpu  # noqa: F401  (benchmarks record it beside each run)
 from apsq_ov.routing import choose_body
 from apsq_ov.shifts import CALIBRATION
 from apsq_ov.shifts import apply as apply_shift
@@ -584,12 +585,6 @@ def oracle_bound(pkg: Package, methods: Sequence[Method], reference: np.ndarray,
 
 def _fmt_q(r: dict[str, Any], key: str) -> str:
     return f"{100 * r[key]:.2f}"
-
-
-def host_cpu() -> str:
-    """This machine's CPU as OpenVINO names it (its ``FULL_DEVICE_NAME``): each run records it, since the
-    runs of one report may come from different machines."""
-    return str(ov.Core().get_property("CPU", "FULL_DEVICE_NAME"))
 
 
 def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:

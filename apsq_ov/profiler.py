@@ -149,6 +149,12 @@ def _cpu_info() -> tuple[str, set[str]]:
     return model or platform.processor() or platform.machine(), flags
 
 
+def host_cpu() -> str:
+    """This machine's CPU model, as a profile's ``machine`` names it (benchmark runs record it too: the runs of
+    one report may come from different machines)."""
+    return _cpu_info()[0]
+
+
 def host_int8_hardware() -> str:
     """This machine's CPU INT8 hardware, as a profile names it (``VNNI``, ``AMX``, ``INT8 without VNNI …``)."""
     return _int8_hardware("CPU", ["INT8"], _cpu_info()[1])
