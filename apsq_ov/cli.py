@@ -241,6 +241,7 @@ def calibrate(
         judged_output=judged_output,
     )
     target = out_dir or model.with_suffix(".apsq")
+    _warn_foreign_profile(device, profile)
     t0 = time.perf_counter()
     with _progress() as progress:
         package = run_calibration(model, data, target, config, progress=_phase_callback(progress))
@@ -260,6 +261,22 @@ def calibrate(
                   f"{m.calibration['activation_ranges_checked_on']} held-out samples: {nmse})")  # fmt: skip
     out.print(_levels_table(m))
     _print_router(m)
+
+
+def _warn_foreign_profile(device: str, profile: str | None) -> None:
+    """Say so when the CPU profile calibration will cost ops with was measured on another CPU, and
+    which shipped profile (or `apsq-ov profile`) describes this one."""
+    from apsq_ov.profiles import host_mismatch, host_profiles, load_profile
+
+    chosen = load_profile(device, profile)
+    why = host_mismatch(chosen)
+    if why is None:
+        return
+    ours = host_profiles()
+    fix = (f"--profile {ours[0]} (shipped, measured on this CPU)" if ours
+           else "`apsq-ov profile -o FILE` then --profile FILE")  # fmt: skip
+    out.print(f"[yellow]warning:[/] profile {escape(chosen.source)} was measured on another CPU ({escape(why)}); "
+              f"its per-op costs may not hold here: use {fix}")  # fmt: skip
 
 
 def _decision_text(m: Manifest) -> str:
@@ -769,17 +786,19 @@ def profile(
     energy from RAPL where readable, else an estimate (labelled). Use the result with
     `apsq-ov calibrate --profile FILE`. Takes about 2 minutes on a 2-core CPU.
     """
-    from apsq_ov.profiles import DeviceProfile, load_profile, shipped_profiles
+    from apsq_ov.profiles import DeviceProfile, host_profiles, load_profile, shipped_profiles
 
     if list_:
         table = Table(title="shipped device profiles")
-        for col in ("name", "device", "int8 hardware", "default precisions", "figures"):
+        for col in ("name", "device", "int8 hardware", "default precisions", "figures", "this CPU"):
             table.add_column(col)
+        ours = set(host_profiles())
         for name in shipped_profiles():
             p = load_profile(path=name)
             kinds = sorted({pt.latency_ms.kind for row in p.points.values() for pts in row.values() for pt in pts})
+            here = "yes" if name in ours else ("no" if p.device.upper().startswith("CPU") else "")
             table.add_row(name, escape(p.name), p.int8_hardware, ",".join(x.value for x in p.default_precisions),
-                          ",".join(kinds))  # fmt: skip
+                          ",".join(kinds), here)  # fmt: skip
         out.print(table)
         return
     if shipped:

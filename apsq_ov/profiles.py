@@ -245,3 +245,26 @@ def load_profile(device: str = "CPU", path: str | Path | None = None) -> DeviceP
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     return DeviceProfile.from_json(data, source=source)
+
+
+def host_mismatch(profile: DeviceProfile) -> str | None:
+    """Why a CPU ``profile`` does not describe this machine's CPU — its CPU model or the capabilities
+    OpenVINO reports differ (then its costs are another CPU's: on a Xeon with AVX512-FP16 but no AMX,
+    BF16 ran slower than FP32, while the EPYC of ``CPU.json`` ran it faster) — or None where it does, or
+    where the profile is not a CPU's (a GPU profile describes its device, not this host)."""
+    if profile.device.split(".")[0].upper() not in ("CPU", "AUTO") or "cpu_model" not in profile.identity:
+        return None
+    import openvino as ov
+
+    from apsq_ov.profiler import host_cpu
+
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    here = {"cpu_model": host_cpu(), "optimization_capabilities": ", ".join(caps)}
+    diffs = [f"{k} {profile.identity.get(k, '?')!r}, this host {v!r}" for k, v in here.items()
+             if profile.identity.get(k, "").replace(" ", "") != v.replace(" ", "")]  # fmt: skip
+    return "; ".join(diffs) or None
+
+
+def host_profiles() -> list[str]:
+    """The shipped CPU profiles measured on a CPU like this machine's (:func:`host_mismatch` is None)."""
+    return [n for n in shipped_profiles() if n.split(".")[0] == "CPU" and host_mismatch(load_profile(path=n)) is None]

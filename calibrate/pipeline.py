@@ -54,7 +54,15 @@ from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, choose_body, level_for
 from apsq_ov.runtime import AdaptiveAsyncInferQueue, AdaptiveCompiledModel, AdaptiveInferRequest, compile_adaptive
 
-from .router import CALIBRATION_SHIFTS, as_probabilities, cascade_budgets, cascade_points, collect_fit_data, fit_router
+from .router import (
+    CALIBRATION_SHIFTS,
+    as_probabilities,
+    cascade_budgets,
+    cascade_points,
+    collect_fit_data,
+    fill_gaps,
+    fit_router,
+)
 from .selection import OBJECTIVE, OpCost, default_budgets, op_size, options, select_levels
 from .sensitivity import OpQuantInfo, SensitivityMetric, score_ops
 from .variants import (
@@ -588,7 +596,7 @@ def _fit_router(
         return None, f"not built: {note}"
     input_bytes = sum(4.0 * a.size for a in data[0])
     router.hold = ["clean", *config.router_shifts] if config.router_hold == "shifts" else ["clean"]
-    budgets = cascade_budgets([lv.max_drop for lv in levels])
+    budgets = fill_gaps(router, rows, cascade_budgets([lv.max_drop for lv in levels]), router.hold)
     router.points = cascade_points(router, rows, budgets, levels[fast_k].predicted_ms,
                                    levels[0].predicted_ms, profile.route_ms(input_bytes), router.hold)  # fmt: skip
     return router, ""

@@ -296,3 +296,16 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path):
     for r in cascades:  # the fast route, or the fast route and the escalation
         assert r["distinct_routes"] in (1, 2) and 0.0 <= r["escalated"] < 0.5
         assert r["escalated"] == pytest.approx(1.0 - r["top_route_share"] if r["distinct_routes"] == 2 else 0.0)
+
+
+def test_calibrate_warns_when_the_profile_is_another_cpus(tiny_files, tmp_path):
+    data = json.loads(run("profile", "--shipped", "--device", "CPU").stdout)
+    data["device"]["identity"]["cpu_model"] = "Other CPU 9000"
+    foreign = tmp_path / "other.json"
+    foreign.write_text(json.dumps(data))
+    result = run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "pkg",
+                 "--subset-size", "16", "--drop-samples", "8", "--profile", foreign, "--no-router")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warning = " ".join(result.stdout.split())  # rich wraps long lines
+    assert f"profile {foreign} was measured on another CPU" in warning and "'Other CPU 9000'" in warning
+    assert "apsq-ov profile -o FILE" in warning or "(shipped, measured on this CPU)" in warning

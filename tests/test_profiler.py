@@ -3,6 +3,7 @@ CPU, orders the conv precisions as DESIGN.md section 2 measured (int8 < bf16 < f
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -15,6 +16,7 @@ from apsq_ov.profiler import (
     conv,
     device_precisions,
     fp32_model,
+    host_cpu,
     if_models,
     int4_model,
     int8_model,
@@ -24,7 +26,7 @@ from apsq_ov.profiler import (
     sample_input,
     throughput_fps,
 )
-from apsq_ov.profiles import DeviceProfile
+from apsq_ov.profiles import DeviceProfile, host_mismatch, host_profiles, load_profile, shipped_profiles
 
 CAPS = [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 needs_bf16_int8 = pytest.mark.skipif(not {"BF16", "INT8"} <= set(CAPS), reason="this CPU does not expose BF16 and INT8")
@@ -156,3 +158,19 @@ def test_throughput_counts_inferences():
     point = conv(1, 8, 8, 8, 3, 8)
     compiled = ov.Core().compile_model(fp32_model(point, rng), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     assert throughput_fps(compiled, sample_input(point, rng), duration_s=0.05) > 100
+
+
+def test_a_profile_measured_here_describes_this_host(measured):
+    data, _ = measured
+    assert host_mismatch(DeviceProfile.from_json(data, source="measured")) is None
+
+
+def test_a_profile_of_another_cpu_says_what_differs(measured):
+    data, _ = measured
+    data = json.loads(json.dumps(data))
+    data["device"]["identity"]["cpu_model"] = "Other CPU 9000"
+    why = host_mismatch(DeviceProfile.from_json(data, source="other"))
+    assert why is not None and "'Other CPU 9000'" in why and repr(host_cpu()) in why
+    assert "optimization_capabilities" not in why  # only what differs
+    assert host_mismatch(load_profile("GPU")) is None  # a GPU profile describes its device, not this host
+    assert set(host_profiles()) <= {n for n in shipped_profiles() if n.split(".")[0] == "CPU"}
