@@ -610,7 +610,8 @@ def write_markdown(result: dict[str, Any], path: Path, plots: Path) -> None:
         lines += [f"## {res['model']} ({res['samples']} inputs; quality = {res['metric']})", "",
                   (f"Run of {res['date']}" + (f" on {res['cpu']}." if "cpu" in res else ".") if "date" in res
                    else "An earlier run (before runs were dated).")
-                  + (f" Calibrated on {res['calibrated_on']}." if "calibrated_on" in res else ""), ""]
+                  + (f" Calibrated on {res['calibrated_on']}." if "calibrated_on" in res else "")
+                  + (f" Profile: {res['profile']}." if "profile" in res else ""), ""]
         for s, entry in res["shifts"].items():
             rows = entry["rows"]
             base = next((r for r in rows if r["name"] == "NNCF INT8"), rows[0])

@@ -118,7 +118,8 @@ def calibrate(
     device: Annotated[
         str,
         typer.Option(
-            help="Target device; selects the shipped profile. The package can be built for a device this "
+            help="Target device; selects the shipped profile (CPU: the one measured on a CPU like this "
+            "machine's, else CPU; see `apsq-ov profile --list`). The package can be built for a device this "
             "machine lacks (GPU): measurements run on the CPU, costs come from the profile."
         ),
     ] = "CPU",
@@ -775,7 +776,9 @@ def profile(
     device: Annotated[str, typer.Option(help="OpenVINO device to measure (CPU, GPU, GPU.1 ...).")] = "CPU",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the profile JSON here.")] = None,
     shipped: Annotated[
-        bool, typer.Option("--shipped", help="Show the shipped profile for --device instead of measuring.")
+        bool,
+        typer.Option("--shipped", help="Show the shipped profile --device uses (as calibrate picks it) instead of "
+                     "measuring."),
     ] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the shipped profiles and exit.")] = False,
     quick: Annotated[bool, typer.Option(help="One point per op type, no throughput (a smoke run).")] = False,
@@ -786,17 +789,18 @@ def profile(
     energy from RAPL where readable, else an estimate (labelled). Use the result with
     `apsq-ov calibrate --profile FILE`. Takes about 2 minutes on a 2-core CPU.
     """
-    from apsq_ov.profiles import DeviceProfile, host_profiles, load_profile, shipped_profiles
+    from apsq_ov.profiles import DeviceProfile, default_profile_name, host_profiles, load_profile, shipped_profiles
 
     if list_:
         table = Table(title="shipped device profiles")
         for col in ("name", "device", "int8 hardware", "default precisions", "figures", "this CPU"):
             table.add_column(col)
-        ours = set(host_profiles())
+        ours, cpu_default = set(host_profiles()), default_profile_name("CPU")
         for name in shipped_profiles():
             p = load_profile(path=name)
             kinds = sorted({pt.latency_ms.kind for row in p.points.values() for pts in row.values() for pt in pts})
             here = "yes" if name in ours else ("no" if p.device.upper().startswith("CPU") else "")
+            here += " (--device CPU uses it)" if name == cpu_default else ""
             table.add_row(name, escape(p.name), p.int8_hardware, ",".join(x.value for x in p.default_precisions),
                           ",".join(kinds), here)  # fmt: skip
         out.print(table)
@@ -836,6 +840,7 @@ def demo(
     on the real test set (accuracy and median latency, one process, same run)."""
     from apsq_ov.demo import run_demo
 
+    _warn_foreign_profile("CPU", None)
     with _progress() as progress:
         result = run_demo(out_dir, limit=limit, threads=threads, progress=_phase_callback(progress))
     table = Table(title=f"Fashion-MNIST ResNet · {result['samples']} test images · {threads} thread(s), f32 hint")

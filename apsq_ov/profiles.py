@@ -13,6 +13,7 @@ with ``m`` MACs is interpolated on the per-MAC latency in log-log between the tw
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from apsq_ov.errors import ProfileError
 from apsq_ov.precision import Precision
 
 PROFILE_SCHEMA_VERSION = 2
+MIN_GAIN = 0.05
+"""The latency gain over fp32 below which a precision does not count as faster
+(:meth:`DeviceProfile.faster_than_fp32`)."""
 _FALLBACK_OP_TYPE = "Convolution"
 
 
@@ -114,8 +118,10 @@ class DeviceProfile:
         self, op_type: str, offered: tuple[Precision, ...], macs: float | None = None
     ) -> list[Precision]:
         """The offered precisions this device runs faster than fp32 for ``op_type`` (at ``macs``), fastest first.
-        A precision the profile shows no gain for is never in the list: it is never chosen for speed."""
-        base = self.latency_ms(op_type, Precision.FP32, macs)
+        A precision the profile shows no gain for, or one within :data:`MIN_GAIN` (a measurement's noise: on a
+        Xeon with AVX512-FP16 the fp16 conv measured 0.999x fp32), is never in the list: it is never chosen
+        for speed, and a measured profile does not make it a default."""
+        base = self.latency_ms(op_type, Precision.FP32, macs) * (1.0 - MIN_GAIN)
         faster = [p for p in offered if p is not Precision.FP32 and self.latency_ms(op_type, p, macs) < base]
         return sorted(faster, key=lambda p: (self.latency_ms(op_type, p, macs), p.rank))
 
@@ -199,7 +205,8 @@ def _point(d: dict[str, Any]) -> Point:
 
 _SCHEMA: dict[str, Any] | None = None
 _DEFAULT_PROFILE = {"AUTO": "CPU", "GPU": "GPU.gen12-iris-xe"}
-"""Which shipped profile a bare device name uses (``--profile`` picks another, e.g. ``GPU.gen11``)."""
+"""Which shipped profile a bare device name uses (``--profile`` picks another, e.g. ``GPU.gen11``); for the
+CPU, a shipped profile measured on a CPU like this machine's goes first (:func:`default_profile_name`)."""
 
 
 def _schema() -> dict[str, Any]:
@@ -215,14 +222,30 @@ def shipped_profiles() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in root.iterdir() if p.name.endswith(".json"))
 
 
+def default_profile_name(device: str = "CPU") -> str:
+    """The shipped profile a bare device name uses: for ``CPU`` (and ``AUTO``, which runs on it) the first
+    shipped CPU profile measured on a CPU like this machine's (:func:`host_profiles`), else ``CPU``
+    (then ``apsq-ov calibrate`` warns); ``GPU`` / ``GPU.1`` → ``GPU.gen12-iris-xe``; a shipped name as
+    itself."""
+    base = device.split(".")[0].upper()
+    if device in shipped_profiles() and device != base:
+        return device
+    name = _DEFAULT_PROFILE.get(base, base)
+    if name == "CPU":
+        return next(iter(host_profiles()), "CPU")
+    return name
+
+
 def load_profile(device: str = "CPU", path: str | Path | None = None) -> DeviceProfile:
     """Load a profile from ``path`` (a file, or the name of a shipped profile such as ``GPU.gen11``),
-    or the shipped one for ``device`` (``GPU.1`` uses ``GPU``; ``AUTO`` uses ``CPU``).
+    or the shipped one for ``device`` (:func:`default_profile_name`: on a CPU a shipped profile names,
+    the one measured on it; ``GPU.1`` uses ``GPU``'s).
 
     :raises ProfileError: if the file is missing, not JSON, or malformed (naming the field).
     """
+    name = None
     if path is not None and not Path(path).is_file() and str(path) in shipped_profiles():
-        device, path = str(path), None
+        name, path = str(path), None
     if path is not None:
         p = Path(path)
         try:
@@ -233,8 +256,7 @@ def load_profile(device: str = "CPU", path: str | Path | None = None) -> DeviceP
             ) from exc
         source = str(p)
     else:
-        name = device if device in shipped_profiles() else device.split(".")[0].upper()
-        name = _DEFAULT_PROFILE.get(name, name)
+        name = name or default_profile_name(device)
         res = resources.files("apsq_ov.device_profiles") / f"{name}.json"
         if not res.is_file():
             raise ProfileError(f"no shipped profile for device {device!r}; shipped: {', '.join(shipped_profiles())}")
@@ -254,15 +276,22 @@ def host_mismatch(profile: DeviceProfile) -> str | None:
     where the profile is not a CPU's (a GPU profile describes its device, not this host)."""
     if profile.device.split(".")[0].upper() not in ("CPU", "AUTO") or "cpu_model" not in profile.identity:
         return None
+    here = host_identity()
+    diffs = [f"{k} {profile.identity.get(k, '?')!r}, this host {v!r}" for k, v in here.items()
+             if profile.identity.get(k, "").replace(" ", "") != v.replace(" ", "")]  # fmt: skip
+    return "; ".join(diffs) or None
+
+
+@functools.cache
+def host_identity() -> dict[str, str]:
+    """What :func:`host_mismatch` compares a CPU profile's identity with: this machine's CPU model and the
+    ``OPTIMIZATION_CAPABILITIES`` OpenVINO's CPU plugin reports (read once per process)."""
     import openvino as ov
 
     from apsq_ov.profiler import host_cpu
 
     caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    here = {"cpu_model": host_cpu(), "optimization_capabilities": ", ".join(caps)}
-    diffs = [f"{k} {profile.identity.get(k, '?')!r}, this host {v!r}" for k, v in here.items()
-             if profile.identity.get(k, "").replace(" ", "") != v.replace(" ", "")]  # fmt: skip
-    return "; ".join(diffs) or None
+    return {"cpu_model": host_cpu(), "optimization_capabilities": ", ".join(caps)}
 
 
 def host_profiles() -> list[str]:

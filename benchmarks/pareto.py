@@ -66,13 +66,18 @@ AC_DROPS = (0.005, 0.01, 0.02)
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
+PROFILE: str | None = None
+"""``--profile``: the profile every package is calibrated with (None: ``--device CPU``'s, the shipped CPU
+profile measured on a CPU like this one, else ``CPU``)."""
+
+
 def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> apsq_ov.Package:
     out = CACHE / f"{tag}.apsq"
     if reuse and (out / "apsq.json").is_file():
         return apsq_ov.Package.load(out)
     t0 = time.perf_counter()
     with console.status(f"calibrating {tag}"), contextlib.redirect_stdout(io.StringIO()):
-        pkg = calibrate(model, data, out, CalibrationConfig(levels=LEVELS, **config))
+        pkg = calibrate(model, data, out, CalibrationConfig(levels=LEVELS, profile=PROFILE, **config))
     console.print(f"{tag}: calibrated in {time.perf_counter() - t0:.0f} s")
     return pkg
 
@@ -164,8 +169,9 @@ def fmnist(args: argparse.Namespace) -> dict[str, Any]:
     x_test, y_test = load_fashion_mnist("test")
     n = args.limit or len(x_test)
     shifts = ["clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate", "low_contrast", "salt_pepper"]
-    return bench.run_suite("Fashion-MNIST ResNet", pkg, model, statics, x_test[:n], shifts,
-                           labels=y_test[:n], metric="accuracy", progress=console)  # fmt: skip
+    result = bench.run_suite("Fashion-MNIST ResNet", pkg, model, statics, x_test[:n], shifts,
+                             labels=y_test[:n], metric="accuracy", progress=console)  # fmt: skip
+    return result | {"profile": pkg.manifest.profile.name}
 
 
 def effnet_tag(crops: int) -> str:
@@ -201,7 +207,8 @@ def effnet(args: argparse.Namespace) -> dict[str, Any]:
     shifts = ["clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate"]
     result = bench.run_suite("EfficientNet-Lite0", pkg, model, statics, fresh, shifts, labels=None,
                              metric="agreement", progress=console)  # fmt: skip
-    return result | {"calibrated_on": f"{n} crops (photo_crops({n}, seed=0)); NNCF and accuracy control on the same"}
+    return result | {"calibrated_on": f"{n} crops (photo_crops({n}, seed=0)); NNCF and accuracy control on the same",
+                     "profile": pkg.manifest.profile.name}
 
 
 def ocr(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,8 +241,9 @@ def ocr(args: argparse.Namespace) -> dict[str, Any]:
         return 1.0 - float(np.mean([cer(ctc_greedy_decode(o[0], charset), texts[i]) for o, i in pairs]))
 
     shifts = ["clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate"]
-    return bench.run_suite("PP-OCRv4 rec", pkg, model, statics, test_x, shifts, labels=None, metric="1 - CER",
-                           task=task, progress=console, forced_shifts=("clean",))  # fmt: skip
+    result = bench.run_suite("PP-OCRv4 rec", pkg, model, statics, test_x, shifts, labels=None, metric="1 - CER",
+                             task=task, progress=console, forced_shifts=("clean",))  # fmt: skip
+    return result | {"profile": pkg.manifest.profile.name}
 
 
 def main() -> None:
@@ -250,10 +258,15 @@ def main() -> None:
     ap.add_argument("--effnet-calibration", type=int, default=300,
                     help="EfficientNet-Lite0 crops to calibrate on (every method's NNCF run gets them all; 300 is "
                          "NNCF's default subset and the cache of the earlier runs)")  # fmt: skip
+    ap.add_argument("--profile", default=None,
+                    help="profile to calibrate every package with, a file or a shipped name (default: what "
+                         "`apsq-ov calibrate --device CPU` uses on this machine; see `apsq-ov profile --list`)")
     ap.add_argument("--render-only", action="store_true",
                     help="measure nothing: rewrite BENCHMARKS.md, the plots and the verdicts in pareto.json from "
                          "the tables already in results/pareto.json")  # fmt: skip
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     runners = {"fmnist": fmnist, "effnet": effnet, "ocr": ocr}
     out = RESULTS / "pareto.json"
     result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}

@@ -14,7 +14,7 @@ from apsq_ov.precision import Precision, parse_precisions
 from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import plan_routes
 
-CPU = load_profile("CPU")
+CPU = load_profile(path="CPU")
 ALL = (Precision.FP32, Precision.BF16, Precision.INT8)
 
 
@@ -94,6 +94,21 @@ def test_shipped_profiles_load_and_rank_int8_fastest_on_cpu():
     assert Precision.FP16 in gpu.native_precisions and Precision.BF16 not in gpu.native_precisions
 
 
+@pytest.mark.parametrize(("ratio", "counts"), [(0.999, False), (0.96, False), (0.94, True)])
+def test_a_precision_counts_as_faster_only_beyond_the_noise_margin(ratio, counts):
+    """bf16 priced at ``ratio`` x fp32 for every Convolution point: within MIN_GAIN (5%) it is not faster,
+    so it is never chosen for speed. The Xeon profile's fp16 (0.999x) is not a default for that reason."""
+    data = CPU.to_json()
+    rows = data["op_types"]["Convolution"]
+    for bf16, fp32 in zip(rows["bf16"], rows["fp32"], strict=True):
+        bf16["latency_ms"]["value"] = fp32["latency_ms"]["value"] * ratio
+    prof = DeviceProfile.from_json(data)
+    assert (Precision.BF16 in prof.faster_than_fp32("Convolution", ALL)) is counts
+    xeon = load_profile(path="CPU.xeon-avx512fp16")
+    assert xeon.faster_than_fp32("Convolution", xeon.native_precisions) == [Precision.INT8]
+    assert xeon.default_precisions == (Precision.FP32, Precision.INT8)
+
+
 def test_malformed_profile_names_the_file(tmp_path):
     bad = tmp_path / "p.json"
     bad.write_text('{"schema_version": 1, "device": "CPU"}')
@@ -119,7 +134,7 @@ def test_quantize_settings_follow_the_profiles_int8_hardware():
 
     from apsq_ov.calibrate import quantize_settings
 
-    cpu = load_profile("CPU")
+    cpu = load_profile(path="CPU")
     assert cpu.int8_hardware == "VNNI"
     s = quantize_settings(cpu).kwargs
     assert s["fast_bias_correction"] is False and s["advanced_parameters"].overflow_fix == nncf.OverflowFix.DISABLE

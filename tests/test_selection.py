@@ -30,7 +30,7 @@ def _op(name: str, rng: np.random.Generator, n: int = 50, escalated: float | Non
 
 
 def _profile(**routing: float) -> DeviceProfile:
-    data = load_profile("CPU").to_json()
+    data = load_profile(path="CPU").to_json()
     for key, value in routing.items():
         data["routing"][key]["value"] = value
     return DeviceProfile.from_json(data)
@@ -55,7 +55,7 @@ def test_ilp_is_optimal_against_brute_force(seed):
 
 def test_only_ops_whose_choice_changes_across_inputs_get_a_routed_option():
     rng = np.random.default_rng(0)
-    profile = load_profile("CPU")
+    profile = load_profile(path="CPU")
     assert not any(o.choice.routed for o in options(_op("a", rng, escalated=0.0), profile))
     assert not any(o.choice.routed for o in options(_op("b", rng, escalated=1.0), profile))
     assert not any(o.choice.routed for o in options(_op("c", rng, escalated=None), profile))
@@ -81,7 +81,7 @@ def test_routing_is_chosen_when_it_pays_and_not_when_the_if_costs_too_much():
 def test_levels_are_nested_and_span_fp32_to_fastest():
     rng = np.random.default_rng(3)
     ops_ = [_op(f"op{i}", rng, escalated=0.3) for i in range(8)]
-    levels = select_levels(ops_, load_profile("CPU"), [0.005, 0.01, 0.02, 0.05])
+    levels = select_levels(ops_, load_profile(path="CPU"), [0.005, 0.01, 0.02, 0.05])
     assert [lv.max_drop for lv in levels] == [0.0, 0.005, 0.01, 0.02, 0.05, 1.0]
     assert all(c == OpChoice(Precision.FP32, Precision.FP32) for c in levels[0].choices.values())
     assert all(c == OpChoice(Precision.INT8, Precision.INT8) for c in levels[-1].choices.values())
@@ -122,7 +122,7 @@ def test_dp4a_and_xmx_igpu_profiles_prefer_int8_and_cite_sources():
 def test_int8_is_not_a_candidate_where_the_profile_shows_bf16_faster():
     """Per op size: where the profile's INT8 point is slower than BF16 (small ops on this CPU, BlazeFace)
     INT8 is never chosen for speed; at sizes where INT8 is faster it is."""
-    data = load_profile("CPU").to_json()
+    data = load_profile(path="CPU").to_json()
     prov = {"kind": "estimate", "method": "test"}
 
     def points(small_ms: float, big_ms: float) -> list[dict]:
@@ -142,7 +142,7 @@ def test_int8_is_not_a_candidate_where_the_profile_shows_bf16_faster():
 
 
 def test_malformed_profile_field_is_named(tmp_path):
-    data = load_profile("CPU").to_json()
+    data = load_profile(path="CPU").to_json()
     data["op_types"]["Convolution"]["int8"][0]["latency_ms"]["provenance"] = {"kind": "measured"}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
@@ -268,7 +268,7 @@ def test_precision_changes_between_neighbours_are_priced():
     """A depthwise op where int8 is a little faster than bf16, between two convs that run fastest in bf16:
     alone it would take int8, but the two precision changes around it cost more than it saves, so the
     fastest level keeps the run in one precision."""
-    data = load_profile("CPU").to_json()
+    data = load_profile(path="CPU").to_json()
     prov = {"kind": "estimate", "method": "test"}
 
     def points(ms: float) -> list[dict]:
@@ -324,7 +324,7 @@ def test_levels_are_fitted_to_the_measured_joint_drop():
         ops_.append(OpCost(f"op{i}", "Convolution", 1e8 * (i + 1), 4e5, P3, harm, None))
     union, compound = _union_and_sum(ops_)
     budgets = [0.01, 0.02, 0.04]
-    profile = load_profile("CPU")
+    profile = load_profile(path="CPU")
     additive = select_levels(ops_, profile, budgets)
     calls = []
     fitted = select_levels(ops_, profile, budgets, measure=lambda c: calls.append(1) or union(c),
