@@ -238,8 +238,8 @@ def default_profile_name(device: str = "CPU") -> str:
 
 def load_profile(device: str = "CPU", path: str | Path | None = None) -> DeviceProfile:
     """Load a profile from ``path`` (a file, or the name of a shipped profile such as ``GPU.gen11``),
-    or the shipped one for ``device`` (:func:`default_profile_name`: on a CPU a shipped profile names,
-    the one measured on it; ``GPU.1`` uses ``GPU``'s).
+    or the shipped one for ``device`` (:func:`default_profile_name`: for ``CPU``, the shipped profile measured
+    on a CPU like this one, else ``CPU``; ``GPU.1`` uses ``GPU``'s).
 
     :raises ProfileError: if the file is missing, not JSON, or malformed (naming the field).
     """
