@@ -66,18 +66,13 @@ AC_DROPS = (0.005, 0.01, 0.02)
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
-PROFILE: str | None = None
-"""``--profile``: the profile every package is calibrated with (None: ``--device CPU``'s, the shipped CPU
-profile measured on a CPU like this one, else ``CPU``)."""
-
-
 def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> apsq_ov.Package:
     out = CACHE / f"{tag}.apsq"
     if reuse and (out / "apsq.json").is_file():
         return apsq_ov.Package.load(out)
     t0 = time.perf_counter()
     with console.status(f"calibrating {tag}"), contextlib.redirect_stdout(io.StringIO()):
-        pkg = calibrate(model, data, out, CalibrationConfig(levels=LEVELS, profile=PROFILE, **config))
+        pkg = calibrate(model, data, out, CalibrationConfig(levels=LEVELS, **config))
     console.print(f"{tag}: calibrated in {time.perf_counter() - t0:.0f} s")
     return pkg
 
@@ -156,7 +151,7 @@ def fmnist(args: argparse.Namespace) -> dict[str, Any]:
     CACHE.mkdir(parents=True, exist_ok=True)
     data = CACHE / "fmnist_calib.npz"
     np.savez(data, images=x_train[pick], labels=y_train[pick])
-    pkg = package("fmnist", apsq_ov.embedded_model(), data, args.reuse, drop_samples=600)
+    pkg = package("fmnist", apsq_ov.embedded_model(), data, args.reuse, drop_samples=600, profile=args.profile)
     model = ov.Core().read_model(apsq_ov.embedded_model())
     model.reshape([1, 1, 28, 28])
     subset = pick[sample_order(len(pick), 0)[:300]]  # what calibrate gave NNCF
@@ -192,7 +187,7 @@ def effnet(args: argparse.Namespace) -> dict[str, Any]:
     CACHE.mkdir(parents=True, exist_ok=True)
     data = CACHE / f"{tag}_calib.npz"
     np.savez(data, inputs=calib_x)
-    pkg = package(tag, model_path, data, args.reuse, **config)
+    pkg = package(tag, model_path, data, args.reuse, profile=args.profile, **config)
     model = ov.Core().read_model(model_path)
     order = sample_order(len(calib_x), 0)
     calib = [calib_x[i : i + 1] for i in order[:n]]
@@ -222,7 +217,7 @@ def ocr(args: argparse.Namespace) -> dict[str, Any]:
     CACHE.mkdir(parents=True, exist_ok=True)
     data = CACHE / "ocr_calib.npz"
     np.savez(data, inputs=calib_x)
-    pkg = package("ocr", onnx, data, args.reuse, drop_samples=60, sensitivity_samples=32)
+    pkg = package("ocr", onnx, data, args.reuse, drop_samples=60, sensitivity_samples=32, profile=args.profile)
     model = ov.Core().read_model(onnx)
     charset = model.get_rt_info(["framework", "character"]).astype(str).split("\n")
     model.reshape([1, 3, 48, 320])
@@ -265,8 +260,6 @@ def main() -> None:
                     help="measure nothing: rewrite BENCHMARKS.md, the plots and the verdicts in pareto.json from "
                          "the tables already in results/pareto.json")  # fmt: skip
     args = ap.parse_args()
-    global PROFILE
-    PROFILE = args.profile
     runners = {"fmnist": fmnist, "effnet": effnet, "ocr": ocr}
     out = RESULTS / "pareto.json"
     result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
