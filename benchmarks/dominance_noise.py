@@ -34,6 +34,8 @@ from apsq_ov.shifts import apply as apply_shift
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from pareto import package_settings  # noqa: E402
+
 RESULTS = HERE / "results"
 CACHE = RESULTS / ".cache" / "pareto"
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -71,11 +73,13 @@ def run_model(key: str) -> dict[str, Any]:
     entry = json.loads((RESULTS / "pareto.json").read_text())["models"][key]
     x, labels, fp32 = _data(key, entry)
     lo, hi = entry["value_range"]
-    package = compile_model(apsq_ov.Package.load(CACHE / f"{key}.apsq"), "CPU", F32, standalone="all")
+    pkg = apsq_ov.Package.load(entry["package"])  # the package that run measured (e.g. effnet1000.apsq)
+    tag, suffix = Path(entry["package"]).stem, package_settings(pkg)[1]  # the baselines' cache names
+    package = compile_model(pkg, "CPU", F32, standalone="all")
     core = ov.Core()
     statics = {}
     for name in ("NNCF accuracy control 0.005", "NNCF accuracy control 0.01", "NNCF accuracy control 0.02"):
-        m = core.read_model(CACHE / "nncf" / f"{key}_ac_{name.rsplit(' ', 1)[1]}.xml")
+        m = core.read_model(CACHE / "nncf" / f"{tag}_ac_{name.rsplit(' ', 1)[1]}{suffix}.xml")
         if key == "fmnist":
             m.reshape([1, 1, 28, 28])
         statics[name] = core.compile_model(m, "CPU", F32)
