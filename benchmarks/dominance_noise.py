@@ -80,13 +80,9 @@ def _data(key: str, entry: dict[str, Any]) -> tuple[np.ndarray, Judge, list[int]
             return lambda outs: np.array([o.argmax() for o in outs]) == y
 
         return photo_crops(samples, seed=1), judge_crops, [1, 3, 224, 224]
-    import importlib.util
+    from real_models import pp_ocr_rec
 
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or spec.origin is None:
-        raise SystemExit("pip install --no-deps rapidocr-onnxruntime==1.4.4 (the PP-OCRv4 rec model ships in it)")
-    onnx = Path(spec.origin).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
-    charset = ov.Core().read_model(onnx).get_rt_info(["framework", "character"]).astype(str).split("\n")
+    charset = pp_ocr_rec()[1]
     x, texts = render_text_lines(samples, seed=1)
 
     def judge_lines(xs: np.ndarray) -> Callable[[list[np.ndarray]], np.ndarray]:

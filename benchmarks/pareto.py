@@ -207,19 +207,15 @@ def effnet(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ocr(args: argparse.Namespace) -> dict[str, Any]:
-    import importlib.util
+    from real_models import pp_ocr_rec
 
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or spec.origin is None:
-        raise SystemExit("pip install --no-deps rapidocr-onnxruntime==1.4.4 (the PP-OCRv4 rec model ships in it)")
-    onnx = Path(spec.origin).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    onnx, charset = pp_ocr_rec()
     calib_x, _ = render_text_lines(300, seed=0)
     CACHE.mkdir(parents=True, exist_ok=True)
     data = CACHE / "ocr_calib.npz"
     np.savez(data, inputs=calib_x)
     pkg = package("ocr", onnx, data, args.reuse, drop_samples=60, sensitivity_samples=32, profile=args.profile)
     model = ov.Core().read_model(onnx)
-    charset = model.get_rt_info(["framework", "character"]).astype(str).split("\n")
     model.reshape([1, 3, 48, 320])
     order = sample_order(len(calib_x), 0)
     calib = [calib_x[i : i + 1] for i in order[:300]]

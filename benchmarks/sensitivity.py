@@ -31,7 +31,6 @@ OCR needs ``pip install --no-deps rapidocr-onnxruntime==1.4.4``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
@@ -114,12 +113,10 @@ def effnet_case(work: Path) -> Case:
 
 
 def ocr_case(work: Path) -> Case:
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or spec.origin is None:
-        raise SystemExit("pip install --no-deps rapidocr-onnxruntime==1.4.4")
-    model = Path(spec.origin).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    from real_models import pp_ocr_rec
+
+    model, charset = pp_ocr_rec()
     lines, texts = render_text_lines(360, seed=11)
-    charset = ov.Core().read_model(model).get_rt_info(["framework", "character"]).astype(str).split("\n")
     np.savez(work / "ocr.npz", inputs=lines, labels=ctc_labels(texts, charset))
     # the task score needs hundreds of lines for CER to resolve one op's change; 60 held out for the report
     config = CalibrationConfig(subset_size=300, sensitivity_samples=300, drop_samples=60,

@@ -103,15 +103,9 @@ def fmnist_data(n: int, calibration: np.ndarray | None = None) -> Fresh:
 
 
 def ocr_data(n: int) -> Fresh:
-    import importlib.util
+    from real_models import pp_ocr_rec
 
-    import openvino as ov
-
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or spec.origin is None:
-        raise SystemExit("pip install --no-deps rapidocr-onnxruntime==1.4.4 (the PP-OCRv4 rec model ships in it)")
-    onnx = Path(spec.origin).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
-    charset = ov.Core().read_model(onnx).get_rt_info(["framework", "character"]).astype(str).split("\n")
+    charset = pp_ocr_rec()[1]
     x, texts = render_text_lines(n, seed=123)
 
     def cers(out: np.ndarray) -> np.ndarray:
