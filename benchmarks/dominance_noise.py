@@ -30,6 +30,7 @@ from rich.console import Console
 from scipy.stats import binomtest, wilcoxon
 
 import apsq_ov
+from apsq_ov.bench import row_key
 from apsq_ov.datasets import cer, ctc_greedy_decode, load_fashion_mnist, render_text_lines
 from apsq_ov.runtime import compile_model
 from apsq_ov.shifts import apply as apply_shift
@@ -119,7 +120,7 @@ def run_model(key: str) -> dict[str, Any]:
         if m.is_dynamic():
             m.reshape(shape)
         statics[name] = core.compile_model(m, "CPU", F32)
-    binary = entry["metric"] != "1 - CER"
+    binary = row_key(entry["metric"]) != "task"  # right/wrong per input; a task metric (1 − CER) is graded
     test = "exact McNemar" if binary else "Wilcoxon signed-rank"
     out: dict[str, Any] = {"model": entry["model"], "metric": entry["metric"], "run_of": entry.get("date"),
                            "test": test, "shifts": {}}  # fmt: skip
@@ -146,8 +147,7 @@ def run_model(key: str) -> dict[str, Any]:
                 tests.append({"relation": relation, "adaptive": a, "rival": b, "runs": pair[1],
                               "only_adaptive_right": int(np.sum(qa > qb)), "only_rival_right": int(np.sum(qb > qa)),
                               "p": _paired_p(qa, qb, binary), "median_us_adaptive_minus_rival": gap_us})  # fmt: skip
-        key_q = {"accuracy": "accuracy", "agreement": "agreement"}.get(entry["metric"], "task")
-        reproduced = {src: [float(np.mean(q)), rows[src][key_q]] for src, q in quality.items()}
+        reproduced = {src: [float(np.mean(q)), rows[src][row_key(entry["metric"])]] for src, q in quality.items()}
         out["shifts"][shift] = {"holds": dom["holds"], "tests": tests, "reproduced": reproduced}
         console.print(f"{key} · {shift}: {len(tests)} relations tested")
     return out

@@ -90,6 +90,7 @@ PRECISIONS = (Precision.FP32, Precision.BF16, Precision.INT8)
 """The variants every case builds: the table reports INT8 and BF16, whichever the host's profile makes
 defaults (the profile of a Xeon without AMX, where BF16 runs slower than FP32, offers fp32 and int8 only)."""
 
+
 def fmnist_case(work: Path) -> Case:
     x, y = load_fashion_mnist("train")
     pick = np.random.default_rng(7).permutation(len(x))[:20_064]
