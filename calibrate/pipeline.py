@@ -11,7 +11,9 @@ Where it sits in the data flow: the entry point of ``calibrate/`` (``apsq-ov cal
 5. measure each op's *isolated loss* (only that op lowered, every other op fp32) on a disjoint
    *held-out split*: the ground truth the report compares scores with, and the drops the policy budgets;
 6. select the dial's levels (:mod:`.selection`), each fitted to its drop measured with all its ops
-   lowered together on the held-out split, and fit the router (:mod:`.router`);
+   lowered together on the held-out split; where the package's device is this one, time the fastest
+   level and put back at FP32 the ops it runs as fast at FP32 where that measurably helps; fit the
+   router (:mod:`.router`);
 7. plan the default policy at ``max_drop``, write it into the ReadValue initialisers, and write
    the package atomically.
 """
@@ -74,6 +76,7 @@ from .variants import (
     find_routable_ops,
     level_body,
     linear_successors,
+    routable_producers,
     weight_errors,
 )
 
@@ -90,6 +93,12 @@ default — and ``.HISTOGRAM``). Which reads closer to FP32 depends on the model
 with histogram ranges (2,000 crops, McNemar p = 0.003), PP-OCRv4 rec 1 − CER 96.4% → 95.5%, Fashion-MNIST
 accuracy 91.83% → 91.85% (output NMSE 5x lower). The judged output's NMSE on 200 held-out inputs picked the
 better one in every draw: hence ``auto``."""
+REFINE_TOLERANCE = 0.02
+"""How much slower than the fastest level (median, 1 thread, in both halves of an interleaved timing) a fast
+route with some ops back at FP32 may run and still count as free (:func:`_refine_fast_route`)."""
+REFINE_ALPHA = 0.05
+"""The one-sided Wilcoxon signed-rank p-value the refined fast route's per-sample gain on the held-out split
+must reach (a gain within the noise keeps the fastest level as selected)."""
 _BUILDABLE = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8, Precision.INT4)
 
 
@@ -276,6 +285,7 @@ def calibrate_model(
     units = find_routable_ops(model, q_model, q4_model)
     if not units:
         raise ModelError("the model has no Convolution, GroupConvolution or MatMul with constant weights to route")
+    producers = routable_producers(units)
 
     variants: dict[str, tuple[Precision, ...]] = {}
     for u in units:
@@ -419,11 +429,16 @@ def calibrate_model(
     # The isolated drops overlap (the inputs one op flips are mostly the ones every op flips), so their sum
     # overstates a level's drop many times over on some models: each level is fitted to its drop measured
     # with all its ops lowered together on the held-out split.
-    measure = joint_drops(measuring, batches(drop_idx))
+    losses = joint_losses(measuring, batches(drop_idx))
+
+    def measure(choices: Mapping[str, OpChoice]) -> float:
+        return float(np.mean(losses(choices)))
+
     fit_progress = (lambda d, t: progress("fit levels to measured drops", d, t)) if progress else None
+    successors = linear_successors([u for u in units if u.name in by_name])
     levels = select_levels(costs, profile, budgets, latency_budget_ms=config.latency_budget_ms,
-                           successors=linear_successors([u for u in units if u.name in by_name]), measure=measure,
-                           samples=int(len(drop_idx) * batch), progress=fit_progress)  # fmt: skip
+                           successors=successors, measure=measure, samples=int(len(drop_idx) * batch),
+                           progress=fit_progress)  # fmt: skip
     fastest_check = None
     if _runs_here(config.device, profile):
         # The profile prices ops one by one; in a real network the device fuses runs of one precision
@@ -439,6 +454,14 @@ def calibrate_model(
             progress("time the fastest level", 1, 1)
     if levels[-1].measured_drop is None:  # the on-device check swapped the fastest level
         levels[-1] = replace(levels[-1], measured_drop=measure(levels[-1].choices))
+    refinement = None
+    if _runs_here(config.device, profile):
+        if progress:
+            progress("refine the fast route", 0, 1)
+        levels, refinement = _refine_fast_route(levels, manifest.ops, costs, producers, profile, fp32_model, q_model,
+                                                q4_model, variants, batches(drop_idx[:1])[0], losses)  # fmt: skip
+        if progress:
+            progress("refine the fast route", 1, 1)
     manifest.levels = levels
     manifest.default_level = level_for(levels, config.max_drop)
     if not config.router:
@@ -456,6 +479,7 @@ def calibrate_model(
         "levels": [lv.max_drop for lv in levels],
         "escalation_rate": {n: float(np.mean(e)) for n, e in escalated.items()},
         "fastest_level_check": fastest_check,
+        "fast_route_refinement": refinement,
     }
     if progress:
         progress("build package IR", 0, 1)
@@ -530,6 +554,13 @@ def _time_bodies(model: ov.Model, manifest: Manifest, x: list[np.ndarray], runs:
 def _time_states(setups: list[tuple[ov.Model, dict[str, np.ndarray]]], x: list[np.ndarray], runs: int) -> list[float]:
     """Median ms on ``x`` of each (model, state setup) — one request each, each model compiled once (1
     thread, LATENCY hint, f32 hint); ``runs`` rounds interleaved over the setups after a warm-up."""
+    return [float(np.median(t)) for t in _time_runs(setups, x, runs)]
+
+
+def _time_runs(
+    setups: list[tuple[ov.Model, dict[str, np.ndarray]]], x: list[np.ndarray], runs: int
+) -> list[list[float]]:
+    """Every round's ms of :func:`_time_states`, per setup, in order."""
     cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
     core = ov.Core()
     compiled: dict[int, ov.CompiledModel] = {}
@@ -549,8 +580,8 @@ def _time_states(setups: list[tuple[ov.Model, dict[str, np.ndarray]]], x: list[n
         for k, req in enumerate(requests):
             t0 = time.perf_counter()
             req.infer(x)
-            times[k].append(time.perf_counter() - t0)
-    return [float(np.median(t) * 1e3) for t in times]
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def _fit_router(
@@ -656,6 +687,128 @@ def _check_fastest(
     drop = sum(0.0 if mix[op.name].fast is Precision.FP32 else float(np.mean(op.harm[mix[op.name].fast]))
                for op in costs)  # fmt: skip
     return Level(level.max_drop, mix, pred, drop, f"{level.solver}; measured on this device: {best} was faster"), report
+
+
+def _refine_fast_route(
+    levels: list[Level],
+    records: list[OpRecord],
+    costs: list[OpCost],
+    producers: Mapping[str, set[str | None]],
+    profile: DeviceProfile,
+    fp32_model: ov.Model,
+    q_model: ov.Model | None,
+    q4_model: ov.Model | None,
+    variants: dict[str, tuple[Precision, ...]],
+    x: list[np.ndarray],
+    losses: Callable[[Mapping[str, OpChoice]], np.ndarray],
+    runs: int = 80,
+    width: int = 8,
+    steps: int = 6,
+) -> tuple[list[Level], dict]:
+    """Put back at FP32 the lowered ops of the fastest level that this device runs as fast at FP32, where
+    that measurably helps: the profile prices each op alone, but in the compiled network an op at FP32 can
+    cost nothing where it moves a quantize/dequantize instead of adding a pair (on PP-OCRv4 rec the two stem
+    convs at FP32 timed 6.61 ms against 6.72 ms all-INT8, and cut the position disagreement with FP32 on
+    fresh lines by a sixth), and 5% where it sits inside an INT8 chain.
+
+    Forward greedy, from the fastest level: each step takes the ops on a precision boundary — those that
+    take a model input, feed no routable op, or exchange a tensor (``producers``, :func:`routable_producers`)
+    with an op at FP32 — the ``width`` of them with the most predicted drop (their sensitivity score's, from
+    the scoring split) per profile ms saved; times each added to the ops kept so far against the fastest
+    level (1 thread, ``runs`` rounds interleaved), and of those within :data:`REFINE_TOLERANCE` of it in both
+    halves of the rounds keeps the one that most lowers the per-sample disagreement with FP32 on the even
+    samples of the held-out split. The ops kept are then tested on the odd samples, which chose nothing:
+    kept if the disagreement is lower there, one-sided Wilcoxon signed-rank p < :data:`REFINE_ALPHA`. They stay
+    FP32 in every level (more budget still never adds precision), and each changed level's drop is measured
+    again.
+
+    :return: the levels and what was measured (``manifest.selection["fast_route_refinement"]``).
+    """
+    from scipy.stats import wilcoxon
+
+    fast = levels[-1].choices
+    by_name = {c.name: c for c in costs}
+    predicted = {r.name: float(r.sensitivity.get("predicted", {}).get(fast[r.name].fast.value, 0.0))
+                 for r in records if r.name in fast}  # fmt: skip
+
+    def saved_ms(name: str, p: Precision) -> float:
+        c = by_name[name]
+        return profile.latency_ms(c.type, Precision.FP32, c.macs) - profile.latency_ms(c.type, p, c.macs)
+
+    consumers: dict[str | None, set[str]] = {}
+    for b, sources in producers.items():
+        for a in sources:
+            consumers.setdefault(a, set()).add(b)
+
+    def boundary(lowered: set[str]) -> list[str]:
+        edge = [n for n in lowered
+                if any(a is None or a not in lowered for a in producers.get(n, {None}))
+                or not consumers.get(n) or any(b not in lowered for b in consumers[n])]  # fmt: skip
+        return sorted(edge, key=lambda n: (-predicted.get(n, 0.0) / max(saved_ms(n, fast[n].fast), 1e-6), n))
+
+    base = losses(fast)
+    select, test = np.arange(len(base)) % 2 == 0, np.arange(len(base)) % 2 == 1
+    kept: list[str] = []
+    best = base
+    trail: list[dict[str, Any]] = []
+    for _ in range(steps):
+        lowered = {n for n, c in fast.items() if c.fast is not Precision.FP32} - set(kept)
+        candidates = boundary(lowered)[:width]
+        if not candidates:
+            break
+        mixes = [dict(fast)] + [_keep_fp32(fast, {*kept, n}) for n in candidates]
+        body = build_package_model(fp32_model, q_model, variants, mixes, 0, q4_model=q4_model)
+        times = _time_runs([(body, {LEVEL_STATE: np.array(k, np.int32)}) for k in range(len(mixes))], x, runs)
+        halves = [[float(np.median(t[h::2])) for t in times] for h in (0, 1)]  # alternate rounds: same drift
+        free = [k for k in range(1, len(mixes)) if all(h[k] <= h[0] * (1.0 + REFINE_TOLERANCE) for h in halves)]
+        step: dict[str, Any] = {"candidates": candidates, "median_ms": [float(np.median(t)) for t in times],
+                                "median_ms_halves": halves, "free": [candidates[k - 1] for k in free]}  # fmt: skip
+        trail.append(step)
+        if not free:
+            break
+        measured = {k: losses(mixes[k]) for k in free}
+        k = min(free, key=lambda k: (float(np.mean(measured[k][select])), k))
+        if np.mean(measured[k][select]) >= np.mean(best[select]):
+            step["reason"] = "no free op lowers the disagreement on the selection half"
+            break
+        kept.append(candidates[k - 1])
+        best = measured[k]
+        step["kept"] = candidates[k - 1]
+    report: dict[str, Any] = {"measured": True, "tolerance": REFINE_TOLERANCE, "runs": runs, "steps": trail,
+                              "kept_fp32": [], "alpha": REFINE_ALPHA}  # fmt: skip
+    if not kept:
+        return levels, report | {"reason": "no op timed as fast at FP32 and lowered the disagreement"}
+    gain = (base - best)[test]
+    p = float(wilcoxon(gain, alternative="greater").pvalue) if np.any(gain != 0) else 1.0
+    report |= {"tried": kept, "drop_before": float(np.mean(base)), "drop_after": float(np.mean(best)),
+               "test_drop_before": float(np.mean(base[test])), "test_drop_after": float(np.mean(best[test])),
+               "p_value": p}  # fmt: skip
+    if not (np.mean(gain) > 0 and p < REFINE_ALPHA):
+        return levels, report | {"reason": "the gain on the test half is within the noise"}
+    keep = set(kept)
+    out = []
+    for lv in levels:
+        choices = _keep_fp32(lv.choices, keep)
+        changed = [n for n in kept if lv.choices[n].fast is not Precision.FP32]
+        if choices == lv.choices:
+            out.append(lv)
+            continue
+        ms = sum(saved_ms(n, lv.choices[n].fast) for n in changed)
+        harm = sum(float(np.mean(by_name[n].harm[lv.choices[n].fast])) for n in changed)
+        drop = float(np.mean(best)) if lv is levels[-1] else float(np.mean(losses(choices)))
+        out.append(replace(lv, choices=choices, predicted_ms=lv.predicted_ms + ms,
+                           predicted_drop=max(lv.predicted_drop - harm, 0.0), measured_drop=drop,
+                           solver=f"{lv.solver}; {len(changed)} ops kept FP32 (as fast on this device)"))  # fmt: skip
+    return out, report | {"kept_fp32": kept}
+
+
+def _keep_fp32(choices: Mapping[str, OpChoice], keep: set[str]) -> dict[str, OpChoice]:
+    """``choices`` with the ops in ``keep`` static FP32; a run of ops sharing one If that loses an op to
+    ``keep`` is split (each op left of it routes in its own If: a shared If needs an unbroken run)."""
+    broken = {c.shared_with for n, c in choices.items() if c.shared_with and (n in keep or c.shared_with in keep)}
+    fp32 = OpChoice(Precision.FP32, Precision.FP32)
+    return {n: fp32 if n in keep else replace(c, shared_with=None) if c.shared_with in broken else c
+            for n, c in choices.items()}  # fmt: skip
 
 
 def _size(unit: RoutableOp) -> tuple[float, float]:
@@ -992,20 +1145,23 @@ def isolated_losses(
     return losses
 
 
-def joint_drops(
+def joint_losses(
     model: AdaptiveCompiledModel, data: list[list[np.ndarray]]
-) -> Callable[[Mapping[str, OpChoice]], float]:
-    """``measure(choices)``: the top-1 disagreement with FP32 (:func:`quality_loss`'s ``top1``) on ``data``
-    with every op at its choice together (routed ops at their fast variant, which never escalates: an
-    upper bound of what routing loses) — how the selection checks a level (:func:`select_levels`)."""
+) -> Callable[[Mapping[str, OpChoice]], np.ndarray]:
+    """``losses(choices)``: each sample's top-1 disagreement with FP32 (the fraction of its positions whose
+    argmax differs; their mean is :func:`quality_loss`'s ``top1``) on ``data`` with every op at its choice
+    together (routed ops at their fast variant, which never escalates: an upper bound of what routing
+    loses) — how the selection checks a level (:func:`select_levels`)."""
     runs = PinnedRuns(model, data)
     reference = Reference.of(runs(None), None)
 
-    def measure(choices: Mapping[str, OpChoice]) -> float:
+    def losses(choices: Mapping[str, OpChoice]) -> np.ndarray:
         pin = {n: c.fast for n, c in choices.items() if c.fast is not Precision.FP32}
-        return quality_loss(runs(pin), reference)["top1"] if pin else 0.0
+        if not pin:
+            return np.zeros(len(data))
+        return np.array([np.mean(top1_of(o) != r) for o, r in zip(runs(pin), reference.top1, strict=True)])
 
-    return measure
+    return losses
 
 
 __all__ = ["CalibrationConfig", "calibrate", "calibrate_model", "read_model", "sample_order"]

@@ -7,6 +7,7 @@ level (its static ops never change route); a precision-map pin changes only that
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import nncf
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 import apsq_ov
 from apsq_ov.cli import app
 from apsq_ov.datasets import load_fashion_mnist, shift
+from apsq_ov.package import OpChoice
 from apsq_ov.precision import Precision
 from apsq_ov.routing import fastest_level
 
@@ -133,6 +135,36 @@ def test_max_drop_zero_gives_fp32_and_levels_follow_the_selection(fm):
     want = [level.choices[manifest.ops[i].name].fast.code for i in static]
     assert (a1["route"][:, static] == want).all()  # static ops never change
     assert (a1["route"] != 0).any()  # and some op is lowered
+
+
+def test_fast_route_refinement_keeps_only_free_and_significant_fp32_ops(fm):
+    """Calibration on this CPU tries putting the fastest level's boundary ops back at FP32 one at a time
+    and keeps them FP32 only where that timed as fast and measurably cut the drop on samples that chose
+    nothing; whatever it decided, its record agrees with the levels it left."""
+    from apsq_ov.calibrate.pipeline import REFINE_ALPHA, REFINE_TOLERANCE
+
+    m = apsq_ov.Package.load(fm["pkg"]).manifest
+    r = m.selection["fast_route_refinement"]
+    assert r["measured"] and r["tolerance"] == REFINE_TOLERANCE and r["steps"]
+    fastest = m.levels[-1]
+    for step in r["steps"]:
+        assert len(step["median_ms"]) == len(step["candidates"]) + 1 and set(step["free"]) <= set(step["candidates"])
+        for name in step["free"]:  # free: within the tolerance of the fastest level in both halves of the rounds
+            k = 1 + step["candidates"].index(name)
+            assert all(h[k] <= h[0] * (1 + REFINE_TOLERANCE) for h in step["median_ms_halves"])
+        assert step.get("kept") in (None, *step["free"])
+    tried = [s["kept"] for s in r["steps"] if "kept" in s]
+    kept = r["kept_fp32"]
+    if not kept:  # nothing kept: the fastest level still lowers every op it tried
+        assert r["reason"] and all(fastest.choices[n].fast is not Precision.FP32 for n in tried)
+        return
+    assert kept == tried == r["tried"]
+    assert r["p_value"] < REFINE_ALPHA and r["test_drop_after"] < r["test_drop_before"]
+    assert fastest.measured_drop == pytest.approx(r["drop_after"])
+    for level in m.levels:  # FP32 in every level: more budget still never adds precision
+        assert all(level.choices[n] == OpChoice(Precision.FP32, Precision.FP32) for n in kept)
+    for lo, hi in itertools.pairwise(m.levels):
+        assert all(hi.choices[n].fast.rank >= c.fast.rank for n, c in lo.choices.items())
 
 
 def test_precision_map_pin_changes_only_that_op(fm, tmp_path):

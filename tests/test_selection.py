@@ -12,11 +12,16 @@ import openvino as ov
 import pytest
 
 from apsq_ov.calibrate.selection import OpCost, options, select_levels, solve_level
-from apsq_ov.calibrate.variants import build_package_model, find_routable_ops, linear_successors
+from apsq_ov.calibrate.variants import (
+    build_package_model,
+    find_routable_ops,
+    linear_successors,
+    routable_producers,
+)
 from apsq_ov.package import ESCALATE_STATE, LEVEL_STATE, OpChoice
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile, load_profile
-from tests.models import conv_chain, conv_chain_data
+from tests.models import conv_chain, conv_chain_data, two_heads
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 P3 = (Precision.FP32, Precision.BF16, Precision.INT8)
@@ -148,6 +153,39 @@ def test_malformed_profile_field_is_named(tmp_path):
     bad.write_text(json.dumps(data))
     with pytest.raises(Exception, match=r"bad.json: field op_types/Convolution/int8/0/latency_ms/provenance"):
         load_profile(path=bad)
+
+
+def test_a_mostly_int8_level_is_nncfs_graph_with_its_fp32_ops_unquantized():
+    """A static level with most ops INT8 and the rest FP32 is built from NNCF's INT8 graph (whose
+    FakeQuantizes on adds and pools keep blocks in u8) with those ops put back at FP32, as NNCF's own
+    ``ignored_scope`` leaves them: its output matches that model's to within INT8 noise, and the FP32 op
+    reads its input unquantized, with the FP32 model's weights."""
+    from apsq_ov.calibrate.variants import level_body
+
+    model = conv_chain()
+    model.reshape([1, 3, 16, 16])
+    data = conv_chain_data(32)
+    ds = nncf.Dataset([x[None] for x in data])
+    q = nncf.quantize(model.clone(), ds, subset_size=32)
+    ignored = nncf.quantize(model.clone(), ds, subset_size=32, ignored_scope=nncf.IgnoredScope(names=["conv2"]))
+    variants = {u.name: P3 for u in find_routable_ops(model, q)}
+    int8, fp32 = OpChoice(Precision.INT8, Precision.INT8), OpChoice(Precision.FP32, Precision.FP32)
+    body, _ = level_body(model, q, variants, {"conv1": int8, "conv2": fp32, "fc": int8}, "mix", [])
+    conv2 = next(n for n in body.get_ordered_ops() if n.get_friendly_name() == "conv2")
+    assert conv2.input(0).get_source_output().get_node().get_type_name() != "FakeQuantize"
+    want = next(u for u in find_routable_ops(model) if u.name == "conv2").op.input(1).get_source_output()
+    np.testing.assert_array_equal(conv2.input(1).get_source_output().get_node().get_data(), want.get_node().get_data())
+    fqs = {n.get_friendly_name() for n in body.get_ordered_ops() if n.get_type_name() == "FakeQuantize"}
+    nncf_fqs = {n.get_friendly_name() for n in q.get_ordered_ops() if n.get_type_name() == "FakeQuantize"}
+    assert fqs and fqs <= nncf_fqs  # NNCF's own quantizers (conv1 and fc stay INT8), none added
+    core = ov.Core()
+    x = conv_chain_data(8, seed=5)
+    ours = core.compile_model(body, "CPU", F32)
+    theirs = core.compile_model(ignored, "CPU", F32)
+    all_int8 = core.compile_model(q, "CPU", F32)
+    for xi in x:
+        y, ref, y8 = ours([xi[None]])[0], theirs([xi[None]])[0], all_int8([xi[None]])[0]
+        assert np.abs(y - ref).max() <= 0.25 * np.abs(y8 - ref).max() + 1e-6, (y, ref, y8)
 
 
 def test_level_body_routes_per_input_and_escalate_state_overrides():
@@ -356,3 +394,35 @@ def test_levels_are_fitted_to_the_measured_joint_drop():
         beyond = any(c.fast.rank > a.choices[name].fast.rank for name, c in f.choices.items())
         assert not beyond or upper_bound(f.measured_drop * n, n) <= f.max_drop + 1e-12, f
     assert any(f.predicted_ms > g.predicted_ms + 1e-9 for f, g in zip(bounded[1:-1], fitted[1:-1], strict=True))
+
+
+def test_routable_producers_see_through_pools_and_branches():
+    """Whom each routable op takes its data from (``None``: a model input), through any non-routable ops:
+    both heads of a two-headed model read conv2 through its relu and pooling, where the linear runs
+    (single-consumer chains) stop at conv2's branch."""
+    model = two_heads()
+    model.reshape([1, 3, 16, 16])
+    units = find_routable_ops(model, None)
+    assert routable_producers(units) == {"conv1": {None}, "conv2": {"conv1"}, "box_head": {"conv2"},
+                                         "class_head": {"conv2"}}  # fmt: skip
+    assert linear_successors(units) == {"conv1": "conv2"}
+
+
+def test_keep_fp32_pins_the_ops_and_splits_a_run_it_breaks():
+    """The fast-route refinement puts ops back at FP32 in every level: a run of routed ops sharing one If
+    (an unbroken chain, :func:`share_runs`) that loses a member is split, each op left routing in its own If;
+    runs it does not touch keep sharing."""
+    from apsq_ov.calibrate.pipeline import _keep_fp32
+
+    routed = OpChoice(Precision.INT8, Precision.FP32)
+    def joins(head: str) -> OpChoice:
+        return OpChoice(Precision.INT8, Precision.FP32, shared_with=head)
+
+    choices = {"a": routed, "b": joins("a"), "c": joins("a"), "d": routed, "e": joins("d"),
+               "f": OpChoice(Precision.INT8, Precision.INT8)}  # fmt: skip
+    out = _keep_fp32(choices, {"b", "f"})
+    assert out["b"] == out["f"] == OpChoice(Precision.FP32, Precision.FP32)
+    assert out["a"] == routed and out["c"] == routed  # the run a-b-c is broken: c routes on its own
+    assert out["d"] == choices["d"] and out["e"] == choices["e"]  # d-e untouched
+    assert _keep_fp32(choices, {"a"})["b"].shared_with is None  # its head gone, b routes on its own
+    assert _keep_fp32(choices, set()) == choices
