@@ -599,9 +599,8 @@ def level_body(
     # A level that runs every INT8-capable op statically, most of them in INT8 and the rest in FP32, is NNCF's
     # own graph (its FakeQuantizes on residual adds and pools too, so the device keeps whole blocks in u8)
     # with those few ops put back at FP32, as ``nncf.quantize(ignored_scope=...)`` leaves them; the other ops
-    # get their chosen variant there. Built from the FP32 model instead, one FP32 op in PP-OCRv4 rec's INT8
-    # chain cost 5-14%; in NNCF's graph (measured with ignored_scope) -3% to +0.5%. Any other level starts
-    # from the FP32 model.
+    # get their chosen variant there (with ignored_scope, PP-OCRv4 rec's stem convs, a mid-chain conv or a
+    # MatMul at FP32 timed 0.97-1.03x NNCF's all-INT8 model). Any other level starts from the FP32 model.
     int8 = OpChoice(Precision.INT8, Precision.INT8)
     at_fp32 = [n for n in int8_capable if level[n] == OpChoice(Precision.FP32, Precision.FP32)]
     from_nncf = (
