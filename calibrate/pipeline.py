@@ -742,8 +742,8 @@ def _refine_fast_route(
 ) -> tuple[list[Level], dict]:
     """Put back at FP32 the lowered ops of the fastest level that this device runs as fast at FP32, where
     that measurably helps: the profile prices each op alone, but in the compiled network an op at FP32 can
-    cost nothing. In NNCF's graph (:func:`level_body`) PP-OCRv4 rec's stem convs, its second conv alone, or
-    one MatMul at FP32 timed 0.97-1.03x all-INT8.
+    cost nothing: with NNCF's ``ignored_scope`` (which :func:`level_body` emulates for mostly-INT8 levels)
+    PP-OCRv4 rec's stem convs, its second conv alone, or one MatMul at FP32 timed 0.97-1.03x all-INT8.
 
     Forward greedy, from the fastest level: each step takes the ops on a precision boundary — those that
     take a model input, feed no routable op, or exchange a tensor (``producers``, :func:`routable_producers`)
