@@ -426,3 +426,43 @@ def test_keep_fp32_pins_the_ops_and_splits_a_run_it_breaks():
     assert out["d"] == choices["d"] and out["e"] == choices["e"]  # d-e untouched
     assert _keep_fp32(choices, {"a"})["b"].shared_with is None  # its head gone, b routes on its own
     assert _keep_fp32(choices, set()) == choices
+
+
+def test_refinement_keeps_an_op_that_helps_and_pins_it_fp32_in_every_level(monkeypatch):
+    """The fast-route refinement's decision and bookkeeping on a real compiled graph, with the quality
+    measure given: only conv1 at FP32 removes the disagreement. The greedy keeps conv1 (a boundary op: it
+    reads the model input), the samples that chose nothing confirm it, and conv1 becomes FP32 in every
+    level with the fastest level's drop re-measured; a measure that no op changes keeps the levels as they
+    were. Timing is real but the tolerance is opened (a tiny graph's timing says nothing here)."""
+    from apsq_ov.calibrate import pipeline
+    from apsq_ov.package import Level, OpRecord
+
+    model = conv_chain()
+    model.reshape([1, 3, 16, 16])
+    data = conv_chain_data(32)
+    q = nncf.quantize(model.clone(), nncf.Dataset([x[None] for x in data]), subset_size=32)
+    units = find_routable_ops(model, q)
+    two = (Precision.FP32, Precision.INT8)
+    variants = {u.name: two for u in units}
+    int8, fp32 = OpChoice(Precision.INT8, Precision.INT8), OpChoice(Precision.FP32, Precision.FP32)
+    levels = [Level(0.0, {u.name: fp32 for u in units}, 1.0, 0.0, "fp32"),
+              Level(0.1, {"conv1": int8, "conv2": fp32, "fc": int8}, 0.8, 0.05, "mix"),
+              Level(1.0, {u.name: int8 for u in units}, 0.5, 0.1, "fastest", measured_drop=1.0)]  # fmt: skip
+    costs = [OpCost(u.name, u.type, 1e6, 1e3, two, {Precision.INT8: np.full(40, 0.5)}) for u in units]
+    records = [OpRecord(index=u.index, name=u.name, type=u.type, depth=u.index, variants=two,
+                        sensitivity={"predicted": {"int8": 0.01}}) for u in units]  # fmt: skip
+    monkeypatch.setattr(pipeline, "REFINE_TOLERANCE", 10.0)
+
+    def refine(losses):
+        return pipeline._refine_fast_route(levels, records, costs, routable_producers(units), load_profile(path="CPU"),
+                                           model, q, None, variants, [data[:1]], losses, runs=4)  # fmt: skip
+
+    out, report = refine(lambda c: np.full(40, 0.0 if c["conv1"].fast is Precision.FP32 else 1.0))
+    assert report["kept_fp32"] == ["conv1"] and report["p_value"] < pipeline.REFINE_ALPHA
+    assert all(lv.choices["conv1"] == fp32 for lv in out)
+    assert out[-1].choices["conv2"] == out[-1].choices["fc"] == int8 and out[-1].measured_drop == 0.0
+    assert out[0] is levels[0]  # conv1 was FP32 there already: unchanged
+    assert out[1].choices == {"conv1": fp32, "conv2": fp32, "fc": int8} and out[1].measured_drop == 0.0  # re-measured
+    assert out[-1].predicted_drop == 0.0  # 0.1 less conv1's isolated 0.5, floored at 0
+    same, report = refine(lambda c: np.ones(40))
+    assert same == levels and report["kept_fp32"] == [] and report["reason"]
