@@ -95,7 +95,8 @@ accuracy 91.83% → 91.85% (output NMSE 5x lower). The judged output's NMSE on 2
 better one in every draw: hence ``auto``."""
 REFINE_TOLERANCE = 0.02
 """How much slower than the fastest level (median, 1 thread, in both halves of an interleaved timing) a fast
-route with some ops back at FP32 may run and still count as free (:func:`_refine_fast_route`)."""
+route with some ops back at FP32 may run and still count as free (:func:`_refine_fast_route`); also how much
+faster another mix must time to replace the selected fastest level (:func:`_check_fastest`)."""
 REFINE_ALPHA = 0.05
 """The one-sided Wilcoxon signed-rank p-value the refined fast route's per-sample gain on the held-out split
 must reach (a gain within the noise keeps the fastest level as selected)."""
@@ -435,10 +436,9 @@ def calibrate_model(
         return float(np.mean(losses(choices)))
 
     fit_progress = (lambda d, t: progress("fit levels to measured drops", d, t)) if progress else None
-    successors = linear_successors([u for u in units if u.name in by_name])
     levels = select_levels(costs, profile, budgets, latency_budget_ms=config.latency_budget_ms,
-                           successors=successors, measure=measure, samples=int(len(drop_idx) * batch),
-                           progress=fit_progress)  # fmt: skip
+                           successors=linear_successors([u for u in units if u.name in by_name]), measure=measure,
+                           samples=int(len(drop_idx) * batch), progress=fit_progress)  # fmt: skip
     fastest_check = None
     if _runs_here(config.device, profile):
         # The profile prices ops one by one; in a real network the device fuses runs of one precision
@@ -1184,15 +1184,20 @@ def joint_losses(
     """``losses(choices)``: each sample's top-1 disagreement with FP32 (the fraction of its positions whose
     argmax differs; their mean is :func:`quality_loss`'s ``top1``) on ``data`` with every op at its choice
     together (routed ops at their fast variant, which never escalates: an upper bound of what routing
-    loses) — how the selection checks a level (:func:`select_levels`)."""
+    loses) — how the selection checks a level (:func:`select_levels`) and the refinement a fast route; each
+    distinct set of lowered ops runs once."""
     runs = PinnedRuns(model, data)
     reference = Reference.of(runs(None), None)
+    done: dict[frozenset[tuple[str, Precision]], np.ndarray] = {}  # a graph's outputs are deterministic
 
     def losses(choices: Mapping[str, OpChoice]) -> np.ndarray:
         pin = {n: c.fast for n, c in choices.items() if c.fast is not Precision.FP32}
         if not pin:
             return np.zeros(len(data))
-        return np.array([np.mean(top1_of(o) != r) for o, r in zip(runs(pin), reference.top1, strict=True)])
+        key = frozenset(pin.items())
+        if key not in done:
+            done[key] = np.array([np.mean(top1_of(o) != r) for o, r in zip(runs(pin), reference.top1, strict=True)])
+        return done[key]
 
     return losses
 
