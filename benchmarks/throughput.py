@@ -61,8 +61,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="throughput seconds per configuration and run")
     ap.add_argument("--compiles", type=int, default=3)
-    ap.add_argument("--effnet-calibration", type=int, default=300,
-                    help="the EfficientNet-Lite0 package and NNCF models pareto.py calibrated on this many crops")
+    ap.add_argument("--effnet-calibration", type=int, default=1000,
+                    help="the EfficientNet-Lite0 package and NNCF models pareto.py calibrated on this many crops "
+                         "(pareto.py's default)")
     args = ap.parse_args()
     path = RESULTS / "throughput.json"
     out: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
