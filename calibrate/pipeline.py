@@ -4,16 +4,16 @@ Where it sits in the data flow: the entry point of ``calibrate/`` (``apsq-ov cal
 :func:`apsq_ov.calibrate.calibrate`). Phases, each reported through ``progress``:
 
 1. read the model, check the data against its inputs, reshape to static shapes (If bodies want them);
-2. ``nncf.quantize`` a copy of the model: the source of every INT8 variant (FakeQuantize ranges,
-   int8 weights, bias-corrected biases);
+2. ``nncf.quantize`` a copy of the model (:mod:`.quantize`): the source of every INT8 variant (FakeQuantize
+   ranges, int8 weights, bias-corrected biases);
 3. build the adaptive IR (:mod:`.variants`) and compile it once: lowering one op is a state write;
 4. score every routable op on the *scoring split* (:mod:`.sensitivity`);
 5. measure each op's *isolated loss* (only that op lowered, every other op fp32) on a disjoint
    *held-out split*: the ground truth the report compares scores with, and the drops the policy budgets;
 6. select the dial's levels (:mod:`.selection`), each fitted to its drop measured with all its ops
    lowered together on the held-out split; where the package's device is this one, time the fastest
-   level and put back at FP32 the ops it runs as fast at FP32 where that measurably helps; fit the
-   router (:mod:`.router`);
+   level and put back at FP32 the ops it runs as fast at FP32 where that measurably helps (:mod:`.ondevice`);
+   fit the router (:mod:`.router`);
 7. plan the default policy at ``max_drop``, write it into the ReadValue initialisers, and write
    the package atomically.
 """
@@ -21,13 +21,10 @@ Where it sits in the data flow: the entry point of ``calibrate/`` (``apsq-ov cal
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import openvino as ov
@@ -38,9 +35,7 @@ from apsq_ov.decisions import Decision, decide, output_index
 from apsq_ov.errors import CalibrationError, ConfigError, ModelError, UnsupportedPrecisionError
 from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, static_shapes
 from apsq_ov.package import (
-    LEVEL_STATE,
     NEVER,
-    TAU_STATE,
     Feature,
     Level,
     Manifest,
@@ -51,11 +46,18 @@ from apsq_ov.package import (
     write_package,
 )
 from apsq_ov.precision import Precision
-from apsq_ov.profiler import host_int8_hardware
 from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, choose_body, level_for
 from apsq_ov.runtime import AdaptiveAsyncInferQueue, AdaptiveCompiledModel, AdaptiveInferRequest, compile_adaptive
 
+from .ondevice import Routes, check_fastest, refine_fast_route, runs_here, time_bodies
+from .quantize import (
+    ACTIVATION_RANGES,
+    RANGE_CHECK_SAMPLES,
+    nncf_compress_int4,
+    outputs_f32,
+    quantize,
+)
 from .router import (
     CALIBRATION_SHIFTS,
     as_probabilities,
@@ -65,7 +67,7 @@ from .router import (
     fill_gaps,
     fit_router,
 )
-from .selection import OBJECTIVE, OpCost, default_budgets, op_size, options, select_levels
+from .selection import OBJECTIVE, OpCost, default_budgets, op_size, select_levels
 from .sensitivity import OpQuantInfo, SensitivityMetric, score_ops
 from .variants import (
     RoutableOp,
@@ -74,7 +76,6 @@ from .variants import (
     build_adaptive_model,
     build_package_model,
     find_routable_ops,
-    level_body,
     linear_successors,
     routable_producers,
     weight_errors,
@@ -86,20 +87,6 @@ Progress = Callable[[str, int, int], None]
 MACS_PER_PASS = 32.0
 """The router's in-graph cost model: one element pass of a reduction ≈ this many MACs of the route."""
 DROP_METRIC = "1 - top-1 agreement with FP32 (argmax over the judged output's class axis: 'decision'), held-out split"
-ACTIVATION_RANGES = ("minmax", "histogram")
-"""NNCF's activation range estimators calibration can use (``RangeEstimatorParametersSet.MINMAX`` — NNCF's
-default — and ``.HISTOGRAM``). Which reads closer to FP32 depends on the model, measured on fresh data here
-(all-INT8, NNCF's 300-sample subset, full bias correction): EfficientNet-Lite0 top-1 agreement 92.0% → 93.5%
-with histogram ranges (2,000 crops, McNemar p = 0.003), PP-OCRv4 rec 1 − CER 96.4% → 95.5%, Fashion-MNIST
-accuracy 91.83% → 91.85% (output NMSE 5x lower). The judged output's NMSE on 200 held-out inputs picked the
-better one in every draw: hence ``auto``."""
-REFINE_TOLERANCE = 0.02
-"""How much slower than the fastest level (median, 1 thread, in both halves of an interleaved timing) a fast
-route with some ops back at FP32 may run and still count as free (:func:`_refine_fast_route`); also how much
-faster another mix must time to replace the selected fastest level (:func:`_check_fastest`)."""
-REFINE_ALPHA = 0.05
-"""The one-sided Wilcoxon signed-rank p-value the refined fast route's per-sample gain on the held-out split
-must reach (a gain within the noise keeps the fastest level as selected)."""
 _BUILDABLE = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8, Precision.INT4)
 
 
@@ -280,9 +267,9 @@ def calibrate_model(
     sens_idx, drop_idx = _splits(order, config.sensitivity_samples, config.drop_samples)
     q_model, settings, ranges = None, None, None
     if Precision.INT8 in precisions:
-        q_model, settings, ranges = _quantize(model, batches(calib_idx), batches(drop_idx[:RANGE_CHECK_SAMPLES]),
+        q_model, settings, ranges = quantize(model, batches(calib_idx), batches(drop_idx[:RANGE_CHECK_SAMPLES]),
                                               decision.output, config, profile, progress)  # fmt: skip
-    q4_model = _nncf_compress_int4(model, progress) if Precision.INT4 in precisions else None
+    q4_model = nncf_compress_int4(model, progress) if Precision.INT4 in precisions else None
     units = find_routable_ops(model, q_model, q4_model)
     if not units:
         raise ModelError("the model has no Convolution, GroupConvolution or MatMul with constant weights to route")
@@ -335,6 +322,7 @@ def calibrate_model(
     if not routed:
         raise CalibrationError(f"no op got a variant besides fp32 for precisions {[p.value for p in precisions]}")
     fp32_model = model.clone()  # the probe needs the FP32 graph; the build rewrites `model` in place
+    routes = Routes(fp32_model, q_model, q4_model, variants)
     fp32_only = {u.name: RouteDefault(Precision.FP32, math.inf) for u in units}
     model = build_adaptive_model(model, units, variants, fp32_only)
     manifest = Manifest(
@@ -440,26 +428,25 @@ def calibrate_model(
                            successors=linear_successors([u for u in units if u.name in by_name]), measure=measure,
                            samples=int(len(drop_idx) * batch), progress=fit_progress)  # fmt: skip
     fastest_check = None
-    if _runs_here(config.device, profile):
+    if runs_here(config.device, profile):
         # The profile prices ops one by one; in a real network the device fuses runs of one precision
         # (an INT8 conv writes u8 straight into the next INT8 op) and pays for quantize/reorder between
         # them. Where the calibration device is the target, time the selected fastest level against
         # uniform mixes and keep the fastest (on BlazeFace here all-INT8 is no faster than all-BF16).
         if progress:
             progress("time the fastest level", 0, 1)
-        levels[-1], fastest_check = _check_fastest(
-            levels[-1], levels[-2], costs, profile, fp32_model, q_model, q4_model, variants, batches(drop_idx[:1])[0]
-        )
+        levels[-1], fastest_check = check_fastest(levels[-1], levels[-2], costs, profile, routes,
+                                                  batches(drop_idx[:1])[0])  # fmt: skip
         if progress:
             progress("time the fastest level", 1, 1)
     if levels[-1].measured_drop is None:  # the on-device check swapped the fastest level
         levels[-1] = replace(levels[-1], measured_drop=measure(levels[-1].choices))
     refinement = None
-    if _runs_here(config.device, profile):
+    if runs_here(config.device, profile):
         if progress:
             progress("refine the fast route", 0, 1)
-        levels, refinement = _refine_fast_route(levels, manifest.ops, costs, producers, profile, fp32_model, q_model,
-                                                q4_model, variants, batches(drop_idx[:1])[0], losses)  # fmt: skip
+        levels, refinement = refine_fast_route(levels, manifest.ops, costs, producers, profile, routes,
+                                               batches(drop_idx[:1])[0], losses)  # fmt: skip
         if progress:
             progress("refine the fast route", 1, 1)
     manifest.levels = levels
@@ -470,7 +457,7 @@ def calibrate_model(
         manifest.router_note = "not built: the package has no INT8 variants (the fast route would be the levels')"
     else:
         manifest.router, manifest.router_note = _fit_router(
-            levels, costs, units, fp32_model, q_model, q4_model, variants, batches(order), profile, config, progress,
+            levels, costs, units, routes, batches(order), profile, config, progress,
             manifest.decision,
         )
     manifest.selection = {
@@ -483,145 +470,34 @@ def calibrate_model(
     }
     if progress:
         progress("build package IR", 0, 1)
-    package_model = _package_ir(fp32_model, q_model, q4_model, variants, manifest, config.max_drop)
+    package_model = _package_ir(routes, manifest, config.max_drop)
     if progress:
         progress("build package IR", 1, 1)
-    if _runs_here(config.device, profile):
+    if runs_here(config.device, profile):
         if progress:
             progress("time levels and cascade", 0, 1)
-        if _time_bodies(package_model, manifest, batches(drop_idx[:1])[0]):  # the default changed: rebuild
-            package_model = _package_ir(fp32_model, q_model, q4_model, variants, manifest, config.max_drop)
+        if time_bodies(package_model, manifest, batches(drop_idx[:1])[0]):  # the default changed: rebuild
+            package_model = _package_ir(routes, manifest, config.max_drop)
         if progress:
             progress("time levels and cascade", 1, 1)
     return package_model, manifest
 
 
-def _package_ir(
-    fp32_model: ov.Model,
-    q_model: ov.Model | None,
-    q4_model: ov.Model | None,
-    variants: dict[str, tuple[Precision, ...]],
-    manifest: Manifest,
-    max_drop: float,
-) -> ov.Model:
+def _package_ir(routes: Routes, manifest: Manifest, max_drop: float) -> ov.Model:
     """The package IR, its initial state the default policy (the level or cascade point ``max_drop`` picks)."""
     plan = choose_body(manifest, max_drop)
     manifest.default_level = plan.level
     tau = NEVER if plan.tau is None else plan.tau
-    return build_package_model(fp32_model, q_model, variants, [lv.choices for lv in manifest.levels],
-                               plan.level, q4_model=q4_model, router=manifest.router, tau=tau,
+    return build_package_model(routes.fp32, routes.int8, routes.variants, [lv.choices for lv in manifest.levels],
+                               plan.level, q4_model=routes.int4, router=manifest.router, tau=tau,
                                decision=manifest.decision)  # fmt: skip
-
-
-def _time_bodies(model: ov.Model, manifest: Manifest, x: list[np.ndarray], runs: int = 40) -> bool:
-    """Time every level body and the cascade at both ends (never / always escalate) on this device as
-    ``compile_model`` deploys them — each compiled on its own (:func:`~apsq_ov.runtime.standalone_bodies`,
-    a constant route split off), 1 thread, median of ``runs`` interleaved — and record them in the
-    manifest (a measurement outranks the profile's prediction when the runtime picks a body). A body that
-    only runs through the dispatch is timed there. Timed inside the dispatch instead, each body paid its
-    depth in the ``If`` tree: on Fashion-MNIST the cascade (one ``If`` deep) read faster than the level it
-    runs (0.180 vs 0.188 ms), so ``auto`` served 0.01–0.4 with it; compiled on their own the level runs
-    0.142 ms, the cascade 0.155 ms. :return: whether the default changed."""
-    from apsq_ov.runtime import split_constant_route, standalone_bodies
-
-    bodies = standalone_bodies(model, manifest)
-    setups: list[tuple[ov.Model, dict[str, np.ndarray]]] = []
-    for k in range(len(manifest.levels)):
-        body = bodies.get(k)
-        setups.append((split_constant_route(body)[0], {}) if body is not None
-                      else (model, {LEVEL_STATE: np.array(k, np.int32)}))  # fmt: skip
-    cascade = manifest.cascade_level
-    if cascade is not None:
-        for t in (NEVER, -NEVER):
-            tau = {TAU_STATE: np.array(t, np.float32)}
-            setups.append((bodies[cascade], tau) if cascade in bodies
-                          else (model, {LEVEL_STATE: np.array(cascade, np.int32)} | tau))  # fmt: skip
-    ms = _time_states(setups, x, runs)
-    before = manifest.default_level
-    levels = manifest.levels
-    manifest.levels = [replace(lv, measured_ms=ms[k]) for k, lv in enumerate(levels)]
-    if manifest.router is not None:
-        never, always = ms[len(levels)], ms[len(levels) + 1]
-        r = manifest.router
-        r.cost["measured_fast_ms"] = ms[r.fast_level]
-        r.cost["measured_never_ms"] = never
-        r.cost["measured_always_ms"] = always
-        r.cost["measured_router_ms"] = never - ms[r.fast_level]
-        r.points = [replace(p, measured_ms=never + p.escalation * (always - never)) for p in r.points]
-    return choose_body(manifest, manifest.default_max_drop).level != before
-
-
-def _time_states(setups: list[tuple[ov.Model, dict[str, np.ndarray]]], x: list[np.ndarray], runs: int) -> list[float]:
-    """Median ms on ``x`` of each (model, state setup) — one request each, each model compiled once (1
-    thread, LATENCY hint, f32 hint); ``runs`` rounds interleaved over the setups after a warm-up."""
-    return [float(np.median(t)) for t in _time_runs(setups, x, runs)]
-
-
-def _time_runs(
-    setups: list[tuple[ov.Model, dict[str, np.ndarray]]], x: list[np.ndarray], runs: int,
-    extra: list[list[np.ndarray]] | None = None,
-) -> list[list[float]]:
-    """Every round's ms of :func:`_time_states`, per setup, in order (``extra``: per setup, inputs fed after
-    ``x``)."""
-    cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
-    core = ov.Core()
-    compiled: dict[int, ov.CompiledModel] = {}
-    requests = []
-    inputs = [x + (extra[k] if extra else []) for k in range(len(setups))]
-    for k, (model, setup) in enumerate(setups):
-        if id(model) not in compiled:
-            compiled[id(model)] = core.compile_model(model, "CPU", cfg)
-        req = compiled[id(model)].create_infer_request()
-        state = {s.name: s for s in req.query_state()}
-        for name, value in setup.items():
-            state[name].state = ov.Tensor(value)
-        for _ in range(5):
-            req.infer(inputs[k])
-        requests.append(req)
-    times: list[list[float]] = [[] for _ in setups]
-    for _ in range(runs):
-        for k, req in enumerate(requests):
-            t0 = time.perf_counter()
-            req.infer(inputs[k])
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _time_mixes(
-    mixes: list[dict[str, OpChoice]],
-    fp32_model: ov.Model,
-    q_model: ov.Model | None,
-    q4_model: ov.Model | None,
-    variants: dict[str, tuple[Precision, ...]],
-    x: list[np.ndarray],
-    runs: int,
-) -> list[list[float]]:
-    """Every round's ms (:func:`_time_runs`) of each mix compiled as a model of its own, as the runtime
-    deploys a level (:func:`level_body`, its constant route output split off; routed ops at their calibrated
-    limits). Timed as levels of one package IR instead, each paid its depth in the ``If`` tree: on PP-OCRv4
-    rec every other mix read 2.5-6% slower than the one at the top, whose body ran 8.5 ms alone and 12.0
-    ms there."""
-    from apsq_ov.runtime import split_constant_route
-
-    models: list[tuple[ov.Model, dict[str, np.ndarray]]] = []
-    extra: list[list[np.ndarray]] = []
-    for k, mix in enumerate(mixes):
-        routed = any(c.routed for c in mix.values())
-        esc = [ops.parameter([], np.float32, name="escalate")] if routed else []
-        body, _ = level_body(fp32_model, q_model, variants, mix, f"apsq/mix/{k}", esc, q4_model)
-        models.append((split_constant_route(body)[0], {}))
-        extra.append([np.array(1.0, np.float32)] if routed else [])
-    return _time_runs(models, x, runs, extra)
 
 
 def _fit_router(
     levels: list[Level],
     costs: list[OpCost],
     units: list[RoutableOp],
-    fp32_model: ov.Model,
-    q_model: ov.Model,
-    q4_model: ov.Model | None,
-    variants: dict[str, tuple[Precision, ...]],
+    routes: Routes,
     data: list[list[np.ndarray]],
     profile: DeviceProfile,
     config: CalibrationConfig,
@@ -638,11 +514,11 @@ def _fit_router(
         if u.name in fast and fast[u.name].fast is Precision.INT8 and rng is not None:
             ranges[u.name] = rng
     extra = [ops.parameter([], np.float32, name="escalate")] if any(c.routed for c in fast.values()) else []
-    body, inputs = level_body(fp32_model, q_model, variants, fast, "apsq/probe", extra, q4_model)
+    body, inputs = routes.body(fast, "apsq/probe", extra)
     elements = {u.name: int(math.prod(u.op.get_input_shape(0))) for u in units}
     held_out = np.arange(len(data)) >= len(data) // 2
     rows, probabilities = collect_fit_data(
-        body, inputs, fp32_model, ranges, elements, data, held_out, config.router_shifts, seed=config.seed,
+        body, inputs, routes.fp32, ranges, elements, data, held_out, config.router_shifts, seed=config.seed,
         progress=(lambda d, t: progress("router data", d, t)) if progress else None, decision=decision,
     )  # fmt: skip
     # In-graph cost cap: one element pass of a reduction costs about as much as MACS_PER_PASS MACs of
@@ -661,187 +537,6 @@ def _fit_router(
     router.points = cascade_points(router, rows, budgets, levels[fast_k].predicted_ms,
                                    levels[0].predicted_ms, profile.route_ms(input_bytes), router.hold)  # fmt: skip
     return router, ""
-
-
-def _runs_here(device: str, profile: DeviceProfile) -> bool:
-    """Is the package's target device this machine's (so on-device timing is meaningful)?"""
-    base = device.split(".")[0].upper()
-    return base in ("CPU", "AUTO") and profile.device.upper() == "CPU"
-
-
-def _check_fastest(
-    level: Level,
-    floor: Level,
-    costs: list[OpCost],
-    profile: DeviceProfile,
-    fp32_model: ov.Model,
-    q_model: ov.Model | None,
-    q4_model: ov.Model | None,
-    variants: dict[str, tuple[Precision, ...]],
-    x: list[np.ndarray],
-    runs: int = 60,
-) -> tuple[Level, dict]:
-    """Time the selected fastest ``level`` against uniform mixes — every op at its coarsest static
-    candidate, and every op at each lower precision it offers — never more precise than ``floor`` (the
-    previous level), each compiled on its own (:func:`_time_mixes`), median of ``runs`` interleaved, 1 thread;
-    return the fastest (the selected level unless another is faster by more than :data:`REFINE_TOLERANCE`:
-    on PP-OCRv4 rec all-INT8 timed 0.02% faster than the selection, which kept its depthwise stem conv FP32
-    and reads closer to FP32) and what was measured."""
-    candidates: dict[str, dict[str, OpChoice]] = {"selected": dict(level.choices)}
-    statics = {op.name: [o.choice.fast for o in options(op, profile) if not o.choice.routed] for op in costs}
-    coarsest = {n: max(ps, key=lambda p: p.rank) for n, ps in statics.items()}
-    candidates["coarsest"] = {n: OpChoice(p, p) for n, p in coarsest.items()}
-    # Uniform mixes over what each op *offers* (not only what the profile predicts faster): a measurement
-    # on the device outranks the per-op cost model (on EfficientNet-Lite0 the profile puts two depthwise
-    # convs at bf16, yet the all-INT8 graph is the fastest here).
-    offered = {op.name: op.offered for op in costs}
-    for q in sorted({p for ps in offered.values() for p in ps} - {Precision.FP32}, key=lambda p: p.rank):
-        mix = {}
-        for n in statics:
-            pick = q if q in offered[n] and q.rank >= floor.choices[n].fast.rank else coarsest[n]
-            mix[n] = OpChoice(pick, pick)
-        candidates[f"every op {q.value} where offered"] = mix
-    unique: dict[str, dict[str, OpChoice]] = {}
-    for name, mix in candidates.items():
-        if mix not in unique.values():
-            unique[name] = mix
-    if len(unique) == 1:
-        return level, {"measured": False, "reason": "no other uniform mix to compare"}
-    names = list(unique)
-    timed = _time_mixes([unique[n] for n in names], fp32_model, q_model, q4_model, variants, x, runs)
-    ms = {n: float(np.median(t)) for n, t in zip(names, timed, strict=True)}
-    best = min(ms, key=lambda n: ms[n])
-    if ms[best] >= ms["selected"] * (1.0 - REFINE_TOLERANCE):  # within the noise: the selection's mix stays
-        best = "selected"
-    report: dict[str, object] = {"measured": True, "median_ms": ms, "runs": runs, "kept": best,
-                                 "tolerance": REFINE_TOLERANCE}  # fmt: skip
-    if best == "selected":
-        return level, report
-    mix = unique[best]
-    pred = sum(profile.latency_ms(op.type, mix[op.name].fast, op.macs) for op in costs)
-    drop = sum(0.0 if mix[op.name].fast is Precision.FP32 else float(np.mean(op.harm[mix[op.name].fast]))
-               for op in costs)  # fmt: skip
-    return Level(level.max_drop, mix, pred, drop, f"{level.solver}; measured on this device: {best} was faster"), report
-
-
-def _refine_fast_route(
-    levels: list[Level],
-    records: list[OpRecord],
-    costs: list[OpCost],
-    producers: Mapping[str, set[str | None]],
-    profile: DeviceProfile,
-    fp32_model: ov.Model,
-    q_model: ov.Model | None,
-    q4_model: ov.Model | None,
-    variants: dict[str, tuple[Precision, ...]],
-    x: list[np.ndarray],
-    losses: Callable[[Mapping[str, OpChoice]], np.ndarray],
-    runs: int = 80,
-    width: int = 8,
-    steps: int = 6,
-) -> tuple[list[Level], dict]:
-    """Put back at FP32 the lowered ops of the fastest level that this device runs as fast at FP32, where
-    that measurably helps: the profile prices each op alone, but in the compiled network an op at FP32 can
-    cost nothing: with NNCF's ``ignored_scope`` (which :func:`level_body` emulates for mostly-INT8 levels)
-    PP-OCRv4 rec's stem convs, its second conv alone, or one MatMul at FP32 timed 0.97-1.03x all-INT8.
-
-    Forward greedy, from the fastest level: each step takes the ops on a precision boundary — those that
-    take a model input, feed no routable op, or exchange a tensor (``producers``, :func:`routable_producers`)
-    with an op at FP32 — the ``width`` of them with the most predicted drop (their sensitivity score's, from
-    the scoring split) per profile ms saved. It times each added to the ops kept so far against the fastest
-    level (each compiled on its own, :func:`_time_mixes`; 1 thread, ``runs`` rounds interleaved). Of those
-    within :data:`REFINE_TOLERANCE` of it in both halves of the rounds, it keeps the one that most lowers the
-    per-sample disagreement with FP32 on the even samples of the held-out split. The ops kept are then tested
-    on the odd samples, which chose nothing: kept if the disagreement is lower there, one-sided Wilcoxon
-    signed-rank p < :data:`REFINE_ALPHA`. They stay FP32 in every level (more budget still never adds
-    precision), and each changed level's drop is measured again.
-
-    :return: the levels and what was measured (``manifest.selection["fast_route_refinement"]``).
-    """
-    from scipy.stats import wilcoxon
-
-    fast = levels[-1].choices
-    by_name = {c.name: c for c in costs}
-    predicted = {r.name: float(r.sensitivity.get("predicted", {}).get(fast[r.name].fast.value, 0.0))
-                 for r in records if r.name in fast}  # fmt: skip
-
-    def saved_ms(name: str, p: Precision) -> float:
-        c = by_name[name]
-        return profile.latency_ms(c.type, Precision.FP32, c.macs) - profile.latency_ms(c.type, p, c.macs)
-
-    consumers: dict[str | None, set[str]] = {}
-    for b, sources in producers.items():
-        for a in sources:
-            consumers.setdefault(a, set()).add(b)
-
-    def boundary(lowered: set[str]) -> list[str]:
-        edge = [n for n in lowered
-                if any(a is None or a not in lowered for a in producers.get(n, {None}))
-                or not consumers.get(n) or any(b not in lowered for b in consumers[n])]  # fmt: skip
-        return sorted(edge, key=lambda n: (-predicted.get(n, 0.0) / max(saved_ms(n, fast[n].fast), 1e-6), n))
-
-    base = losses(fast)
-    select, test = np.arange(len(base)) % 2 == 0, np.arange(len(base)) % 2 == 1
-    kept: list[str] = []
-    best = base
-    trail: list[dict[str, Any]] = []
-    for _ in range(steps):
-        lowered = {n for n, c in fast.items() if c.fast is not Precision.FP32} - set(kept)
-        candidates = boundary(lowered)[:width]
-        if not candidates:
-            break
-        mixes = [dict(fast)] + [_keep_fp32(fast, {*kept, n}) for n in candidates]
-        times = _time_mixes(mixes, fp32_model, q_model, q4_model, variants, x, runs)
-        halves = [[float(np.median(t[h::2])) for t in times] for h in (0, 1)]  # alternate rounds: same drift
-        free = [k for k in range(1, len(mixes)) if all(h[k] <= h[0] * (1.0 + REFINE_TOLERANCE) for h in halves)]
-        step: dict[str, Any] = {"candidates": candidates, "median_ms": [float(np.median(t)) for t in times],
-                                "median_ms_halves": halves, "free": [candidates[k - 1] for k in free]}  # fmt: skip
-        trail.append(step)
-        if not free:
-            break
-        measured = {k: losses(mixes[k]) for k in free}
-        k = min(free, key=lambda k: (float(np.mean(measured[k][select])), k))
-        if np.mean(measured[k][select]) >= np.mean(best[select]):
-            step["reason"] = "no free op lowers the disagreement on the selection half"
-            break
-        kept.append(candidates[k - 1])
-        best = measured[k]
-        step["kept"] = candidates[k - 1]
-    report: dict[str, Any] = {"measured": True, "tolerance": REFINE_TOLERANCE, "runs": runs, "steps": trail,
-                              "kept_fp32": [], "alpha": REFINE_ALPHA}  # fmt: skip
-    if not kept:
-        return levels, report | {"reason": "no op timed as fast at FP32 and lowered the disagreement"}
-    gain = (base - best)[test]
-    p = float(wilcoxon(gain, alternative="greater").pvalue) if np.any(gain != 0) else 1.0
-    report |= {"tried": kept, "drop_before": float(np.mean(base)), "drop_after": float(np.mean(best)),
-               "test_drop_before": float(np.mean(base[test])), "test_drop_after": float(np.mean(best[test])),
-               "p_value": p}  # fmt: skip
-    if not (np.mean(gain) > 0 and p < REFINE_ALPHA):
-        return levels, report | {"reason": "the gain on the test half is within the noise"}
-    keep = set(kept)
-    out = []
-    for lv in levels:
-        choices = _keep_fp32(lv.choices, keep)
-        changed = [n for n in kept if lv.choices[n].fast is not Precision.FP32]
-        if choices == lv.choices:
-            out.append(lv)
-            continue
-        ms = sum(saved_ms(n, lv.choices[n].fast) for n in changed)
-        harm = sum(float(np.mean(by_name[n].harm[lv.choices[n].fast])) for n in changed)
-        drop = float(np.mean(best)) if lv is levels[-1] else float(np.mean(losses(choices)))
-        out.append(replace(lv, choices=choices, predicted_ms=lv.predicted_ms + ms,
-                           predicted_drop=max(lv.predicted_drop - harm, 0.0), measured_drop=drop,
-                           solver=f"{lv.solver}; {len(changed)} ops kept FP32 (as fast on this device)"))  # fmt: skip
-    return out, report | {"kept_fp32": kept}
-
-
-def _keep_fp32(choices: Mapping[str, OpChoice], keep: set[str]) -> dict[str, OpChoice]:
-    """``choices`` with the ops in ``keep`` static FP32; a run of ops sharing one If that loses an op to
-    ``keep`` is split (each op left of it routes in its own If: a shared If needs an unbroken run)."""
-    broken = {c.shared_with for n, c in choices.items() if c.shared_with and (n in keep or c.shared_with in keep)}
-    fp32 = OpChoice(Precision.FP32, Precision.FP32)
-    return {n: fp32 if n in keep else replace(c, shared_with=None) if c.shared_with in broken else c
-            for n, c in choices.items()}  # fmt: skip
 
 
 def _size(unit: RoutableOp) -> tuple[float, float]:
@@ -875,167 +570,6 @@ def _escalations(fp32_model: ov.Model, units: list[RoutableOp], data: list[list[
         res = req.infer(x)
         seen[i] = [float(res[n_out + j]) for j in range(len(checked))]
     return {u.name: seen[:, j] > float(limits[u.name] or 0.0) for j, u in enumerate(checked)}
-
-
-# INT8 hardware on which 8-bit dot products cannot saturate their intermediate buffer (OpenVINO's "Saturation
-# (overflow) issue workaround": the problem does not occur on GPUs or on CPUs with VNNI and later).
-NO_SATURATION = ("VNNI", "AMX", "DP4A", "XMX")
-
-
-@dataclass(frozen=True)
-class QuantizeSettings:
-    """How calibration calls ``nncf.quantize``: its keyword arguments and a one-line description (the
-    manifest's ``calibration.quantizer``)."""
-
-    kwargs: dict[str, Any]
-    description: str
-
-
-def quantize_settings(
-    profile: DeviceProfile,
-    bias_correction: str = "full",
-    host_int8_hardware: str | None = None,
-    activation_ranges: str = "minmax",
-) -> QuantizeSettings:
-    """The ``nncf.quantize`` settings for ``profile``'s device.
-
-    NNCF's default overflow fix quantizes the first layer's weights to 7 bits against the saturation of
-    pre-VNNI CPUs; where the profile's INT8 hardware cannot saturate (or the device is a GPU) it is off,
-    unless ``host_int8_hardware`` (this machine's CPU, when the package targets it) says it can.
-    ``full`` bias correction (``fast_bias_correction=False``) re-estimates each bias on the quantized
-    model's own activations. Measured on EfficientNet-Lite0 (500 fresh crops, this machine): top-1
-    agreement with FP32 83.0% (NNCF's defaults) → 91.6% (both), the same latency (1.00x).
-    ``activation_ranges``: one of :data:`ACTIVATION_RANGES` (``auto`` is resolved by :func:`calibrate`).
-    """
-    import nncf
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-
-    if activation_ranges not in ACTIVATION_RANGES:
-        raise ConfigError(f"activation ranges must be {' or '.join(repr(r) for r in ACTIVATION_RANGES)} here, "
-                          f"got {activation_ranges!r}")  # fmt: skip
-    saturates = not profile.device.startswith("GPU") and (
-        profile.int8_hardware not in NO_SATURATION
-        or (host_int8_hardware is not None and host_int8_hardware not in NO_SATURATION)
-    )
-    kwargs: dict[str, Any] = {"fast_bias_correction": bias_correction == "fast"}
-    advanced: dict[str, Any] = {}
-    if not saturates:
-        advanced["overflow_fix"] = nncf.OverflowFix.DISABLE
-    if activation_ranges == "histogram":
-        advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.HISTOGRAM
-    if advanced:
-        kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(**advanced)
-    hw = host_int8_hardware if saturates and host_int8_hardware is not None else profile.int8_hardware
-    fix = f"first-layer overflow fix ({hw} INT8)" if saturates else f"no overflow fix ({hw} INT8)"
-    return QuantizeSettings(
-        kwargs,
-        f"nncf.quantize (preset performance, {bias_correction} bias correction, {activation_ranges} activation "
-        f"ranges, {fix})",
-    )
-
-
-def calibration_quantize_settings(
-    config: CalibrationConfig | None = None, profile: DeviceProfile | None = None, activation_ranges: str | None = None
-) -> QuantizeSettings:
-    """The settings :func:`calibrate` gives ``nncf.quantize`` for ``config`` (default: the defaults) and
-    its device's profile: where the package targets this machine's CPU, the host's own INT8 hardware
-    must not saturate either. What baselines meant to match apsq-ov's INT8 route should use — with the
-    activation ranges a package's calibration chose (:func:`package_quantize_settings`).
-
-    :param activation_ranges: overrides ``config.activation_ranges``, which must not be ``auto`` without it.
-    """
-    config = config or CalibrationConfig(activation_ranges="minmax")
-    profile = profile or load_profile(config.device, config.profile)
-    host = host_int8_hardware() if _runs_here(config.device, profile) else None
-    ranges = activation_ranges or config.activation_ranges
-    if ranges == "auto":
-        raise ConfigError("activation ranges 'auto' are chosen by calibration: pass the one it chose")
-    return quantize_settings(profile, config.bias_correction, host, ranges)
-
-
-def package_quantize_settings(manifest: Manifest) -> QuantizeSettings:
-    """The ``nncf.quantize`` settings ``manifest``'s package was calibrated with (its INT8 route is NNCF's
-    model with these): the bias correction and activation ranges it records, its profile's device."""
-    cal = manifest.calibration
-    config = CalibrationConfig(device=manifest.profile.device, bias_correction=cal.get("bias_correction", "full"),
-                               activation_ranges=cal.get("activation_ranges", "minmax"))  # fmt: skip
-    return calibration_quantize_settings(config, manifest.profile)
-
-
-def _nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Progress | None,
-                   settings: QuantizeSettings, phase: str = "nncf.quantize") -> ov.Model:  # fmt: skip
-    import nncf  # heavy: imported only when calibrating
-
-    nncf.set_log_level(logging.ERROR)
-    if progress:
-        progress(phase, 0, 1)
-    try:
-        q = nncf.quantize(model.clone(), nncf.Dataset(data), subset_size=len(data), **settings.kwargs)
-    except Exception as exc:  # NNCF raises many types; translate them all at this boundary
-        raise CalibrationError(f"nncf.quantize failed: {type(exc).__name__}: {exc}") from exc
-    if progress:
-        progress(phase, 1, 1)
-    return q
-
-
-RANGE_CHECK_SAMPLES = 256
-"""Held-out samples (at most) on which ``activation_ranges="auto"`` compares the INT8 models."""
-
-
-def _quantize(
-    model: ov.Model,
-    calib: list[list[np.ndarray]],
-    check: list[list[np.ndarray]],
-    output: int,
-    config: CalibrationConfig,
-    profile: DeviceProfile,
-    progress: Progress | None,
-) -> tuple[ov.Model, QuantizeSettings, dict[str, Any]]:
-    """NNCF's INT8 model, its settings and what the manifest records of the activation ranges. With
-    ``auto``, one model per :data:`ACTIVATION_RANGES` entry, kept: the one whose judged output (``output``)
-    has the lower mean NMSE against FP32's on ``check`` (the ground-truth split, held out from scoring; NNCF's
-    subset includes it when the calibration data is small); ties keep NNCF's default (``minmax``)."""
-    if config.activation_ranges != "auto":
-        settings = calibration_quantize_settings(config, profile)
-        q = _nncf_quantize(model, calib, progress, settings)
-        return q, settings, {"activation_ranges": config.activation_ranges}
-    ref = _outputs(model, check, output)
-    built: dict[str, tuple[ov.Model, QuantizeSettings]] = {}
-    nmse: dict[str, float] = {}
-    for ranges in ACTIVATION_RANGES:
-        settings = calibration_quantize_settings(config, profile, activation_ranges=ranges)
-        built[ranges] = _nncf_quantize(model, calib, progress, settings, f"nncf.quantize ({ranges} ranges)"), settings
-        got = _outputs(built[ranges][0], check, output)
-        nmse[ranges] = float(np.mean([np.sum((g - r) ** 2) / max(float(np.sum(r**2)), 1e-30)
-                                      for g, r in zip(got, ref, strict=True)]))  # fmt: skip
-    chosen = min(ACTIVATION_RANGES, key=lambda k: nmse[k])  # the first of equals: NNCF's default
-    return (*built[chosen], {"activation_ranges": chosen, "activation_ranges_nmse": nmse,
-                             "activation_ranges_checked_on": len(check)})  # fmt: skip
-
-
-def _outputs(model: ov.Model, data: list[list[np.ndarray]], output: int) -> list[np.ndarray]:
-    """Output ``output`` of ``model`` (FP32 inference precision) for each item of ``data``."""
-    req = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
-    return [req.infer(x)[output].astype(np.float64) for x in data]
-
-
-def _nncf_compress_int4(model: ov.Model, progress: Progress | None) -> ov.Model:
-    """NNCF's INT4 weight-only compression (symmetric, per output channel) of every MatMul it takes:
-    the source of the INT4 variants. NNCF never compresses convolutions to INT4."""
-    import nncf
-
-    nncf.set_log_level(logging.ERROR)
-    if progress:
-        progress("nncf.compress_weights int4", 0, 1)
-    try:
-        q4 = nncf.compress_weights(
-            model.clone(), mode=nncf.CompressWeightsMode.INT4_SYM, ratio=1.0, group_size=-1, all_layers=True
-        )
-    except Exception as exc:  # NNCF raises many types; translate them all at this boundary
-        raise CalibrationError(f"nncf.compress_weights (int4) failed: {type(exc).__name__}: {exc}") from exc
-    if progress:
-        progress("nncf.compress_weights int4", 1, 1)
-    return q4
 
 
 @dataclass(frozen=True)
@@ -1078,7 +612,7 @@ def _decision(
     shape = [d.get_length() if d.is_static else 2 for d in out.get_partial_shape()]
     decision = decide([np.zeros(shape, np.float32)], class_axis, name)  # checks the axis
     if decision.binary is not None:
-        decision = decide(_outputs(model, data, k), class_axis, name)
+        decision = decide(outputs_f32(model, data, k), class_axis, name)
     return replace(decision, output=k)
 
 

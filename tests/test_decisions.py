@@ -58,9 +58,10 @@ def test_a_single_logit_output_is_judged_as_a_binary_decision(tmp_path):
     m = pkg.manifest
     assert m.decision == Decision(-1, "logit")
     assert apsq_ov.Package.load(pkg.path).manifest.decision == m.decision  # written and read back
-    fastest = m.levels[-1]
-    assert any(c.fast is not apsq_ov.Precision.FP32 for c in fastest.choices.values())
-    assert fastest.measured_drop is not None and fastest.measured_drop > 0
+    # INT8 flips some decisions: an op's isolated drop (timing-free; the fastest level may get an op back at
+    # FP32 from the fast-route refinement, as fast as INT8 on this tiny graph)
+    assert any(op.drops[apsq_ov.Precision.INT8] > 0 for op in m.ops), [op.drops for op in m.ops]
+    assert m.levels[-1].measured_drop is not None
     # `infer` scores a one-logit classifier by its decision: labels = FP32's decisions, the FP32 level reads 100%
     import json
 
@@ -88,7 +89,15 @@ def test_a_probability_map_with_classes_on_axis_1(tmp_path):
                                       class_axis=1))  # fmt: skip
     m = pkg.manifest
     assert m.decision == Decision(1, "probability")
-    assert 0 < m.levels[-1].measured_drop < 0.5  # a fraction of the 256 pixels' decisions
+    # Each op's isolated INT8 drop is a fraction of the held-out pixels' decisions (16 x 16 per sample), not
+    # of the samples: k / (samples x 256) with k not a multiple of 256. (The fastest level's joint drop is
+    # not asserted > 0: on this 2-conv graph FP32 times as fast as INT8, so the fast-route refinement may
+    # put an op back at FP32 on a noisy machine — measured here under load: 2 of 4 runs.)
+    pixels = m.calibration["drop_samples"] * 16 * 16
+    counts = [op.drops[apsq_ov.Precision.INT8] * pixels for op in m.ops]
+    assert all(0 < k < 0.5 * pixels and abs(k - round(k)) < 1e-6 for k in counts), counts
+    assert any(round(k) % 256 for k in counts), counts
+    assert 0 <= m.levels[-1].measured_drop < 0.5 and (m.levels[-1].measured_drop * pixels).is_integer()
     compiled = apsq_ov.compile_model(pkg.path)
     ref = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     policies = [{"max_drop": 0.0}, {"max_drop": 1.0}] + ([{"max_drop": 1.0, "policy": "cascade"}] if m.router else [])
@@ -144,7 +153,7 @@ def test_the_judged_output_of_a_two_headed_model(tmp_path):
     m = pkg.manifest
     assert m.decision == Decision(output=1) and m.outputs == ["boxes", "scores"]
     assert apsq_ov.Package.load(pkg.path).manifest.decision == m.decision  # written and read back
-    assert m.levels[-1].measured_drop is not None and m.levels[-1].measured_drop > 0
+    assert any(op.drops[apsq_ov.Precision.INT8] > 0 for op in m.ops), [op.drops for op in m.ops]  # box head: 0
     assert m.router is not None  # its margin is the class scores' top-1 - top-2 (a box margin is ~100)
     # the scores too: the box head cannot move the class scores (RDFD gradient 0), it can move the boxes
     gradient = {name: {op.name: op.sensitivity["components"]["gradient"] for op in mm.ops} for name, mm in

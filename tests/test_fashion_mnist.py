@@ -77,7 +77,7 @@ def test_calibrate_auto_ranges_keeps_the_int8_model_closer_to_fp32(fm):
     plain ``nncf.quantize`` on 200 real test images. On this model the histogram ranges' NMSE is several
     times lower, and over all 10,000 test images their top-1 agrees with FP32 at least as often."""
     from apsq_ov.calibrate import CalibrationConfig, calibration_quantize_settings
-    from apsq_ov.calibrate.pipeline import ACTIVATION_RANGES, _quantize
+    from apsq_ov.calibrate.quantize import ACTIVATION_RANGES, quantize
     from apsq_ov.profiles import load_profile
 
     model = ov.Core().read_model(apsq_ov.embedded_model())
@@ -85,7 +85,7 @@ def test_calibrate_auto_ranges_keeps_the_int8_model_closer_to_fp32(fm):
     calib = [[x[None]] for x in fm["x_train"]]
     check = [[fm["x"][i : i + 1]] for i in range(200)]
     profile = load_profile("CPU")
-    q, settings, record = _quantize(model, calib, check, 0, CalibrationConfig(), profile, None)
+    q, settings, record = quantize(model, calib, check, 0, CalibrationConfig(), profile, None)
     ref = plain(model, fm["x"])
     nmse, top1 = {}, {}
     for ranges in ACTIVATION_RANGES:
@@ -141,7 +141,7 @@ def test_fast_route_refinement_keeps_only_free_and_significant_fp32_ops(fm):
     """Calibration on this CPU tries putting the fastest level's boundary ops back at FP32 one at a time
     and keeps them FP32 only where that timed as fast and measurably cut the drop on samples that chose
     nothing; whatever it decided, its record agrees with the levels it left."""
-    from apsq_ov.calibrate.pipeline import REFINE_ALPHA, REFINE_TOLERANCE
+    from apsq_ov.calibrate.ondevice import REFINE_ALPHA, REFINE_TOLERANCE
 
     m = apsq_ov.Package.load(fm["pkg"]).manifest
     r = m.selection["fast_route_refinement"]
@@ -274,7 +274,7 @@ def test_calibration_times_each_body_as_compile_model_deploys_it(fm, monkeypatch
     the manifest in that order."""
     from dataclasses import replace
 
-    from apsq_ov.calibrate import pipeline
+    from apsq_ov.calibrate import ondevice
     from apsq_ov.package import LEVEL_STATE, NEVER, TAU_STATE, Package
 
     pkg = Package.load(fm["pkg"])
@@ -285,9 +285,9 @@ def test_calibration_times_each_body_as_compile_model_deploys_it(fm, monkeypatch
         seen.extend(setups)
         return [float(k + 1) for k in range(len(setups))]
 
-    monkeypatch.setattr(pipeline, "_time_states", fake)
+    monkeypatch.setattr(ondevice, "time_states", fake)
     ir = pkg.read_model(ov.Core())
-    pipeline._time_bodies(ir, man, [fm["x"][:1]])
+    ondevice.time_bodies(ir, man, [fm["x"][:1]])
     n = len(man.levels)
     assert len(seen) == n + 2
     for model, state in seen[:n]:

@@ -412,7 +412,7 @@ def test_keep_fp32_pins_the_ops_and_splits_a_run_it_breaks():
     """The fast-route refinement puts ops back at FP32 in every level: a run of routed ops sharing one If
     (an unbroken chain, :func:`share_runs`) that loses a member is split, each op left routing in its own If;
     runs it does not touch keep sharing."""
-    from apsq_ov.calibrate.pipeline import _keep_fp32
+    from apsq_ov.calibrate.ondevice import keep_fp32
 
     routed = OpChoice(Precision.INT8, Precision.FP32)
     def joins(head: str) -> OpChoice:
@@ -420,12 +420,12 @@ def test_keep_fp32_pins_the_ops_and_splits_a_run_it_breaks():
 
     choices = {"a": routed, "b": joins("a"), "c": joins("a"), "d": routed, "e": joins("d"),
                "f": OpChoice(Precision.INT8, Precision.INT8)}  # fmt: skip
-    out = _keep_fp32(choices, {"b", "f"})
+    out = keep_fp32(choices, {"b", "f"})
     assert out["b"] == out["f"] == OpChoice(Precision.FP32, Precision.FP32)
     assert out["a"] == routed and out["c"] == routed  # the run a-b-c is broken: c routes on its own
     assert out["d"] == choices["d"] and out["e"] == choices["e"]  # d-e untouched
-    assert _keep_fp32(choices, {"a"})["b"].shared_with is None  # its head gone, b routes on its own
-    assert _keep_fp32(choices, set()) == choices
+    assert keep_fp32(choices, {"a"})["b"].shared_with is None  # its head gone, b routes on its own
+    assert keep_fp32(choices, set()) == choices
 
 
 def test_refinement_keeps_an_op_that_helps_and_pins_it_fp32_in_every_level(monkeypatch):
@@ -434,7 +434,7 @@ def test_refinement_keeps_an_op_that_helps_and_pins_it_fp32_in_every_level(monke
     reads the model input), the samples that chose nothing confirm it, and conv1 becomes FP32 in every
     level with the fastest level's drop re-measured; a measure that no op changes keeps the levels as they
     were. Timing is real but the tolerance is opened (a tiny graph's timing says nothing here)."""
-    from apsq_ov.calibrate import pipeline
+    from apsq_ov.calibrate import ondevice
     from apsq_ov.package import Level, OpRecord
 
     model = conv_chain()
@@ -451,14 +451,15 @@ def test_refinement_keeps_an_op_that_helps_and_pins_it_fp32_in_every_level(monke
     costs = [OpCost(u.name, u.type, 1e6, 1e3, two, {Precision.INT8: np.full(40, 0.5)}) for u in units]
     records = [OpRecord(index=u.index, name=u.name, type=u.type, depth=u.index, variants=two,
                         sensitivity={"predicted": {"int8": 0.01}}) for u in units]  # fmt: skip
-    monkeypatch.setattr(pipeline, "REFINE_TOLERANCE", 10.0)
+    monkeypatch.setattr(ondevice, "REFINE_TOLERANCE", 10.0)
 
     def refine(losses):
-        return pipeline._refine_fast_route(levels, records, costs, routable_producers(units), load_profile(path="CPU"),
-                                           model, q, None, variants, [data[:1]], losses, runs=4)  # fmt: skip
+        routes = ondevice.Routes(model, q, None, variants)
+        return ondevice.refine_fast_route(levels, records, costs, routable_producers(units), load_profile(path="CPU"),
+                                          routes, [data[:1]], losses, runs=4)  # fmt: skip
 
     out, report = refine(lambda c: np.full(40, 0.0 if c["conv1"].fast is Precision.FP32 else 1.0))
-    assert report["kept_fp32"] == ["conv1"] and report["p_value"] < pipeline.REFINE_ALPHA
+    assert report["kept_fp32"] == ["conv1"] and report["p_value"] < ondevice.REFINE_ALPHA
     assert all(lv.choices["conv1"] == fp32 for lv in out)
     assert out[-1].choices["conv2"] == out[-1].choices["fc"] == int8 and out[-1].measured_drop == 0.0
     assert out[0] is levels[0]  # conv1 was FP32 there already: unchanged
