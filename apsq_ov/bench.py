@@ -96,7 +96,8 @@ def package_methods(
     """The methods a package runs: its FP32 level (f32 hint, and bf16 hint as the BF16 baseline), every
     static level, the cascade at every budget that escalates some inputs, and forced precisions (each
     on ``compiles`` compiled copies of the package)."""
-    from apsq_ov.runtime import compile_model, split_constant_route, standalone_bodies
+    from apsq_ov.bodies import split_constant_route, standalone_bodies
+    from apsq_ov.runtime import compile_model
 
     m = pkg.manifest
     core = ov.Core()

@@ -26,6 +26,7 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
+from apsq_ov.bodies import split_constant_route, standalone_bodies
 from apsq_ov.package import LEVEL_STATE, NEVER, TAU_STATE, Level, Manifest, OpChoice, OpRecord
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile
@@ -64,14 +65,13 @@ class Routes:
 
 def time_bodies(model: ov.Model, manifest: Manifest, x: list[np.ndarray], runs: int = 40) -> bool:
     """Time every level body and the cascade at both ends (never / always escalate) on this device as
-    ``compile_model`` deploys them — each compiled on its own (:func:`~apsq_ov.runtime.standalone_bodies`,
+    ``compile_model`` deploys them — each compiled on its own (:func:`~apsq_ov.bodies.standalone_bodies`,
     a constant route split off), 1 thread, median of ``runs`` interleaved — and record them in the
     manifest (a measurement outranks the profile's prediction when the runtime picks a body). A body that
     only runs through the dispatch is timed there. Timed inside the dispatch instead, each body paid its
     depth in the ``If`` tree: on Fashion-MNIST the cascade (one ``If`` deep) read faster than the level it
     runs (0.180 vs 0.188 ms), so ``auto`` served 0.01–0.4 with it; compiled on their own the level runs
     0.142 ms, the cascade 0.155 ms. :return: whether the default changed."""
-    from apsq_ov.runtime import split_constant_route, standalone_bodies
 
     bodies = standalone_bodies(model, manifest)
     setups: list[tuple[ov.Model, dict[str, np.ndarray]]] = []
@@ -144,7 +144,6 @@ def time_mixes(mixes: list[dict[str, OpChoice]], routes: Routes, x: list[np.ndar
     limits). Timed as levels of one package IR instead, each paid its depth in the ``If`` tree: on PP-OCRv4
     rec every other mix read 2.5-6% slower than the one at the top, whose body ran 8.5 ms alone and 12.0
     ms there."""
-    from apsq_ov.runtime import split_constant_route
 
     models: list[tuple[ov.Model, dict[str, np.ndarray]]] = []
     extra: list[list[np.ndarray]] = []

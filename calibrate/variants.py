@@ -33,6 +33,7 @@ from openvino import opset8
 from openvino import opset13 as ops
 from openvino.op.util import Variable
 
+from apsq_ov.bodies import state_variable
 from apsq_ov.decisions import CLASSES_LAST, Decision
 from apsq_ov.errors import CalibrationError
 from apsq_ov.package import (
@@ -47,7 +48,6 @@ from apsq_ov.package import (
     Router,
 )
 from apsq_ov.precision import Precision
-from apsq_ov.runtime import state_variable
 
 from .router import RISK_NODE, pre_quant_input, risk_output
 

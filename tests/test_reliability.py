@@ -463,7 +463,7 @@ def test_standalone_bodies_give_what_the_package_dispatch_gives(tiny_files):
     each If a body sits below copies its inputs on every pass). One request switching between every
     policy gives the same outputs and routes as through the package's dispatch, and runs each level
     policy on its standalone body (no ``apsq/level`` state there)."""
-    from apsq_ov.runtime import standalone_bodies
+    from apsq_ov.bodies import standalone_bodies
 
     pkg = tiny_files["package"]
     alone = apsq_ov.compile_model(pkg.path, standalone="all")
