@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import apsq_ov
+from apsq_ov.bench import LATENCY
 from apsq_ov.routing import choose_body
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +42,6 @@ from real_models import efficientnet_lite0_ir, photo_crops  # noqa: E402
 
 RESULTS = HERE / "results"
 CACHE = RESULTS / ".cache"
-LATENCY = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
 console = Console()
 
 
@@ -71,7 +71,7 @@ def main() -> None:
         raise SystemExit(f"no package at {pkg_path}: run `python benchmarks/pareto.py --models effnet` first")
     core = ov.Core()
     model = core.read_model(efficientnet_lite0_ir(CACHE))
-    fp32 = core.compile_model(model, "CPU", LATENCY | {"INFERENCE_PRECISION_HINT": "f32"})
+    fp32 = core.compile_model(model, "CPU", LATENCY)
     bf16 = core.compile_model(model, "CPU", LATENCY | {"INFERENCE_PRECISION_HINT": "bf16"})
     pkg = apsq_ov.Package.load(pkg_path)
     router = pkg.manifest.router

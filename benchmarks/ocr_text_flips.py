@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import apsq_ov
+from apsq_ov.bench import LATENCY
 from apsq_ov.datasets import cer, ctc_greedy_decode, render_text_lines
 from apsq_ov.shifts import apply as apply_shift
 
@@ -40,7 +41,6 @@ from real_models import pp_ocr_rec  # noqa: E402
 
 RESULTS = HERE / "results"
 PACKAGE = RESULTS / ".cache" / "pareto" / "ocr.apsq"
-LATENCY = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
 SHIFTS = ("clean", "brightness", "contrast", "noise", "blur", "dark", "pixelate")
 console = Console()
 
