@@ -28,7 +28,8 @@ import openvino as ov
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
-from apsq_ov.calibrate.variants import build_package_model, find_routable_ops, linear_successors  # noqa: E402
+from apsq_ov.calibrate.levels import build_package_model  # noqa: E402
+from apsq_ov.calibrate.variants import find_routable_ops, linear_successors  # noqa: E402
 from apsq_ov.package import LEVEL_STATE, OpChoice  # noqa: E402
 from apsq_ov.precision import Precision  # noqa: E402
 

@@ -32,8 +32,8 @@ from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile
 from apsq_ov.routing import choose_body
 
+from .levels import level_body
 from .selection import OpCost, options
-from .variants import level_body
 
 REFINE_TOLERANCE = 0.02
 """How much slower than the fastest level (median, 1 thread, in both halves of an interleaved timing) a fast
@@ -46,7 +46,7 @@ must reach (a gain within the noise keeps the fastest level as selected)."""
 
 @dataclass(frozen=True)
 class Routes:
-    """The models every level body is cut from (:func:`~.variants.level_body`): the FP32 graph, NNCF's INT8
+    """The models every level body is cut from (:func:`~.levels.level_body`): the FP32 graph, NNCF's INT8
     model (``None``: no INT8 variants), NNCF's INT4-weight model (``None``: no INT4), and the precisions
     each routable op offers."""
 
@@ -59,7 +59,7 @@ class Routes:
         self, choices: dict[str, OpChoice], name: str, extra: list[ov.Node]
     ) -> tuple[ov.Model, dict[str, ov.Output]]:
         """The graph of the mix ``choices`` and each routed op's pre-quantization input in it
-        (:func:`~.variants.level_body`)."""
+        (:func:`~.levels.level_body`)."""
         return level_body(self.fp32, self.int8, self.variants, choices, name, extra, self.int4)
 
 

@@ -50,6 +50,7 @@ from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, choose_body, level_for
 from apsq_ov.runtime import AdaptiveAsyncInferQueue, AdaptiveCompiledModel, AdaptiveInferRequest, compile_adaptive
 
+from .levels import build_package_model
 from .ondevice import Routes, check_fastest, refine_fast_route, runs_here, time_bodies
 from .quantize import (
     ACTIVATION_RANGES,
@@ -74,7 +75,6 @@ from .variants import (
     RouteDefault,
     act_range,
     build_adaptive_model,
-    build_package_model,
     find_routable_ops,
     linear_successors,
     routable_producers,

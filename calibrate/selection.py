@@ -2,7 +2,7 @@
 which ops are worth routing per input at all.
 
 Where it sits in the data flow: after the isolated drops are measured (``calibrate.pipeline``),
-before the package IR is built (:func:`calibrate.variants.build_package_model`). Inputs: per op its
+before the package IR is built (:func:`calibrate.levels.build_package_model`). Inputs: per op its
 measured per-sample harm of each lower variant (top-1 disagreement with FP32 when only that op is
 lowered, on the held-out split), which held-out inputs leave its calibrated INT8 range, its size
 (MACs, bytes an ``If`` copies) and the device profile's cost model.

@@ -9,6 +9,7 @@ import openvino as ov
 import pytest
 from openvino import opset13 as ops
 
+from apsq_ov.calibrate.levels import build_package_model
 from apsq_ov.calibrate.router import (
     FitData,
     cascade_points,
@@ -18,7 +19,7 @@ from apsq_ov.calibrate.router import (
     shift_calibration,
     thresholds,
 )
-from apsq_ov.calibrate.variants import act_range, build_package_model, find_routable_ops
+from apsq_ov.calibrate.variants import act_range, find_routable_ops
 from apsq_ov.package import LEVEL_STATE, NEVER, TAU_STATE, Feature, OpChoice, Router, Term
 from apsq_ov.precision import Precision
 from tests.models import conv_chain, conv_chain_data

@@ -11,9 +11,9 @@ import numpy as np
 import openvino as ov
 import pytest
 
+from apsq_ov.calibrate.levels import build_package_model
 from apsq_ov.calibrate.selection import OpCost, options, select_levels, solve_level
 from apsq_ov.calibrate.variants import (
-    build_package_model,
     find_routable_ops,
     linear_successors,
     routable_producers,
@@ -160,7 +160,7 @@ def test_a_mostly_int8_level_is_nncfs_graph_with_its_fp32_ops_unquantized():
     FakeQuantizes on adds and pools keep blocks in u8) with those ops put back at FP32, as NNCF's own
     ``ignored_scope`` leaves them: its output matches that model's to within INT8 noise, and the FP32 op
     reads its input unquantized, with the FP32 model's weights."""
-    from apsq_ov.calibrate.variants import level_body
+    from apsq_ov.calibrate.levels import level_body
 
     model = conv_chain()
     model.reshape([1, 3, 16, 16])
