@@ -12,6 +12,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from apsq_ov.async_queue import AdaptiveAsyncInferQueue, EscalatedInput
 from apsq_ov.errors import (
     ApsqError,
     CalibrationError,
@@ -26,14 +27,7 @@ from apsq_ov.errors import (
 from apsq_ov.package import Package
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile, load_profile
-from apsq_ov.runtime import (
-    AdaptiveAsyncInferQueue,
-    AdaptiveCompiledModel,
-    AdaptiveInferRequest,
-    AdaptiveResult,
-    EscalatedInput,
-    compile_model,
-)
+from apsq_ov.runtime import AdaptiveCompiledModel, AdaptiveInferRequest, AdaptiveResult, compile_model
 
 __version__ = "0.1.0"
 

@@ -279,7 +279,7 @@ def _engine_queue(adaptive: Any, max_drop: float) -> ov.AsyncInferQueue:
 
 def _queue_rate(queue: ov.AsyncInferQueue, x: np.ndarray, seconds: float) -> float:
     """Inputs per second through a plain queue, each input copied into the next idle request's input tensor
-    and that request started without inputs, as :class:`~apsq_ov.runtime.AdaptiveAsyncInferQueue` feeds its
+    and that request started without inputs, as :class:`~apsq_ov.async_queue.AdaptiveAsyncInferQueue` feeds its
     requests (``start_async(array)`` runs OpenVINO's Python input dispatch per call: on this machine
     Fashion-MNIST's NNCF INT8 ran 25% slower fed that way)."""
     tensors = [queue[i].get_input_tensor(0).data for i in range(len(queue))]
@@ -458,7 +458,7 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
     copy ``r % compiles`` of each model.
 
     Baselines run in an ``openvino.AsyncInferQueue`` (:func:`_queue`), the adaptive policy in the
-    :class:`~apsq_ov.runtime.AdaptiveAsyncInferQueue` an application uses (its callback reading every
+    :class:`~apsq_ov.async_queue.AdaptiveAsyncInferQueue` an application uses (its callback reading every
     result); where ``auto`` serves a budget with the cascade, ``apsq adaptive <d>`` batches the escalated
     re-runs (``escalation_batch`` = :data:`ESCALATION_BATCH`, the queue's default timeout) and
     ``apsq adaptive <d>, in-graph escalation`` re-runs each inside the graph; ``apsq adaptive <d>, engine`` is
@@ -466,7 +466,8 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
     requests beforehand (what the engine costs without the adaptive queue's Python). ``waits``, if given, gets per
     batched row the median and 95th percentile of the time from ``start_async`` to the callback, escalated
     inputs and the others apart, ms."""
-    from apsq_ov.runtime import AdaptiveAsyncInferQueue, AdaptiveCompiledModel, compile_model
+    from apsq_ov.async_queue import AdaptiveAsyncInferQueue
+    from apsq_ov.runtime import AdaptiveCompiledModel, compile_model
 
     core = ov.Core()
     k = max(compiles, 1)

@@ -30,6 +30,7 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
+from apsq_ov.async_queue import AdaptiveAsyncInferQueue
 from apsq_ov.datasets import ctc_error_rate
 from apsq_ov.decisions import Decision, decide, output_index
 from apsq_ov.errors import CalibrationError, ConfigError, ModelError, UnsupportedPrecisionError
@@ -48,7 +49,7 @@ from apsq_ov.package import (
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, choose_body, level_for
-from apsq_ov.runtime import AdaptiveAsyncInferQueue, AdaptiveCompiledModel, AdaptiveInferRequest, compile_adaptive
+from apsq_ov.runtime import AdaptiveCompiledModel, AdaptiveInferRequest, compile_adaptive
 
 from .levels import build_package_model
 from .ondevice import Routes, check_fastest, refine_fast_route, runs_here, time_bodies

@@ -310,7 +310,7 @@ def test_batched_escalations_give_the_cascade_results(fm):
     once; an error in an escalated input's callback comes out of ``wait_all``."""
     import time
 
-    from apsq_ov.runtime import AdaptiveAsyncInferQueue, EscalatedInput
+    from apsq_ov.async_queue import AdaptiveAsyncInferQueue, EscalatedInput
 
     policy = {"max_drop": 0.01, "policy": "cascade"}
     compiled = apsq_ov.compile_model(fm["pkg"], standalone=policy, escalation_batch=8)

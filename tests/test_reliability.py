@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import apsq_ov
-from apsq_ov import runtime
+from apsq_ov import async_queue
 from apsq_ov.cli import app
 from apsq_ov.errors import ConfigError, DataError
 from apsq_ov.package import ROUTE_OUTPUT, Package, sha256_file
@@ -255,13 +255,13 @@ def test_async_queue_nonfinite_inputs_and_input_forms_match_runs_alone(compiled,
     shapes); inputs given as Fortran-ordered or float64 arrays, lists or dicts are converted first: every
     result, whichever way in, is what the same input gives alone (NaN compared as NaN)."""
     if fed == "dispatched":
-        made = runtime._Pool.__init__
+        made = async_queue._Pool.__init__
 
         def dynamic(self, *args):
             made(self, *args)
             self.inputs = [None] * len(self.inputs)
 
-        monkeypatch.setattr(runtime._Pool, "__init__", dynamic)
+        monkeypatch.setattr(async_queue._Pool, "__init__", dynamic)
     pool = _pool()[:12]
     bad = pool.copy()
     bad[::3, 0, 1, 2] = np.nan
