@@ -173,33 +173,20 @@ def level_body(
     and each routed op's pre-quantization input in it (the router's feature inputs)."""
     names = [n for n, v in variants.items() if len(v) > 1]
     base = {u.name: u for u in find_routable_ops(fp32_model, q_model, q4_model)}
-    int8_capable = [n for n in names if Precision.INT8 in variants[n] and base[n].act_fq is not None]
+    int8_capable = _int8_capable(base, variants)
     esc = extra
     codes: list[ov.Output] = []
     group_code: dict[str, ov.Output] = {}
     feature_inputs: dict[str, ov.Output] = {}
-    # A level that runs every INT8-capable op statically, most of them in INT8 and the rest in FP32, is NNCF's
-    # own graph (its FakeQuantizes on residual adds and pools too, so the device keeps whole blocks in u8)
-    # with those few ops put back at FP32, as ``nncf.quantize(ignored_scope=...)`` leaves them; the other ops
-    # get their chosen variant there (with ignored_scope, PP-OCRv4 rec's stem convs, a mid-chain conv or a
-    # MatMul at FP32 timed 0.97-1.03x NNCF's all-INT8 model). Any other level starts from the FP32 model.
-    int8 = OpChoice(Precision.INT8, Precision.INT8)
-    at_fp32 = [n for n in int8_capable if level[n] == OpChoice(Precision.FP32, Precision.FP32)]
-    from_nncf = (
-        q_model is not None
-        and bool(int8_capable)
-        and all(level[n] == int8 or n in at_fp32 for n in int8_capable)
-        and 2 * len(at_fp32) < len(int8_capable)
-    )
-    if from_nncf:
+    at_fp32 = _nncf_fp32_ops(base, q_model, variants, level)
+    from_nncf = at_fp32 is not None
+    if at_fp32 is not None:
         assert q_model is not None
         clone = q_model.clone()
         units = {u.name: u for u in find_routable_ops(clone)}
-        from_nncf = all(_unquantize(units[n], base[n], dry_run=True) for n in at_fp32)
-        if from_nncf:
-            for n in at_fp32:
-                _unquantize(units[n], base[n])
-    if not from_nncf:
+        for n in at_fp32:
+            _unquantize(units[n], base[n])
+    else:
         clone = fp32_model.clone()
         units = {u.name: u for u in find_routable_ops(clone, q_model, q4_model)}
     for n in names:
@@ -229,6 +216,52 @@ def level_body(
             codes.append(ops.constant(np.int32(choice.fast.code)).output(0))
     merge_low_float_regions(clone)
     return _body_model(clone, codes, esc, name), feature_inputs
+
+
+def builds_from_nncf(
+    fp32_model: ov.Model,
+    q_model: ov.Model | None,
+    variants: dict[str, tuple[Precision, ...]],
+    level: dict[str, OpChoice],
+    q4_model: ov.Model | None = None,
+) -> bool:
+    """Whether :func:`level_body` builds ``level`` from NNCF's INT8 graph rather than from the FP32 model.
+
+    Such a body quantizes more than the per-op variants of the fully routed IR calibration measures with
+    (NNCF's FakeQuantizes on residual adds and pools too), so its drop is measured on the body itself
+    (``calibrate.pipeline.joint_losses``): on PP-OCRv4 rec's fastest level the body flipped 7.1% of the
+    positions on the calibration lines, the same choices pinned in the fully routed IR 4.3%."""
+    base = {u.name: u for u in find_routable_ops(fp32_model, q_model, q4_model)}
+    return _nncf_fp32_ops(base, q_model, variants, level) is not None
+
+
+def _int8_capable(base: dict[str, RoutableOp], variants: dict[str, tuple[Precision, ...]]) -> list[str]:
+    return [n for n, v in variants.items() if len(v) > 1 and Precision.INT8 in v and base[n].act_fq is not None]
+
+
+def _nncf_fp32_ops(
+    base: dict[str, RoutableOp],
+    q_model: ov.Model | None,
+    variants: dict[str, tuple[Precision, ...]],
+    level: dict[str, OpChoice],
+) -> list[str] | None:
+    """The ops put back at FP32 in NNCF's INT8 graph when :func:`level_body` builds ``level`` from it, else
+    None (it starts from the FP32 model).
+
+    A level that runs every INT8-capable op statically, most of them in INT8 and the rest in FP32, is NNCF's
+    own graph (its FakeQuantizes on residual adds and pools too, so the device keeps whole blocks in u8)
+    with those few ops put back at FP32, as ``nncf.quantize(ignored_scope=...)`` leaves them, where each
+    can be (:func:`_unquantize`); the other ops get their chosen variant there (with ignored_scope, PP-OCRv4
+    rec's stem convs, a mid-chain conv or a MatMul at FP32 timed 0.97-1.03x NNCF's all-INT8 model)."""
+    int8_capable = _int8_capable(base, variants)
+    int8, fp32 = OpChoice(Precision.INT8, Precision.INT8), OpChoice(Precision.FP32, Precision.FP32)
+    at_fp32 = [n for n in int8_capable if level[n] == fp32]
+    if q_model is None or not int8_capable or 2 * len(at_fp32) >= len(int8_capable):
+        return None
+    if not all(level[n] == int8 or n in at_fp32 for n in int8_capable):
+        return None
+    units = {u.name: u for u in find_routable_ops(q_model)}  # read only: the dry run changes nothing
+    return at_fp32 if all(_unquantize(units[n], base[n], dry_run=True) for n in at_fp32) else None
 
 
 def _run_of(name: str, level: dict[str, OpChoice]) -> list[str]:

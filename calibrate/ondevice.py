@@ -32,7 +32,7 @@ from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile
 from apsq_ov.routing import choose_body
 
-from .levels import level_body
+from .levels import builds_from_nncf, level_body
 from .selection import OpCost, options
 
 REFINE_TOLERANCE = 0.02
@@ -61,6 +61,10 @@ class Routes:
         """The graph of the mix ``choices`` and each routed op's pre-quantization input in it
         (:func:`~.levels.level_body`)."""
         return level_body(self.fp32, self.int8, self.variants, choices, name, extra, self.int4)
+
+    def from_nncf(self, choices: dict[str, OpChoice]) -> bool:
+        """Whether the body of ``choices`` is cut from NNCF's INT8 graph (:func:`~.levels.builds_from_nncf`)."""
+        return builds_from_nncf(self.fp32, self.int8, self.variants, choices, self.int4)
 
 
 def time_bodies(model: ov.Model, manifest: Manifest, x: list[np.ndarray], runs: int = 40) -> bool:

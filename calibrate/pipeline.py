@@ -419,7 +419,7 @@ def calibrate_model(
     # The isolated drops overlap (the inputs one op flips are mostly the ones every op flips), so their sum
     # overstates a level's drop many times over on some models: each level is fitted to its drop measured
     # with all its ops lowered together on the held-out split.
-    losses = joint_losses(measuring, batches(drop_idx))
+    losses = joint_losses(measuring, batches(drop_idx), routes)
 
     def measure(choices: Mapping[str, OpChoice]) -> float:
         return float(np.mean(losses(choices)))
@@ -714,27 +714,66 @@ def isolated_losses(
 
 
 def joint_losses(
-    model: AdaptiveCompiledModel, data: list[list[np.ndarray]]
+    model: AdaptiveCompiledModel, data: list[list[np.ndarray]], routes: Routes | None = None
 ) -> Callable[[Mapping[str, OpChoice]], np.ndarray]:
     """``losses(choices)``: each sample's top-1 disagreement with FP32 (the fraction of its positions whose
     argmax differs; their mean is :func:`quality_loss`'s ``top1``) on ``data`` with every op at its choice
     together (routed ops at their fast variant, which never escalates: an upper bound of what routing
     loses) — how the selection checks a level (:func:`select_levels`) and the refinement a fast route; each
-    distinct set of lowered ops runs once."""
+    distinct set of choices runs once.
+
+    A mix the package builds from NNCF's INT8 graph (``routes`` given, :func:`~.levels.builds_from_nncf`)
+    runs as that body, compiled on its own: it quantizes more than the fully routed IR's per-op variants.
+    Any other mix runs on ``model`` with its ops pinned (a state write, no compile)."""
     runs = PinnedRuns(model, data)
     reference = Reference.of(runs(None), None)
     done: dict[frozenset[tuple[str, Precision]], np.ndarray] = {}  # a graph's outputs are deterministic
+    served: dict[frozenset[tuple[str, OpChoice]], np.ndarray] = {}
+
+    def disagreement(outputs: list[np.ndarray]) -> np.ndarray:
+        return np.array([np.mean(top1_of(o) != r) for o, r in zip(outputs, reference.top1, strict=True)])
 
     def losses(choices: Mapping[str, OpChoice]) -> np.ndarray:
         pin = {n: c.fast for n, c in choices.items() if c.fast is not Precision.FP32}
         if not pin:
             return np.zeros(len(data))
-        key = frozenset(pin.items())
-        if key not in done:
-            done[key] = np.array([np.mean(top1_of(o) != r) for o, r in zip(runs(pin), reference.top1, strict=True)])
-        return done[key]
+        if routes is not None and routes.from_nncf(dict(choices)):
+            key = frozenset(choices.items())
+            if key not in served:
+                served[key] = disagreement(served_runs(model, routes, dict(choices), data))
+            return served[key]
+        pinned = frozenset(pin.items())
+        if pinned not in done:
+            done[pinned] = disagreement(runs(pin))
+        return done[pinned]
 
     return losses
+
+
+def served_runs(
+    model: AdaptiveCompiledModel, routes: Routes, choices: dict[str, OpChoice], data: list[list[np.ndarray]]
+) -> list[np.ndarray]:
+    """The judged output of each sample of ``data`` (read as class scores) through the level body of
+    ``choices`` compiled on its own (routed ops at their calibrated limits), on ``model``'s device with its
+    config, one request per stream as :class:`PinnedRuns` runs."""
+    routed = any(c.routed for c in choices.values())
+    esc = [ops.parameter([], np.float32, name="escalate")] if routed else []
+    body, _ = routes.body(choices, "apsq/measure", esc)
+    compiled = ov.Core().compile_model(body, model.device, {**model.manifest.profile.compile_config,
+                                                           "PERFORMANCE_HINT": "THROUGHPUT"})  # fmt: skip
+    decision, n_out = model.manifest.decision, len(body.outputs) - 1  # the body's last output is its route
+    outputs: list[np.ndarray | None] = [None] * len(data)
+
+    def keep(request: ov.InferRequest, i: int) -> None:
+        outputs[i] = decision.scores(decision.pick([request.get_output_tensor(k).data for k in range(n_out)])).copy()
+
+    queue = ov.AsyncInferQueue(compiled)
+    queue.set_callback(keep)
+    extra = [np.array(1.0, np.float32)] if routed else []
+    for i, x in enumerate(data):
+        queue.start_async([*x, *extra], i)
+    queue.wait_all()
+    return outputs  # type: ignore[return-value]
 
 
 __all__ = ["CalibrationConfig", "calibrate", "calibrate_model", "read_model", "sample_order"]

@@ -348,6 +348,56 @@ def _union_and_sum(ops_: list[OpCost]):
     return union, compound
 
 
+def test_a_mix_cut_from_nncfs_graph_is_measured_on_that_body(tiny_files, monkeypatch):
+    """Calibration's joint drop of a mostly-INT8 mix runs the body the package would serve (NNCF's graph,
+    compiled on its own), not the mix pinned in the fully routed IR: its scores are that body's, compiled
+    here independently, and differ from the pinned IR's; a mix built from the FP32 model is measured pinned."""
+    import apsq_ov
+    from apsq_ov.calibrate import pipeline
+    from apsq_ov.calibrate.levels import builds_from_nncf, level_body
+    from apsq_ov.calibrate.ondevice import Routes
+    from apsq_ov.calibrate.pipeline import PinnedRuns, joint_losses, served_runs, top1_of
+
+    compiled = apsq_ov.compile_model(tiny_files["package"], "CPU", F32)  # its full body: the pinned IR
+    model = conv_chain()
+    model.reshape([1, 3, 16, 16])
+    q = nncf.quantize(model.clone(), nncf.Dataset([x[None] for x in conv_chain_data(32)]), subset_size=32)
+    variants = {u.name: (Precision.FP32, Precision.INT8) for u in find_routable_ops(model, q)}
+    routes = Routes(model, q, None, variants)
+    int8, fp32 = OpChoice(Precision.INT8, Precision.INT8), OpChoice(Precision.FP32, Precision.FP32)
+    nncf_mix = {"conv1": int8, "conv2": fp32, "fc": int8}
+    fp32_mix = {"conv1": int8, "conv2": fp32, "fc": fp32}
+    assert routes.from_nncf(nncf_mix) and builds_from_nncf(model, q, variants, nncf_mix)
+    assert not routes.from_nncf(fp32_mix)  # two of three at FP32: cut from the FP32 model
+    data = [[x[None]] for x in conv_chain_data(24, seed=3)]
+    body, _ = level_body(model, q, variants, nncf_mix, "alone", [])
+    alone = ov.Core().compile_model(body, "CPU", F32)
+    want = [alone(x)[0] for x in data]
+    got = served_runs(compiled, routes, nncf_mix, data)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    runs = PinnedRuns(compiled, data)
+    pinned = runs({"conv1": Precision.INT8, "fc": Precision.INT8})
+    assert max(float(np.abs(g - p).max()) for g, p in zip(got, pinned, strict=True)) > 1e-3  # another graph
+    reference = [top1_of(r) for r in runs(None)]
+    calls = []
+
+    def spy(*args):  # the real function, counted
+        calls.append(args[2])
+        return served_runs(*args)
+
+    monkeypatch.setattr(pipeline, "served_runs", spy)
+    losses = joint_losses(compiled, data, routes)
+    served_drop = [np.mean(top1_of(g) != r) for g, r in zip(got, reference, strict=True)]
+    np.testing.assert_array_equal(losses(nncf_mix), served_drop)
+    np.testing.assert_array_equal(losses(dict(nncf_mix)), served_drop)
+    assert calls == [nncf_mix]  # the body ran once, and only for the mix cut from NNCF's graph
+    pinned_drop = [np.mean(top1_of(p) != r) for p, r in zip(runs({"conv1": Precision.INT8}), reference, strict=True)]
+    np.testing.assert_array_equal(losses(fp32_mix), pinned_drop)
+    joint_losses(compiled, data)(nncf_mix)  # without routes: pinned
+    assert calls == [nncf_mix]
+
+
 def test_levels_are_fitted_to_the_measured_joint_drop():
     """Eight ops that all flip the same low-margin samples: the isolated drops sum to many times the joint
     drop, so the additive levels keep ops FP32 for nothing. Fitted levels are faster and their measured
