@@ -754,8 +754,8 @@ def served_runs(
     model: AdaptiveCompiledModel, routes: Routes, choices: dict[str, OpChoice], data: list[list[np.ndarray]]
 ) -> list[np.ndarray]:
     """The judged output of each sample of ``data`` (read as class scores) through the level body of
-    ``choices`` compiled on its own (routed ops at their calibrated limits), on ``model``'s device with its
-    config, one request per stream as :class:`PinnedRuns` runs."""
+    ``choices`` compiled on its own, on ``model``'s device with its config, one request per stream as
+    :class:`PinnedRuns` runs. Routed ops run their fast variant (the range check off, as when pinned)."""
     routed = any(c.routed for c in choices.values())
     esc = [ops.parameter([], np.float32, name="escalate")] if routed else []
     body, _ = routes.body(choices, "apsq/measure", esc)
@@ -769,7 +769,7 @@ def served_runs(
 
     queue = ov.AsyncInferQueue(compiled)
     queue.set_callback(keep)
-    extra = [np.array(1.0, np.float32)] if routed else []
+    extra = [np.array(NEVER, np.float32)] if routed else []  # the escalate scale: no input leaves the range
     for i, x in enumerate(data):
         queue.start_async([*x, *extra], i)
     queue.wait_all()
