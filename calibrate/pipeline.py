@@ -12,8 +12,8 @@ Where it sits in the data flow: the entry point of ``calibrate/`` (``apsq-ov cal
    *held-out split*: the ground truth the report compares scores with, and the drops the policy budgets;
 6. select the dial's levels (:mod:`.selection`), each fitted to its drop measured with all its ops
    lowered together on the held-out split; where the package's device is this one, time the fastest
-   level and put back at FP32 the ops it runs as fast at FP32 where that measurably helps (:mod:`.ondevice`);
-   fit the router (:mod:`.router`);
+   level, put back at FP32 the ops it runs as fast at FP32 where that measurably helps, and time which
+   level runs fastest (:mod:`.ondevice`); fit the router on that level, the fast route (:mod:`.router`);
 7. plan the default policy at ``max_drop``, write it into the ReadValue initialisers, and write
    the package atomically.
 """
@@ -52,7 +52,7 @@ from apsq_ov.routing import check_max_drop, choose_body, level_for
 from apsq_ov.runtime import AdaptiveCompiledModel, AdaptiveInferRequest, compile_adaptive
 
 from .levels import build_package_model
-from .ondevice import Routes, check_fastest, refine_fast_route, runs_here, time_bodies
+from .ondevice import Routes, check_fastest, fastest_route, refine_fast_route, runs_here, time_bodies
 from .quantize import (
     ACTIVATION_RANGES,
     RANGE_CHECK_SAMPLES,
@@ -452,13 +452,20 @@ def calibrate_model(
             progress("refine the fast route", 1, 1)
     manifest.levels = levels
     manifest.default_level = level_for(levels, config.max_drop)
+    fast_k, fast_route = len(levels) - 1, None
+    if runs_here(config.device, profile) and config.router and q_model is not None:
+        if progress:
+            progress("time the fast route", 0, 1)
+        fast_k, fast_route = fastest_route(levels, routes, batches(drop_idx[:1])[0])
+        if progress:
+            progress("time the fast route", 1, 1)
     if not config.router:
         manifest.router_note = "not built (--no-router)"
     elif q_model is None:
         manifest.router_note = "not built: the package has no INT8 variants (the fast route would be the levels')"
     else:
         manifest.router, manifest.router_note = _fit_router(
-            levels, costs, units, routes, batches(order), profile, config, progress,
+            levels, fast_k, costs, units, routes, batches(order), profile, config, progress,
             manifest.decision,
         )
     manifest.selection = {
@@ -468,6 +475,7 @@ def calibrate_model(
         "escalation_rate": {n: float(np.mean(e)) for n, e in escalated.items()},
         "fastest_level_check": fastest_check,
         "fast_route_refinement": refinement,
+        "fast_route": fast_route,
     }
     if progress:
         progress("build package IR", 0, 1)
@@ -496,6 +504,7 @@ def _package_ir(routes: Routes, manifest: Manifest, max_drop: float) -> ov.Model
 
 def _fit_router(
     levels: list[Level],
+    fast_k: int,
     costs: list[OpCost],
     units: list[RoutableOp],
     routes: Routes,
@@ -505,9 +514,9 @@ def _fit_router(
     progress: Progress | None,
     decision: Decision,
 ) -> tuple[Router | None, str]:
-    """Fit the router on the fastest level (the fast route) against level 0 (FP32): every calibration
-    sample and its shifted copies, the second half of them held out (AUC, thresholds)."""
-    fast_k = len(levels) - 1
+    """Fit the router on level ``fast_k`` (the fast route: the fastest level, :func:`~.ondevice.fastest_route`)
+    against level 0 (FP32): every calibration sample and its shifted copies, the second half of them held
+    out (AUC, thresholds)."""
     fast = levels[fast_k].choices
     ranges = {}
     for u in units:

@@ -167,6 +167,29 @@ def test_fast_route_refinement_keeps_only_free_and_significant_fp32_ops(fm):
         assert all(hi.choices[n].fast.rank >= c.fast.rank for n, c in lo.choices.items())
 
 
+def test_the_cascade_runs_on_the_level_calibration_timed_fastest(fm):
+    """Calibration on this CPU times every distinct level graph but FP32's and fits the router on the
+    fastest: the last level, unless a smaller budget's graph timed faster by more than the tolerance in
+    both halves of the rounds. The record agrees with the router it fitted."""
+    from apsq_ov.calibrate.ondevice import REFINE_TOLERANCE
+
+    m = apsq_ov.Package.load(fm["pkg"]).manifest
+    r = m.selection["fast_route"]
+    assert m.router is not None and m.router.fast_level == r["level"] and r["measured"]
+    first = {k: next(j for j in range(1, k + 1) if m.levels[j].choices == m.levels[k].choices)
+             for k in range(1, len(m.levels))}  # fmt: skip
+    halves = r["median_ms_halves"]
+    assert set(halves) == {f"{m.levels[j].max_drop:g}" for j in set(first.values())}  # each graph once, no FP32
+    last = halves[f"{m.levels[first[len(m.levels) - 1]].max_drop:g}"]
+    faster = {d for d, h in halves.items() if all(h[i] < last[i] * (1 - REFINE_TOLERANCE) for i in (0, 1))}
+    picked = f"{m.levels[first[r['level']]].max_drop:g}"
+    if r["level"] == len(m.levels) - 1:
+        assert not faster
+    else:
+        assert picked in faster and max(halves[picked]) == min(max(halves[d]) for d in faster)
+        assert all(m.levels[k].choices != m.levels[r["level"]].choices for k in range(r["level"] + 1, len(m.levels)))
+
+
 def test_precision_map_pin_changes_only_that_op(fm, tmp_path):
     _, base = infer(fm, "base", "--precision", "fp32")
     ops = list(base["route_ops"])

@@ -517,3 +517,43 @@ def test_refinement_keeps_an_op_that_helps_and_pins_it_fp32_in_every_level(monke
     assert out[-1].predicted_drop == 0.0  # 0.1 less conv1's isolated 0.5, floored at 0
     same, report = refine(lambda c: np.ones(40))
     assert same == levels and report["kept_fp32"] == [] and report["reason"]
+
+
+def test_the_fast_route_is_the_level_that_times_fastest(monkeypatch):
+    """Which level the cascade's fast route runs, with the timings given (:func:`time_mixes` times real
+    graphs; here the decision alone): the last level unless a smaller budget's graph is faster by more
+    than the tolerance in both halves of the rounds; a graph shared by several levels is timed once and
+    runs as the largest of them; the FP32 level is never a candidate."""
+    from apsq_ov.calibrate import ondevice
+    from apsq_ov.package import Level
+
+    int8, fp32 = OpChoice(Precision.INT8, Precision.INT8), OpChoice(Precision.FP32, Precision.FP32)
+    none, some, every = {"a": fp32, "b": fp32}, {"a": int8, "b": fp32}, {"a": int8, "b": int8}
+    rounds: dict[str, list[float]] = {}
+    timed: list[list[dict]] = []
+
+    def scripted(mixes, routes, x, runs):
+        timed.append(mixes)
+        return [rounds["some" if m == some else "every" if m == every else "none"] for m in mixes]
+
+    monkeypatch.setattr(ondevice, "time_mixes", scripted)
+
+    def pick(*dial: dict) -> tuple[int, dict]:
+        levels = [Level(d, c, 1.0, d, "x") for d, c in zip((0.0, 0.01, 0.1, 1.0), dial, strict=True)]
+        return ondevice.fastest_route(levels, None, [], runs=40)  # type: ignore[arg-type]
+
+    rounds |= {"none": [0.1] * 40, "some": [1.0] * 40, "every": [1.2] * 40}
+    k, report = pick(none, some, every, every)
+    assert k == 1 and report["level"] == 1 and report["measured"]
+    assert timed[-1] == [some, every]  # FP32 never timed; levels 0.1 and 1 share one graph, timed once
+    assert report["median_ms"] == {"0.01": 1.0, "0.1": 1.2}
+    rounds["some"] = [1.0, 1.2] * 20  # faster in the even rounds only: drift, not the graph
+    assert pick(none, some, every, every)[0] == 3
+    rounds["some"] = [1.19] * 40  # within the tolerance of the last level
+    assert pick(none, some, every, every)[0] == 3
+    rounds |= {"some": [1.2] * 40, "every": [1.0] * 40}  # the last level's graph is the fastest
+    assert pick(none, some, every, every)[0] == 3
+    assert pick(none, every, every, some)[0] == 2  # a smaller budget's shared graph: its largest level
+    calls = len(timed)
+    k, report = pick(none, every, every, every)
+    assert k == 3 and not report["measured"] and len(timed) == calls  # one graph: nothing to time
