@@ -532,8 +532,9 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
 def oracle_bound(pkg: Package, methods: Sequence[Method], reference: np.ndarray, labels: np.ndarray | None,
                  task: Task | None, key: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:  # fmt: skip
     """What a *perfect* router could reach with this package's static levels: each level as the fast route,
-    escalating exactly the inputs whose top-1 (at any position) differs from the precise level's — the
-    event the router is fitted to predict — to the precise level (the router's, else FP32). Every method
+    escalating exactly the inputs whose top-1 (at any position) differs from the precise level's — or, for a
+    package that judges a CTC output as text, whose decoded text differs: the event the router is fitted to
+    predict — to the precise level (the router's, else FP32). Every method
     saw every input, so each input is timed as the fast level's time + the router's (the never-escalating
     cascade's median over the fastest level's) + the precise level's on the inputs it escalates.
 
@@ -560,13 +561,13 @@ def oracle_bound(pkg: Package, methods: Sequence[Method], reference: np.ndarray,
         return np.stack(meth.outputs)[order], np.asarray(meth.ms)[order]
 
     y_p, ms_p = ordered(precise)
-    top_p = y_p.argmax(-1).reshape(len(y_p), -1)
+    top_p = y_p.argmax(-1)
     out = []
     for k, meth in enumerate(level_rows):
         if k == precise_k:
             continue
         y, ms = ordered(meth)
-        esc = (y.argmax(-1).reshape(len(y), -1) != top_p).any(1)
+        esc = np.array([m.decision.disagreement(a, b) > 0 for a, b in zip(y.argmax(-1), top_p, strict=True)])
         bound = Method(f"perfect router from apsq static mix {m.levels[k].max_drop:g}", "perfect-router bound",
                        meth.request, m.levels[k].max_drop)  # fmt: skip
         bound.outputs = list(np.where(esc.reshape((-1,) + (1,) * (y.ndim - 1)), y_p, y))
@@ -579,6 +580,7 @@ def oracle_bound(pkg: Package, methods: Sequence[Method], reference: np.ndarray,
     free = [o for o in out if not any(_dominates(r, o, key) for r in rivals)]
     winners = [o["name"] for o in free if any(_dominates(o, r, key) for r in rivals)]
     return {"rows": out, "router_ms": router_ms, "precise": precise.name,
+            "differs": "decoded text" if m.decision.sequence == "ctc" else "top-1",
             "undominated": [o["name"] for o in free], "winners": winners, "possible": bool(winners)}  # fmt: skip
 
 
@@ -690,7 +692,8 @@ def bound_lines(bound: dict[str, Any] | None, key: str) -> list[str]:
         verdict = "**would not hold** (points no rival dominates, but none dominating a rival)"
     else:
         verdict = "**would not hold** (a rival dominates every such point)"
-    return [f"Perfect-router bound (escalating exactly the inputs whose top-1 differs from {bound['precise']}'s, "
+    differs = bound.get("differs", "top-1")  # (older pareto.json: top-1)
+    return [f"Perfect-router bound (escalating exactly the inputs whose {differs} differs from {bound['precise']}'s, "
             f"router {bound['router_ms']:.3f} ms; FP32 agreement, not the label, is what a router predicts): "
             f"from the fastest start, apsq static mix {fast['max_drop']:g}, {_fmt_q(fast, key)} at "
             f"{fast['median_ms']:.3f} ms (mean {fast['mean_ms']:.3f}, {100 * fast['escalated']:.1f}% escalated); "

@@ -210,6 +210,13 @@ def calibrate(
                      "(default: the first). Give a detector's class scores, not its box regressions: a top-1 "
                      "over box coordinates means nothing."),  # fmt: skip
     ] = None,
+    ctc: Annotated[
+        bool | None,
+        typer.Option("--ctc/--no-ctc", help="Judge a (N, T, classes) output as a CTC path (class 0 the blank): "
+                     "every drop, the router's label and --max-drop count the character error rate of the greedy "
+                     "decode against FP32's text, not the time steps whose top-1 moved (most are blanks and "
+                     "repeats). Default: on where the calibration labels are CTC label rows (N, L)."),  # fmt: skip
+    ] = None,
 ) -> None:
     """Score, build and package an adaptive model: MODEL + --data -> OUT_DIR (model.xml/.bin + apsq.json).
 
@@ -241,6 +248,7 @@ def calibrate(
         activation_ranges=activation_ranges,
         class_axis=class_axis,
         judged_output=judged_output,
+        ctc=ctc,
     )
     target = out_dir or model.with_suffix(".apsq")
     _warn_foreign_profile(device, profile)
@@ -256,7 +264,7 @@ def calibrate(
         table.add_row(escape(op.name), op.type, f"{op.score:.2e}", *drops)
     out.print(table)
     out.print(f"{len(m.ops)} routable ops, default max-drop {m.default_max_drop}, {time.perf_counter() - t0:.1f} s")
-    out.print(f"drops compare {_decision_text(m)} with FP32's (--judged-output, --class-axis)")
+    out.print(f"drops compare {_decision_text(m)} with FP32's (--judged-output, --class-axis, --ctc)")
     if "activation_ranges_nmse" in m.calibration:
         nmse = ", ".join(f"{k} {v:.3g}" for k, v in m.calibration["activation_ranges_nmse"].items())
         out.print(f"INT8 activation ranges: {m.calibration['activation_ranges']} (judged output's NMSE vs FP32 on "
@@ -285,6 +293,8 @@ def _decision_text(m: Manifest) -> str:
     """What a drop counts: top-1 flips over which axis of which output (or binary decisions)."""
     d, name = m.decision, escape(m.judged_output)
     axis = "the last axis" if d.class_axis == -1 else f"axis {d.class_axis}"
+    if d.sequence == "ctc":
+        return f"the text {name} decodes to (greedy CTC; character error rate)"
     if d.binary is None:
         return f"the top-1 over {axis} of {name}"
     rule = "> 0.5" if d.binary == "probability" else "> 0 (a logit)"

@@ -210,7 +210,8 @@ def measure(case: Case, work: Path) -> dict[str, Any]:
         x = z["images"] if "images" in z.files else z["inputs"]
     np.save(work / "held.npy", x[held])
 
-    # The independent check through the CLI, op by op (INT8): top-1 disagreement on the held-out split.
+    # The independent check through the CLI, op by op (INT8): top-1 disagreement on the held-out split (for
+    # a package that judges a CTC output as text, each line's CER of the decode against FP32's decode).
     ref = run_cli(pkg.path, work / "held.npy", work / "ref.npz", None, work)
     out_name = m.outputs[0]
     check = {}
@@ -218,9 +219,15 @@ def measure(case: Case, work: Path) -> dict[str, Any]:
     with console.status(f"independent check: {len(int8_ops)} CLI runs"):
         for op in int8_ops:
             got = run_cli(pkg.path, work / "held.npy", work / "pin.npz", {op.name: "int8"}, work)
-            a = got[out_name].argmax(-1).reshape(len(held), -1)
-            b = ref[out_name].argmax(-1).reshape(len(held), -1)
-            check[op.name] = (float(np.mean(a != b)), op.drops[Precision.INT8])
+            if m.decision.sequence == "ctc":
+                g, r = got[out_name], ref[out_name]
+                mine = float(np.mean([cer(ctc_greedy_decode(g[i], case.charset), ctc_greedy_decode(r[i], case.charset))
+                                      for i in range(len(held))]))  # fmt: skip
+            else:
+                a = got[out_name].argmax(-1).reshape(len(held), -1)
+                b = ref[out_name].argmax(-1).reshape(len(held), -1)
+                mine = float(np.mean(a != b))
+            check[op.name] = (mine, op.drops[Precision.INT8])
     worst = max(abs(a - b) for a, b in check.values())
 
     # The held-out split's drops (the report's figures) against the score, INT8 and BF16.

@@ -229,7 +229,7 @@ def builds_from_nncf(
 
     Such a body quantizes more than the per-op variants of the fully routed IR calibration measures with
     (NNCF's FakeQuantizes on residual adds and pools too), so its drop is measured on the body itself
-    (``calibrate.pipeline.joint_losses``): on PP-OCRv4 rec's fastest level the body flipped 7.1% of the
+    (``calibrate.drops.joint_losses``): on PP-OCRv4 rec's fastest level the body flipped 7.1% of the
     positions on the calibration lines, the same choices pinned in the fully routed IR 4.3%."""
     base = {u.name: u for u in find_routable_ops(fp32_model, q_model, q4_model)}
     return _nncf_fp32_ops(base, q_model, variants, level) is not None

@@ -9,7 +9,8 @@ Where it sits in the data flow: the entry point of ``calibrate/`` (``apsq-ov cal
 3. build the adaptive IR (:mod:`.variants`) and compile it once: lowering one op is a state write;
 4. score every routable op on the *scoring split* (:mod:`.sensitivity`);
 5. measure each op's *isolated loss* (only that op lowered, every other op fp32) on a disjoint
-   *held-out split*: the ground truth the report compares scores with, and the drops the policy budgets;
+   *held-out split*: the ground truth the report compares scores with, and the drops the policy budgets
+   (:mod:`.drops`: what a drop is and how it is measured);
 6. select the dial's levels (:mod:`.selection`), each fitted to its drop measured with all its ops
    lowered together on the held-out split; where the package's device is this one, time the fastest
    level, put back at FP32 the ops it runs as fast at FP32 where that measurably helps, and time which
@@ -30,8 +31,6 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from apsq_ov.async_queue import AdaptiveAsyncInferQueue
-from apsq_ov.datasets import ctc_error_rate
 from apsq_ov.decisions import Decision, decide, output_index
 from apsq_ov.errors import CalibrationError, ConfigError, ModelError, UnsupportedPrecisionError
 from apsq_ov.inputs import Samples, input_specs, load_arrays, match_inputs, static_shapes
@@ -49,8 +48,9 @@ from apsq_ov.package import (
 from apsq_ov.precision import Precision
 from apsq_ov.profiles import DeviceProfile, load_profile
 from apsq_ov.routing import check_max_drop, choose_body, level_for
-from apsq_ov.runtime import AdaptiveCompiledModel, AdaptiveInferRequest, compile_adaptive
+from apsq_ov.runtime import compile_adaptive
 
+from .drops import CTC_DROP_METRIC, DROP_METRIC, isolated_losses, joint_losses
 from .levels import build_package_model
 from .ondevice import Routes, check_fastest, fastest_route, refine_fast_route, runs_here, time_bodies
 from .quantize import (
@@ -62,7 +62,6 @@ from .quantize import (
 )
 from .router import (
     CALIBRATION_SHIFTS,
-    as_probabilities,
     cascade_budgets,
     cascade_points,
     collect_fit_data,
@@ -87,7 +86,6 @@ Progress = Callable[[str, int, int], None]
 
 MACS_PER_PASS = 32.0
 """The router's in-graph cost model: one element pass of a reduction ≈ this many MACs of the route."""
-DROP_METRIC = "1 - top-1 agreement with FP32 (argmax over the judged output's class axis: 'decision'), held-out split"
 _BUILDABLE = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8, Precision.INT4)
 
 
@@ -124,6 +122,9 @@ class CalibrationConfig:
         (:mod:`apsq_ov.decisions`).
     :param judged_output: the output every drop, the router and the scores judge: one of its tensor names,
         or its index (``None``: the first) — a detector's class scores rather than its box regressions.
+    :param ctc: judge a ``(N, T, classes)`` judged output as a CTC path: every drop is the character error
+        rate of its greedy decode against FP32's, not the fraction of time steps whose top-1 moved
+        (:mod:`apsq_ov.decisions`). ``None``: where the calibration labels are CTC label rows.
     """
 
     device: str = "CPU"
@@ -146,6 +147,7 @@ class CalibrationConfig:
     activation_ranges: str = "auto"
     class_axis: int | None = None
     judged_output: str | None = None
+    ctc: bool | None = None
 
     def __post_init__(self) -> None:
         check_max_drop(self.max_drop)
@@ -263,6 +265,7 @@ def calibrate_model(
 
     decision = _decision(model, batches(order[: min(len(order), 16)]), config.class_axis,
                          config.judged_output)  # before NNCF: fail fast  # fmt: skip
+    decision = _sequence(decision, model, samples.labels, config.ctc)
     # Scoring and ground truth use disjoint splits of the calibration data when there is enough
     # of it (the score is judged on data it never saw); both may use more than NNCF's subset.
     sens_idx, drop_idx = _splits(order, config.sensitivity_samples, config.drop_samples)
@@ -344,7 +347,7 @@ def calibrate_model(
             "quantizer": settings.description if settings is not None else None,
             "bias_correction": config.bias_correction,
             **(ranges or {}),
-            "drop_metric": DROP_METRIC,
+            "drop_metric": CTC_DROP_METRIC if decision.sequence == "ctc" else DROP_METRIC,
             "drop_samples": int(len(drop_idx) * batch),
             "sensitivity_samples": int(len(sens_idx) * batch),
             "drops_held_out": not set(sens_idx.tolist()) & set(drop_idx.tolist()),
@@ -398,7 +401,7 @@ def calibrate_model(
     for op in manifest.ops:
         for p, loss in ground_truth[op.name].items():
             op.quality[p] = loss
-            op.drops[p] = loss["top1"]
+            op.drops[p] = loss[decision.drop_key]
     # Selection: which variant each op runs at each level of the dial, which ops are routed per input.
     unit_by_name = {u.name: u for u in units}
     escalated = _escalations(fp32_model, [u for u in units if u.name in by_name], batches(drop_idx))
@@ -582,34 +585,6 @@ def _escalations(fp32_model: ov.Model, units: list[RoutableOp], data: list[list[
     return {u.name: seen[:, j] > float(limits[u.name] or 0.0) for j, u in enumerate(checked)}
 
 
-@dataclass(frozen=True)
-class Reference:
-    """The all-FP32 run every isolated job is compared to, with what :func:`quality_loss` needs of it
-    computed once (its probabilities, their Σ p·log p, top-1, energy and task metric), not per job."""
-
-    outputs: list[np.ndarray]
-    labels: list[np.ndarray] | None
-    probs: list[np.ndarray]
-    p_log_p: list[np.ndarray]
-    top1: list[np.ndarray]
-    energy: float
-    task_value: float | None
-    """FP32's task metric when labels exist: accuracy (classifier) or CER (CTC sequence output)."""
-
-    @classmethod
-    def of(cls, outputs: list[np.ndarray], labels: list[np.ndarray] | None) -> Reference:
-        probs = [as_probabilities(r) for r in outputs]
-        task_value = None
-        if labels is not None and all(np.asarray(o).ndim == 2 for o in outputs):
-            y = np.concatenate([np.asarray(lab).reshape(-1) for lab in labels])
-            task_value = float(np.mean(np.concatenate([top1_of(r) for r in outputs]) == y))
-        elif labels is not None and _is_ctc(outputs, labels):
-            task_value = ctc_error_rate(outputs, labels)
-        return cls(outputs, labels, probs, [np.sum(pr * np.log(pr), axis=-1) for pr in probs],
-                   [top1_of(r) for r in outputs], sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in outputs),
-                   task_value)  # fmt: skip
-
-
 def _decision(
     model: ov.Model, data: list[list[np.ndarray]], class_axis: int | None, judged: str | None = None
 ) -> Decision:
@@ -626,163 +601,20 @@ def _decision(
     return replace(decision, output=k)
 
 
-def _is_ctc(outputs: list[np.ndarray], labels: list[np.ndarray]) -> bool:
-    return all(np.asarray(o).ndim == 3 and np.ndim(lab) == 2 for o, lab in zip(outputs, labels, strict=True))
+def _sequence(decision: Decision, model: ov.Model, labels: np.ndarray | None, ctc: bool | None) -> Decision:
+    """``decision`` reading its output as a CTC path where ``ctc`` says so, or (``None``) where the labels
+    are CTC label rows ``(N, L)`` of integers for a ``(N, T, classes)`` judged output.
 
-
-def quality_loss(outputs: list[np.ndarray], reference: Reference) -> dict:
-    """Loss of ``outputs`` vs the FP32 ``reference`` (the judged output, one array per sample).
-
-    ``top1``: fraction of positions whose argmax (last axis) differs; ``kl``: mean KL(ref ‖ out) over
-    positions; ``nmse``: ``Σ‖out − ref‖² / Σ‖ref‖²``. With labels, ``task``, the task metric's loss: for a
-    classifier output ``(batch, classes)`` with a class per sample, ``accuracy`` = FP32 accuracy minus this
-    accuracy; for a CTC sequence output ``(batch, T, classes)`` with ``(batch, L)`` label indices (−1 pads;
-    blank = class 0), ``cer`` = this character error rate of the greedy decode minus FP32's.
-    """
-    ref, labels = reference.outputs, reference.labels
-    top1 = np.mean([np.mean(top1_of(o) != r) for o, r in zip(outputs, reference.top1, strict=True)])
-    kl = np.mean(
-        [
-            np.mean(plogp - np.sum(pr * np.log(as_probabilities(o)), axis=-1))
-            for o, pr, plogp in zip(outputs, reference.probs, reference.p_log_p, strict=True)
-        ]
-    )
-    num = sum(float(np.sum((np.asarray(o, np.float64) - r) ** 2)) for o, r in zip(outputs, ref, strict=True))
-    loss = {"top1": float(top1), "kl": float(kl), "nmse": num / max(reference.energy, 1e-30)}
-    if reference.task_value is None or labels is None:
-        return loss
-    if all(np.asarray(o).ndim == 2 for o in outputs):
-        y = np.concatenate([np.asarray(lab).reshape(-1) for lab in labels])
-        acc = np.mean(np.concatenate([top1_of(o) for o in outputs]) == y)
-        loss["accuracy"] = loss["task"] = float(reference.task_value - acc)
-    elif _is_ctc(outputs, labels):
-        loss["cer"] = loss["task"] = ctc_error_rate(outputs, labels) - reference.task_value
-    return loss
-
-
-def top1_of(output: np.ndarray) -> np.ndarray:
-    """Argmax over the last axis (class, or class per position for sequence outputs)."""
-    return np.asarray(output).argmax(axis=-1).reshape(-1)
-
-
-class PinnedRuns:
-    """Run ``data`` through ``model`` with some ops pinned to a precision and every other op FP32, by
-    writing request state only, on an :class:`AdaptiveAsyncInferQueue` of ``model``'s optimal number of
-    requests. Calling it returns the judged output of each sample (read as class scores), in order."""
-
-    def __init__(self, model: AdaptiveCompiledModel, data: list[list[np.ndarray]]) -> None:
-        self.data = data
-        self._outputs: list[np.ndarray | None] = [None] * len(data)
-        self._queue = AdaptiveAsyncInferQueue(model)
-        self._queue.set_callback(self._keep)
-        self._decision = model.manifest.decision
-
-    def _keep(self, request: AdaptiveInferRequest, i: int) -> None:
-        d = self._decision
-        self._outputs[i] = d.scores(d.pick(request.get_result()))  # copied out of the request
-
-    def __call__(self, pin: Mapping[str, Precision] | None) -> list[np.ndarray]:
-        for i, x in enumerate(self.data):
-            self._queue.start_async(x, i, precision=Precision.FP32, precision_map=pin)
-        self._queue.wait_all()
-        return list(self._outputs)  # type: ignore[arg-type]
-
-
-def isolated_losses(
-    model: AdaptiveCompiledModel,
-    ops_: list[OpRecord],
-    data: list[list[np.ndarray]],
-    labels: list[np.ndarray] | None,
-    progress: Callable[[int, int], None] | None,
-    per_sample: dict[tuple[str, Precision], np.ndarray] | None = None,
-) -> dict[str, dict[Precision, dict[str, float]]]:
-    """Loss of every (op, lower precision) with that op alone lowered and every other op fp32
-    (:func:`quality_loss` against the all-fp32 route), on :class:`PinnedRuns`.
-
-    :param per_sample: if given, filled with each job's per-sample top-1 disagreement (fraction of positions).
-    """
-    jobs = [(op, p) for op in ops_ for p in op.variants if p is not Precision.FP32]
-    total = len(data) * (1 + len(jobs))
-    runs = PinnedRuns(model, data)
-    if progress:
-        progress(0, total)  # the phase starts now (a job's progress lands when all its samples have run)
-    reference = Reference.of(runs(None), labels)
-    if progress:
-        progress(len(data), total)
-    losses: dict[str, dict[Precision, dict[str, float]]] = {op.name: {} for op in ops_}
-    for k, (op, p) in enumerate(jobs):
-        lowered = runs({op.name: p})
-        if progress:
-            progress(len(data) * (k + 2), total)
-        losses[op.name][p] = quality_loss(lowered, reference)
-        if per_sample is not None:
-            per_sample[(op.name, p)] = np.array(
-                [np.mean(top1_of(o) != r) for o, r in zip(lowered, reference.top1, strict=True)]
-            )
-    return losses
-
-
-def joint_losses(
-    model: AdaptiveCompiledModel, data: list[list[np.ndarray]], routes: Routes | None = None
-) -> Callable[[Mapping[str, OpChoice]], np.ndarray]:
-    """``losses(choices)``: each sample's top-1 disagreement with FP32 (the fraction of its positions whose
-    argmax differs; their mean is :func:`quality_loss`'s ``top1``) on ``data`` with every op at its choice
-    together (routed ops at their fast variant, which never escalates: an upper bound of what routing
-    loses) — how the selection checks a level (:func:`select_levels`) and the refinement a fast route; each
-    distinct set of choices runs once.
-
-    A mix the package builds from NNCF's INT8 graph (``routes`` given, :func:`~.levels.builds_from_nncf`)
-    runs as that body, compiled on its own: it quantizes more than the fully routed IR's per-op variants.
-    Any other mix runs on ``model`` with its ops pinned (a state write, no compile)."""
-    runs = PinnedRuns(model, data)
-    reference = Reference.of(runs(None), None)
-    done: dict[frozenset[tuple[str, Precision]], np.ndarray] = {}  # a graph's outputs are deterministic
-    served: dict[frozenset[tuple[str, OpChoice]], np.ndarray] = {}
-
-    def disagreement(outputs: list[np.ndarray]) -> np.ndarray:
-        return np.array([np.mean(top1_of(o) != r) for o, r in zip(outputs, reference.top1, strict=True)])
-
-    def losses(choices: Mapping[str, OpChoice]) -> np.ndarray:
-        pin = {n: c.fast for n, c in choices.items() if c.fast is not Precision.FP32}
-        if not pin:
-            return np.zeros(len(data))
-        if routes is not None and routes.from_nncf(dict(choices)):
-            key = frozenset(choices.items())
-            if key not in served:
-                served[key] = disagreement(served_runs(model, routes, dict(choices), data))
-            return served[key]
-        pinned = frozenset(pin.items())
-        if pinned not in done:
-            done[pinned] = disagreement(runs(pin))
-        return done[pinned]
-
-    return losses
-
-
-def served_runs(
-    model: AdaptiveCompiledModel, routes: Routes, choices: dict[str, OpChoice], data: list[list[np.ndarray]]
-) -> list[np.ndarray]:
-    """The judged output of each sample of ``data`` (read as class scores) through the level body of
-    ``choices`` compiled on its own, on ``model``'s device with its config, one request per stream as
-    :class:`PinnedRuns` runs. Routed ops run their fast variant (the range check off, as when pinned)."""
-    routed = any(c.routed for c in choices.values())
-    esc = [ops.parameter([], np.float32, name="escalate")] if routed else []
-    body, _ = routes.body(choices, "apsq/measure", esc)
-    compiled = ov.Core().compile_model(body, model.device, {**model.manifest.profile.compile_config,
-                                                           "PERFORMANCE_HINT": "THROUGHPUT"})  # fmt: skip
-    decision, n_out = model.manifest.decision, len(body.outputs) - 1  # the body's last output is its route
-    outputs: list[np.ndarray | None] = [None] * len(data)
-
-    def keep(request: ov.InferRequest, i: int) -> None:
-        outputs[i] = decision.scores(decision.pick([request.get_output_tensor(k).data for k in range(n_out)])).copy()
-
-    queue = ov.AsyncInferQueue(compiled)
-    queue.set_callback(keep)
-    extra = [np.array(NEVER, np.float32)] if routed else []  # the escalate scale: no input leaves the range
-    for i, x in enumerate(data):
-        queue.start_async([*x, *extra], i)
-    queue.wait_all()
-    return outputs  # type: ignore[return-value]
+    :raises ConfigError: ``ctc`` for a judged output that is not ``(batch, time, classes)``."""
+    rank = len(model.outputs[decision.output].get_partial_shape())
+    if ctc is None:
+        ctc = labels is not None and np.ndim(labels) == 2 and np.asarray(labels).dtype.kind in "iu" and rank == 3
+    if not ctc:
+        return decision
+    if rank != 3 or not decision.identity:
+        raise ConfigError(f"--ctc: the judged output (output {decision.output}) must be (batch, time, classes) with "
+                          f"the classes last; it has rank {rank}")  # fmt: skip
+    return replace(decision, sequence="ctc")
 
 
 __all__ = ["CalibrationConfig", "calibrate", "calibrate_model", "read_model", "sample_order"]

@@ -272,7 +272,7 @@ class FitData:
     """(rows, candidates) raw feature values"""
     keys: list[tuple[Feature, str | None]]
     flip: np.ndarray
-    """fast route top-1 ≠ FP32 top-1 (at any position)"""
+    """fast route top-1 ≠ FP32 top-1 (at any position; a CTC sequence: its decoded text differs)"""
     sample: np.ndarray
     """source calibration sample of each row"""
     shift: np.ndarray
@@ -282,7 +282,10 @@ class FitData:
     elements: dict[str, int]
     """elements of each candidate op's input"""
     weight: np.ndarray | None = None
-    """fraction of the output's positions whose top-1 differs (the levels' drop metric); ``None``: ``flip``"""
+    """fraction of the output's positions whose top-1 differs, or a CTC decode's CER against FP32's (the
+    levels' drop metric, :meth:`Decision.disagreement`); ``None``: ``flip``"""
+    label: str | None = None
+    """what ``loss`` is, where not :data:`LABEL` / :data:`LABEL_POSITIONS` (a CTC sequence: :data:`LABEL_TEXT`)"""
 
     @property
     def loss(self) -> np.ndarray:
@@ -328,6 +331,7 @@ def select_terms(
 LABEL = "fast route top-1 differs from FP32 top-1"
 LABEL_POSITIONS = ("fraction of output positions whose fast-route top-1 differs from FP32's (soft label; the levels' "
                    "drop metric)")  # fmt: skip
+LABEL_TEXT = "CER of the fast route's greedy CTC decode against FP32's (soft label; the levels' drop metric)"
 
 CONFIDENCE = 0.9
 """A cascade point's τ keeps the disagreement it leaves within max_drop with this one-sided confidence
@@ -386,7 +390,8 @@ def fit_router(
     w, b = _logistic(X[fit][:, chosen], y[fit])
     risk = X[:, chosen] @ w + b
     quality: dict[str, Any] = {
-        "label": LABEL if data.weight is None or np.array_equal(data.loss, data.flip) else LABEL_POSITIONS,
+        "label": data.label
+        or (LABEL if data.weight is None or np.array_equal(data.loss, data.flip) else LABEL_POSITIONS),
         "rows_fit": int(fit.sum()),
         "rows_held_out": int(held.sum()),
         "flip_rate_fit": float(y[fit].mean()),
@@ -488,9 +493,9 @@ def collect_fit_data(
             out = fast.infer([*xs, *extra])
             y_fast = scores(out)
             raw.append([float(out[n_out + 1 + j]) for j in range(len(keys))])
-            differs = y_ref.argmax(-1) != y_fast.argmax(-1)
-            flip.append(bool(np.any(differs)))
-            weight.append(float(np.mean(differs)))
+            loss = decision.disagreement(y_fast.argmax(-1), y_ref.argmax(-1))  # the drop this sample adds
+            flip.append(loss > 0.0)
+            weight.append(loss)
             sample.append(s)
             shift.append(name)
             held.append(bool(held_out[s]))
@@ -500,6 +505,7 @@ def collect_fit_data(
     fit_data = FitData(
         raw=np.array(raw, np.float64), keys=keys, flip=np.array(flip), sample=np.array(sample),
         shift=np.array(shift), held_out=np.array(held), elements=dict(elements), weight=np.array(weight),
+        label=LABEL_TEXT if decision.sequence == "ctc" else None,
     )  # fmt: skip
     return fit_data, probabilities
 

@@ -201,3 +201,21 @@ def test_the_judged_output_of_a_two_headed_model(tmp_path):
     error = one_line_error(result)  # exit 1, one line
     assert "--judged-output classes: the model has no such output (outputs 0: boxes, 1: scores)" in error
     assert not (tmp_path / "b").exists()
+
+
+def test_a_ctc_sequence_is_judged_by_the_text_it_decodes_to():
+    """A CTC path's disagreement with FP32 is the character error rate of its greedy decode against FP32's:
+    moved blanks and repeats that decode to the same text cost nothing; a changed character costs
+    1 / FP32's text length; the batch is averaged. Classes keep the fraction of positions flipped."""
+    ctc, classes = Decision(sequence="ctc"), Decision()
+    ref = np.array([[1, 1, 0, 2, 0, 3]])  # reads 1 2 3
+    same_text = np.array([[1, 0, 0, 2, 2, 3]])  # 2 of 6 positions moved, same text
+    one_char = np.array([[1, 1, 0, 4, 0, 3]])  # reads 1 4 3
+    assert ctc.disagreement(same_text, ref) == 0.0 and classes.disagreement(same_text, ref) == pytest.approx(2 / 6)
+    assert ctc.disagreement(one_char, ref) == pytest.approx(1 / 3)
+    both = ctc.disagreement(np.concatenate([same_text, one_char]), np.concatenate([ref, ref]))
+    assert both == pytest.approx(1 / 6)
+    assert ctc.disagreement(np.array([[0, 5, 0]]), np.array([[0, 0, 0]])) == 1.0  # against an empty text
+    assert ctc.disagreement(np.array([[1, 0, 5, 6, 7]]), np.array([[1, 1, 0, 0, 0]])) == 1.0  # 3 edits of 1: at most 1
+    assert Decision.from_json(ctc.to_json()) == ctc and "sequence" not in classes.to_json()
+    assert ctc.drop_key == "text" and classes.drop_key == "top1"

@@ -135,10 +135,43 @@ def test_bench_reads_sequence_labels_as_one_minus_cer(ocr, tmp_path):
     rows = {r["name"]: r for r in doc["shifts"]["clean"]["rows"]}
     assert rows["apsq forced fp32 (every op behind an If)"]["task"] == pytest.approx(expect, abs=1e-9)
     bound = doc["shifts"]["clean"]["perfect_router"]
-    assert all(r["agreement"] == 1.0 for r in bound["rows"])  # the precise (FP32) level's top-1 everywhere
+    # The bound escalates the lines whose decoded text differs from the precise (FP32) level's: each of its
+    # rows then reads that level's text on every line, so its 1 − CER.
+    assert bound["differs"] == "decoded text"
+    assert all(r["task"] == pytest.approx(rows[bound["precise"]]["task"], abs=1e-12) for r in bound["rows"])
     # The table and the plots read the same field (a 1 − CER row has no "1 - CER" key).
     png = tmp_path / "ocr.png"
     shown = CliRunner().invoke(app, ["bench", str(ocr["pkg"].path), "--data", str(tmp_path / "test.npz"),
                                      "--compiles", "1", "--throughput-seconds", "0", "--plot", str(png)])  # fmt: skip
     assert shown.exit_code == 0, shown.output
     assert "perfect-router bound" in shown.output and png.is_file()
+
+
+def test_ctc_labels_make_every_drop_count_the_decoded_text(ocr):
+    """Calibrated with CTC label rows, the package judges its output as text: the decision reads
+    ``ctc``, and a mix's drop (:func:`joint_losses`, what the levels and the refinement fit) is each
+    line's CER of the greedy decode against FP32's decode — re-measured here through the runtime's
+    ``precision_map`` and decoded with the model's charset. Most moved time steps change no text."""
+    from apsq_ov.calibrate.drops import CTC_DROP_METRIC, joint_losses
+    from apsq_ov.package import OpChoice
+
+    m = ocr["pkg"].manifest
+    assert m.decision.sequence == "ctc" and m.calibration["drop_metric"] == CTC_DROP_METRIC
+    assert all(op.drops[p] == op.quality[p]["text"] for op in m.ops for p in op.drops)
+    model = apsq_ov.compile_model(ocr["pkg"].path)
+    lines = ocr["lines"][:8]
+    int8 = [op.name for op in m.ops if apsq_ov.Precision.INT8 in op.variants]
+    mix = {n: OpChoice(apsq_ov.Precision.INT8, apsq_ov.Precision.INT8) for n in int8}
+    got = joint_losses(model, [[lines[i : i + 1]] for i in range(len(lines))])(mix)
+    charset = _charset(ocr["onnx"])
+    request = model.create_infer_request()
+
+    def read(i: int, pin: dict[str, str] | None) -> np.ndarray:
+        return request.infer(lines[i : i + 1], precision="fp32", precision_map=pin)[0][0]
+
+    pin = dict.fromkeys(int8, "int8")
+    ref, low = [read(i, None) for i in range(len(lines))], [read(i, pin) for i in range(len(lines))]
+    want = [cer(ctc_greedy_decode(lo, charset), ctc_greedy_decode(r, charset)) for lo, r in zip(low, ref, strict=True)]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    moved = [float(np.mean(lo.argmax(-1) != r.argmax(-1))) for lo, r in zip(low, ref, strict=True)]
+    assert sum(moved) > sum(want)  # time steps moved that left the text as it was

@@ -353,10 +353,10 @@ def test_a_mix_cut_from_nncfs_graph_is_measured_on_that_body(tiny_files, monkeyp
     compiled on its own), not the mix pinned in the fully routed IR: its scores are that body's, compiled
     here independently, and differ from the pinned IR's; a mix built from the FP32 model is measured pinned."""
     import apsq_ov
-    from apsq_ov.calibrate import pipeline
+    from apsq_ov.calibrate import drops
+    from apsq_ov.calibrate.drops import PinnedRuns, joint_losses, served_runs, top1_of
     from apsq_ov.calibrate.levels import builds_from_nncf, level_body
     from apsq_ov.calibrate.ondevice import Routes
-    from apsq_ov.calibrate.pipeline import PinnedRuns, joint_losses, served_runs, top1_of
 
     compiled = apsq_ov.compile_model(tiny_files["package"], "CPU", F32)  # its full body: the pinned IR
     model = conv_chain()
@@ -386,7 +386,7 @@ def test_a_mix_cut_from_nncfs_graph_is_measured_on_that_body(tiny_files, monkeyp
         calls.append(args[2])
         return served_runs(*args)
 
-    monkeypatch.setattr(pipeline, "served_runs", spy)
+    monkeypatch.setattr(drops, "served_runs", spy)
     losses = joint_losses(compiled, data, routes)
     served_drop = [np.mean(top1_of(g) != r) for g, r in zip(got, reference, strict=True)]
     np.testing.assert_array_equal(losses(nncf_mix), served_drop)
