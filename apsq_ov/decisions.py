@@ -31,8 +31,6 @@ from apsq_ov.errors import ConfigError
 
 BINARY = ("probability", "logit")
 """How a one-class axis holds its decision: a probability (class 1 where p > 0.5) or a logit (z > 0)."""
-SEQUENCES = ("ctc",)
-"""How per-position decisions read as one sequence: ``ctc``, a greedy CTC path (class 0 the blank)."""
 
 
 @dataclass(frozen=True)

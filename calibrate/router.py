@@ -290,7 +290,7 @@ class FitData:
     @property
     def loss(self) -> np.ndarray:
         """What the router predicts and a budget bounds, per row: the fraction of positions flipped (one
-        position: the flip itself)."""
+        position: the flip itself), or a CTC decode's CER against FP32's text."""
         return self.flip.astype(np.float64) if self.weight is None else np.asarray(self.weight, np.float64)
 
 
