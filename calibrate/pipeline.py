@@ -603,12 +603,14 @@ def _decision(
 
 def _sequence(decision: Decision, model: ov.Model, labels: np.ndarray | None, ctc: bool | None) -> Decision:
     """``decision`` reading its output as a CTC path where ``ctc`` says so, or (``None``) where the labels
-    are CTC label rows ``(N, L)`` of integers for a ``(N, T, classes)`` judged output.
+    are CTC label rows ``(N, L)`` of integers for a ``(N, T, classes)`` judged output with its classes last
+    (a per-position tagger with ``(N, T)`` labels wants ``--no-ctc``).
 
     :raises ConfigError: ``ctc`` for a judged output that is not ``(batch, time, classes)``."""
     rank = len(model.outputs[decision.output].get_partial_shape())
     if ctc is None:
-        ctc = labels is not None and np.ndim(labels) == 2 and np.asarray(labels).dtype.kind in "iu" and rank == 3
+        ctc = (labels is not None and np.ndim(labels) == 2 and np.asarray(labels).dtype.kind in "iu" and rank == 3
+               and decision.identity)  # fmt: skip
     if not ctc:
         return decision
     if rank != 3 or not decision.identity:

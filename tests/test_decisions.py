@@ -219,3 +219,13 @@ def test_a_ctc_sequence_is_judged_by_the_text_it_decodes_to():
     assert ctc.disagreement(np.array([[1, 0, 5, 6, 7]]), np.array([[1, 1, 0, 0, 0]])) == 1.0  # 3 edits of 1: at most 1
     assert Decision.from_json(ctc.to_json()) == ctc and "sequence" not in classes.to_json()
     assert ctc.drop_key == "text" and classes.drop_key == "top1"
+
+
+def test_ctc_on_an_output_that_is_no_sequence_is_a_one_line_error(tmp_path):
+    """``--ctc`` on a map output (rank 4) fails before NNCF runs, naming the flag and the rank; nothing is
+    written."""
+    model = save(conv_map(), tmp_path / "map.xml")
+    np.savez(tmp_path / "calib.npz", x=conv_chain_data(16))
+    with pytest.raises(ConfigError, match="--ctc: .*rank 4"):
+        calibrate(model, tmp_path / "calib.npz", tmp_path / "pkg", CalibrationConfig(ctc=True, class_axis=1))
+    assert not (tmp_path / "pkg").exists()
