@@ -77,7 +77,7 @@ def _is_ctc(outputs: list[np.ndarray], labels: list[np.ndarray]) -> bool:
     return all(np.asarray(o).ndim == 3 and np.ndim(lab) == 2 for o, lab in zip(outputs, labels, strict=True))
 
 
-def quality_loss(outputs: list[np.ndarray], reference: Reference) -> dict:
+def quality_loss(outputs: list[np.ndarray], reference: Reference, per_sample: np.ndarray | None = None) -> dict:
     """Loss of ``outputs`` vs the FP32 ``reference`` (the judged output, one array per sample).
 
     ``top1``: fraction of positions whose argmax (last axis) differs; ``kl``: mean KL(ref ‖ out) over
@@ -87,6 +87,9 @@ def quality_loss(outputs: list[np.ndarray], reference: Reference) -> dict:
     ``accuracy`` = FP32 accuracy minus this accuracy; for a CTC sequence output ``(batch, T, classes)`` with
     ``(batch, L)`` label indices (−1 pads; blank = class 0), ``cer`` = this character error rate of the
     greedy decode minus FP32's.
+
+    :param per_sample: ``reference.disagreement(outputs)`` where the caller has it already (a CTC decode's
+        edit distances are computed once per job).
     """
     ref, labels = reference.outputs, reference.labels
     top1 = np.mean([np.mean(np.asarray(o).argmax(-1) != r) for o, r in zip(outputs, reference.top1, strict=True)])
@@ -99,7 +102,7 @@ def quality_loss(outputs: list[np.ndarray], reference: Reference) -> dict:
     num = sum(float(np.sum((np.asarray(o, np.float64) - r) ** 2)) for o, r in zip(outputs, ref, strict=True))
     loss = {"top1": float(top1), "kl": float(kl), "nmse": num / max(reference.energy, 1e-30)}
     if reference.decision.sequence == "ctc":
-        loss["text"] = float(np.mean(reference.disagreement(outputs)))
+        loss["text"] = float(np.mean(reference.disagreement(outputs) if per_sample is None else per_sample))
     if reference.task_value is None or labels is None:
         return loss
     if all(np.asarray(o).ndim == 2 for o in outputs):
@@ -166,9 +169,10 @@ def isolated_losses(
         lowered = runs({op.name: p})
         if progress:
             progress(len(data) * (k + 2), total)
-        losses[op.name][p] = quality_loss(lowered, reference)
+        each = reference.disagreement(lowered)
+        losses[op.name][p] = quality_loss(lowered, reference, each)
         if per_sample is not None:
-            per_sample[(op.name, p)] = reference.disagreement(lowered)
+            per_sample[(op.name, p)] = each
     return losses
 
 
