@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import nncf
 import numpy as np
@@ -483,7 +484,8 @@ def test_refinement_keeps_an_op_that_helps_and_pins_it_fp32_in_every_level(monke
     measure given: only conv1 at FP32 removes the disagreement. The greedy keeps conv1 (a boundary op: it
     reads the model input), the samples that chose nothing confirm it, and conv1 becomes FP32 in every
     level with the fastest level's drop re-measured; a measure that no op changes keeps the levels as they
-    were. Timing is real but the tolerance is opened (a tiny graph's timing says nothing here)."""
+    were. Timing is real but its gate is opened (a tiny graph's timing says nothing here: on CI a 2-round
+    median of one candidate ran more than 11x the fastest level's, and a 10x tolerance dropped conv1)."""
     from apsq_ov.calibrate import ondevice
     from apsq_ov.package import Level, OpRecord
 
@@ -501,7 +503,7 @@ def test_refinement_keeps_an_op_that_helps_and_pins_it_fp32_in_every_level(monke
     costs = [OpCost(u.name, u.type, 1e6, 1e3, two, {Precision.INT8: np.full(40, 0.5)}) for u in units]
     records = [OpRecord(index=u.index, name=u.name, type=u.type, depth=u.index, variants=two,
                         sensitivity={"predicted": {"int8": 0.01}}) for u in units]  # fmt: skip
-    monkeypatch.setattr(ondevice, "REFINE_TOLERANCE", 10.0)
+    monkeypatch.setattr(ondevice, "REFINE_TOLERANCE", math.inf)
 
     def refine(losses):
         routes = ondevice.Routes(model, q, None, variants)
@@ -509,7 +511,7 @@ def test_refinement_keeps_an_op_that_helps_and_pins_it_fp32_in_every_level(monke
                                           routes, [data[:1]], losses, runs=4)  # fmt: skip
 
     out, report = refine(lambda c: np.full(40, 0.0 if c["conv1"].fast is Precision.FP32 else 1.0))
-    assert report["kept_fp32"] == ["conv1"] and report["p_value"] < ondevice.REFINE_ALPHA
+    assert report["kept_fp32"] == ["conv1"] and report["p_value"] < ondevice.REFINE_ALPHA, report
     assert all(lv.choices["conv1"] == fp32 for lv in out)
     assert out[-1].choices["conv2"] == out[-1].choices["fc"] == int8 and out[-1].measured_drop == 0.0
     assert out[0] is levels[0]  # conv1 was FP32 there already: unchanged
