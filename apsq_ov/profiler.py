@@ -632,11 +632,12 @@ def measure_profile(
     int8_hw = _int8_hardware(plugin, caps, flags)
     where = f"{device}, {cores} cores" if plugin == "CPU" else device
     measured_list = ", ".join(p.value for p in measured_precs)
+    hw = int8_hw if int8_hw.startswith("INT8") else f"INT8 hardware {int8_hw}"  # "INT8 without VNNI (…)" says it
     profile: dict[str, Any] = {
         "schema_version": PROFILE_SCHEMA_VERSION,
         "device": {
             "plugin": device,
-            "name": f"{full_name} ({where}; measured {measured_list}; INT8 hardware {int8_hw})",
+            "name": f"{full_name} ({where}; measured {measured_list}; {hw})",
             "identity": {
                 "full_device_name": full_name,
                 "device_architecture": str(_prop(core, device, "DEVICE_ARCHITECTURE", "")),

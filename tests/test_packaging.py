@@ -15,8 +15,8 @@ IMPORT_CHECK = """
 import sys, apsq_ov, apsq_ov.calibrate
 from apsq_ov.profiles import load_profile, shipped_profiles
 assert apsq_ov.embedded_model().is_file(), apsq_ov.embedded_model()
-assert shipped_profiles() == ['CPU', 'CPU.xeon-avx512fp16', 'GPU.core-ultra-arc', 'GPU.gen11',
-                            'GPU.gen12-iris-xe'], shipped_profiles()
+assert shipped_profiles() == ['CPU', 'CPU.epyc-avx2', 'CPU.xeon-avx512fp16', 'GPU.core-ultra-arc',
+                            'GPU.gen11', 'GPU.gen12-iris-xe'], shipped_profiles()
 assert load_profile('CPU').device == 'CPU'
 assert not {'nncf', 'typer', 'rich'} & set(sys.modules), 'import apsq_ov must stay lean'
 print(apsq_ov.calibrate.__file__)
@@ -31,6 +31,7 @@ def test_wheel_installs_and_imports(tmp_path):
         "apsq_ov/calibrate/pipeline.py",
         "apsq_ov/device_profiles/CPU.json",
         "apsq_ov/device_profiles/CPU.xeon-avx512fp16.json",
+        "apsq_ov/device_profiles/CPU.epyc-avx2.json",
         "apsq_ov/data/fmnist_resnet.xml",
         "apsq_ov/data/fmnist_resnet.bin",
         "apsq_ov/schemas/apsq.schema.json",
