@@ -20,7 +20,7 @@ import numpy as np
 import openvino as ov
 
 from apsq_ov import embedded_model
-from apsq_ov.bench import Method, measure
+from apsq_ov.bench import Method, hint_not_honoured, measure
 from apsq_ov.datasets import load_fashion_mnist
 from apsq_ov.package import NEVER
 
@@ -96,15 +96,13 @@ def run_demo(
     # The same, with the settings calibration gave NNCF (apsq-ov's INT8 route is this graph)
     settings = package_quantize_settings(m)
     int8_apsq = nncf.quantize(static.clone(), subset, subset_size=len(same_subset), **settings.kwargs)
+    bf16 = core.compile_model(static, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "bf16"})
     configs: list[tuple[str, Any]] = [
         (
             "OpenVINO FP32 (static)",
             core.compile_model(static, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "f32"}),
         ),
-        (
-            "OpenVINO BF16 (static)",
-            core.compile_model(static, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "bf16"}),
-        ),
+        ("OpenVINO BF16 (static)" + hint_not_honoured(bf16, "bf16"), bf16),
         ("NNCF INT8 (static, NNCF defaults)",
          core.compile_model(int8, "CPU", {**latency_cfg, "INFERENCE_PRECISION_HINT": "f32"})),
         (f"NNCF INT8 (static; {settings.description[settings.description.index('(') + 1 : -1]})",

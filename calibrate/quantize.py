@@ -83,6 +83,7 @@ def quantize_settings(
     if advanced:
         kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(**advanced)
     hw = host_int8_hardware if saturates and host_int8_hardware is not None else profile.int8_hardware
+    hw = "pre-VNNI" if hw.startswith("INT8 without VNNI") else hw  # the profile's "INT8 without VNNI (…)"
     fix = f"first-layer overflow fix ({hw} INT8)" if saturates else f"no overflow fix ({hw} INT8)"
     return QuantizeSettings(
         kwargs,

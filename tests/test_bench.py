@@ -153,3 +153,20 @@ def test_throughput_table_groups_budgets_that_run_the_same_body():
     cells = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]] for ln in lines}
     assert cells == {"OpenVINO FP32": ["200", "", ""], "apsq adaptive 0 / 0.001": ["210", "", "215"],
                      "apsq adaptive 0.05": ["480", "490", "495"]}  # fmt: skip
+
+
+def test_a_bf16_row_says_when_the_cpu_runs_it_f32(tiny_files):
+    """OpenVINO drops a bf16 hint silently on a CPU without BF16 (an AVX2-only EPYC): the method's name says
+    it runs f32 there, and its outputs are FP32's to the bit; where BF16 is exposed, the name is as given."""
+    core = ov.Core()
+    model = core.read_model(tiny_files["model"])
+    bf16 = plain_method("BF16", "baseline", model, "bf16", core=core)
+    fp32 = plain_method("FP32", "baseline", model, "f32", core=core)
+    x = conv_chain_data(8, seed=2)
+    measure([bf16, fp32], x)
+    same = all(np.array_equal(a, b) for a, b in zip(bf16.outputs, fp32.outputs, strict=True))
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert bf16.name == "BF16" and not same
+    else:
+        assert bf16.name == "BF16 — runs f32: this CPU exposes no BF16" and same
+    assert fp32.name == "FP32"

@@ -141,7 +141,8 @@ def test_quantize_settings_follow_the_profiles_int8_hardware():
     old = quantize_settings(dataclasses.replace(cpu, int8_hardware="INT8 without VNNI (no vnni flag in /proc/cpuinfo)"),
                             "fast")  # fmt: skip
     assert old.kwargs == {"fast_bias_correction": True}
-    assert "first-layer overflow fix" in old.description and "fast bias correction" in old.description
+    assert "first-layer overflow fix (pre-VNNI INT8)" in old.description and "fast bias correction" in old.description
+    assert quantize_settings(load_profile(path="CPU.epyc-avx2")).description == old.description.replace("fast", "full")
     host = quantize_settings(cpu, host_int8_hardware="INT8 without VNNI (no vnni flag in /proc/cpuinfo)")
     assert "advanced_parameters" not in host.kwargs  # a VNNI profile, calibrated for a CPU without VNNI
     assert "advanced_parameters" in quantize_settings(cpu, host_int8_hardware="AMX").kwargs
