@@ -485,8 +485,9 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
     runs: dict[str, list[Callable[[float], float]]] = {}
     for name, _, m, hint in plain:
         cfg = {**THROUGHPUT, "INFERENCE_PRECISION_HINT": hint}
-        queues = [_queue(core.compile_model(m, "CPU", cfg), None) for _ in range(k)]
-        runs[name] = [functools.partial(_queue_rate, q, x) for q in queues]
+        compiled = [core.compile_model(m, "CPU", cfg) for _ in range(k)]
+        runs[name + hint_not_honoured(compiled[0], hint)] = [functools.partial(_queue_rate, _queue(c, None), x)
+                                                             for c in compiled]  # fmt: skip
     man = pkg.manifest
     batch = ESCALATION_BATCH if man.router is not None else 0
     copies = [compile_model(pkg, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}, core=core, standalone="all",

@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import apsq_ov
-from apsq_ov.bench import Method, measure
+from apsq_ov.bench import Method, hint_not_honoured, measure
 from apsq_ov.calibrate import CalibrationConfig, calibrate
 from apsq_ov.calibrate.router import as_probabilities, risk_model
 from apsq_ov.datasets import load_fashion_mnist, shift
@@ -125,7 +125,7 @@ def plain_configs(model: ov.Model, q_model: ov.Model) -> list[Method]:
     for name, m, hint in (("OpenVINO FP32", model, "f32"), ("OpenVINO BF16 (bf16 hint)", model, "bf16"),
                           ("NNCF INT8 (nncf.quantize)", q_model, "f32")):  # fmt: skip
         compiled = core.compile_model(m, "CPU", {**LATENCY, "INFERENCE_PRECISION_HINT": hint})
-        out.append(Method(name, "plain", compiled.create_infer_request()))
+        out.append(Method(name + hint_not_honoured(compiled, hint), "plain", compiled.create_infer_request()))
     return out
 
 

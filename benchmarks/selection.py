@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from selection_report import ALL_PRECISIONS, int4_findings, level_summary, print_levels, write  # noqa: E402
 
 import apsq_ov  # noqa: E402
-from apsq_ov.bench import LATENCY  # noqa: E402
+from apsq_ov.bench import LATENCY, hint_not_honoured  # noqa: E402
 from apsq_ov.calibrate import CalibrationConfig, calibrate  # noqa: E402
 from apsq_ov.precision import Precision  # noqa: E402
 
@@ -210,7 +210,7 @@ def plain_config(core: ov.Core, name: str, model: ov.Model | Path, hint: str, x:
     def run(crop: np.ndarray) -> tuple[np.ndarray, None]:
         return quality.infer([crop[None]])[0].copy(), None
 
-    return Config(name, "plain", timed, run, note=f"{hint} hint")
+    return Config(name, "plain", timed, run, note=f"{hint} hint{hint_not_honoured(compiled, hint)}")
 
 
 def package_configs(
