@@ -1,0 +1,115 @@
+"""What the escalation cascade costs when it escalates nothing: the router's nodes and its ``If``.
+
+For the Fashion-MNIST package ``benchmarks/pareto.py`` calibrated (``results/.cache/pareto/fmnist.apsq``),
+one process, 1 thread, f32 hint, LATENCY hint, interleaved rounds of 200 test images, median of round
+medians and of each half of the rounds (DESIGN.md §5); τ is set so that no input escalates (the path
+nearly every input takes):
+
+* the cascade body as the runtime compiles it (:func:`apsq_ov.bodies.standalone_bodies`; τ a
+  ReadValue state, as every request carries it);
+* the same body with τ folded into a constant (no state: what a deployment serving one budget could
+  compile);
+* the static level the cascade runs on (its fast route alone, no router).
+
+Writes ``benchmarks/results/cascade_overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import apsq_ov  # noqa: E402
+from apsq_ov.bench import LATENCY, host_cpu  # noqa: E402
+from apsq_ov.bodies import split_constant_route, standalone_bodies  # noqa: E402
+from apsq_ov.datasets import load_fashion_mnist  # noqa: E402
+from apsq_ov.package import TAU_STATE  # noqa: E402
+
+RESULTS = HERE / "results"
+NEVER = 1e9  # a τ no risk reaches
+
+
+def fold_states(model: ov.Model) -> ov.Model:
+    """``model`` with every ReadValue replaced by a constant :data:`NEVER` and its variables dropped."""
+    for node in model.get_ordered_ops():
+        if node.get_type_name() == "ReadValue":
+            const = ops.constant(np.full(tuple(node.get_output_partial_shape(0).to_shape()), NEVER, np.float32))
+            for target in list(node.output(0).get_target_inputs()):
+                if target.get_node().get_type_name() != "Assign":
+                    target.replace_source_output(const.output(0))
+    for sink in list(model.get_sinks()):
+        model.remove_sink(sink)
+    for var in list(model.get_variables()):
+        model.remove_variable(var)
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--package", type=Path, default=RESULTS / ".cache" / "pareto" / "fmnist.apsq")
+    ap.add_argument("--rounds", type=int, default=40)
+    args = ap.parse_args()
+    pkg = apsq_ov.Package.load(args.package)
+    m = pkg.manifest
+    if m.router is None or m.cascade_level is None:
+        raise SystemExit(f"{args.package}: no escalation cascade (calibrate with --router)")
+    core = ov.Core()
+
+    def body(level: int) -> ov.Model:
+        return standalone_bodies(pkg.read_model(core), m, {level})[level]
+
+    fast = m.router.fast_level
+    models = {
+        "cascade (τ a state)": body(m.cascade_level),
+        "cascade (τ folded)": fold_states(body(m.cascade_level)),
+        f"static level {m.levels[fast].max_drop:g} (its fast route)": split_constant_route(body(fast))[0],
+    }
+    cfg = {**LATENCY, "INFERENCE_PRECISION_HINT": "f32"}
+    reqs = {}
+    for name, model in models.items():
+        req = core.compile_model(model, "CPU", cfg).create_infer_request()
+        for s in req.query_state():
+            if s.name == TAU_STATE:
+                s.state = ov.Tensor(np.full(s.state.shape, NEVER, np.float32))
+        reqs[name] = req
+    x = load_fashion_mnist("test")[0]
+    rounds: dict[str, list[float]] = {k: [] for k in reqs}
+    for r in range(args.rounds):
+        for name, req in reqs.items():
+            t = []
+            for j in range(200):
+                xi = x[(r * 200 + j) % len(x)][None]
+                t0 = time.perf_counter()
+                req.infer([xi])
+                t.append(time.perf_counter() - t0)
+            rounds[name].append(float(np.median(t)) * 1e3)
+    base = float(np.median(rounds[list(models)[-1]]))
+    rows = [{"name": k, "median_ms": float(np.median(v)), "halves_ms": [float(np.median(v[h::2])) for h in (0, 1)],
+             "vs_static": float(np.median(v)) / base} for k, v in rounds.items()]  # fmt: skip
+    out = {"package": str(args.package), "cpu": host_cpu(), "rounds": args.rounds, "images_per_round": 200,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cascade_overhead.json").write_text(json.dumps(out, indent=1))
+    lines = ["# What the cascade costs when it escalates nothing", "",
+             f"`python benchmarks/cascade_overhead.py`, {out['date']} on {out['cpu']}: {args.package.name}, 1 thread, "
+             f"{args.rounds} interleaved rounds of 200 Fashion-MNIST test images, τ set so none escalates.", "",
+             "| body | median ms | halves | vs static |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['name']} | {r['median_ms']:.4f} | {r['halves_ms'][0]:.4f} / {r['halves_ms'][1]:.4f} | "
+              f"{r['vs_static']:.3f}x |" for r in rows]  # fmt: skip
+    (RESULTS / "cascade_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
