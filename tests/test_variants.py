@@ -86,16 +86,35 @@ def test_dispatch_over_level_bodies_and_one_full_body(tiny_files):
     assert model.get_rt_info(["apsq", "manifest"]).astype(str).startswith("{")
 
 
+BF16_KERNELS = {"bf16"} if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else {"f32"}
+
+
 @pytest.mark.parametrize(
     ("precision", "expected"),
-    [(Precision.FP32, {"f32"}), (Precision.BF16, {"bf16"}), (Precision.INT8, {"u8", "i8"})],
+    [(Precision.FP32, {"f32"}), (Precision.BF16, BF16_KERNELS), (Precision.INT8, {"u8", "i8"})],
     ids=["fp32-branch", "bf16-branch", "int8-branch"],
 )
 def test_branch_runs_kernels_of_its_precision(tiny_files, precision, expected):
+    """Each branch's conv runs kernels of its precision; a CPU that exposes no BF16 (an AVX2-only EPYC)
+    runs the BF16 branch's conv on f32 kernels, its Converts still rounding to bf16 (the next test)."""
     full = _bodies(tiny_files["package"].read_model())["apsq/full"]
     conv_if = next(n for n in _ifs(full) if n.get_friendly_name().startswith("conv2/"))
     body = _body_for(conv_if, precision)
     assert _runtime_precision(body, "Convolution").lower() in expected
+
+
+def test_bf16_branch_rounds_to_bf16_on_every_cpu(tiny_files):
+    """The BF16 branch computes BF16's numbers whether or not the CPU has BF16 kernels: its output is
+    within bf16's resolution of the FP32 branch's, and not equal to it."""
+    full = _bodies(tiny_files["package"].read_model())["apsq/full"]
+    conv_if = next(n for n in _ifs(full) if n.get_friendly_name().startswith("conv2/"))
+    out = {}
+    for p in (Precision.FP32, Precision.BF16):
+        body = _body_for(conv_if, p)
+        x = [np.random.default_rng(0).standard_normal(tuple(i.get_shape())).astype(np.float32) for i in body.inputs]
+        out[p] = ov.Core().compile_model(body.clone(), "CPU", F32)(x)[0]
+    err = np.abs(out[Precision.BF16] - out[Precision.FP32])
+    assert 0 < err.max() <= 2**-6 * np.abs(out[Precision.FP32]).max(), err.max()
 
 
 def test_route_follows_state(tiny_files):
