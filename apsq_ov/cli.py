@@ -682,32 +682,44 @@ def bench(
     if json_out:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
         return
+    print_bench(result, package)
+
+
+def print_bench(result: dict[str, Any], package: Path, console: Console | None = None) -> None:
+    """The tables ``apsq-ov bench`` prints from its ``result`` (as :func:`apsq_ov.bench.run_suite` returns it,
+    or read back from ``--json``): per data set the rows by latency, the perfect-router bound, the dominance
+    verdict and the throughput."""
+    from apsq_ov import bench as bench_mod
+
+    con = console or out
+    key = bench_mod.row_key(result["metric"])
     for s, entry in result["shifts"].items():
-        table = Table(title=f"{package} · {s} · {len(x)} inputs · 1 thread · ★ Pareto front")
-        for col in ("method", metric, "agreement", "KL", "median ms", "mean ms", "escalated"):
+        table = Table(title=f"{package} · {s} · {result['samples']} inputs · 1 thread · ★ Pareto front")
+        for col in ("method", result["metric"], "agreement", "KL", "median ms", "mean ms", "escalated"):
             table.add_column(col, justify="left" if col == "method" else "right")
         for r in sorted(entry["rows"], key=lambda r: r["median_ms"]):
             table.add_row(escape(r["name"]) + (" ★" if r.get("pareto") else ""), f"{100 * r[key]:.2f}",
                           f"{100 * r['agreement']:.2f}", f"{r['kl']:.4f}", f"{r['median_ms']:.3f}",
                           f"{r['mean_ms']:.3f}", f"{r['escalated']:.1%}" if "escalated" in r else "")  # fmt: skip
-        out.print(table)
+        con.print(table)
         bound = entry.get("perfect_router")
         if bound:
             best = max(bound["rows"], key=lambda r: (r[key], -r["median_ms"]))
-            out.print(f"perfect-router bound (each static mix as the fast route, escalating exactly the inputs whose "
-                      f"top-1 differs from {escape(bound['precise'])}'s): best {100 * best[key]:.2f} at "
+            con.print(f"perfect-router bound (each static mix as the fast route, escalating exactly the inputs whose "
+                      f"{bound.get('differs', 'top-1')} differs from {escape(bound['precise'])}'s): "
+                      f"best {100 * best[key]:.2f} at "
                       f"{best['median_ms']:.3f} ms ({escape(best['name'])}); against the static mixes it "
                       + ("could win" if bound["possible"] else "could not win"))  # fmt: skip
         d = entry["dominance"]
         verdict = "holds" if d["holds"] else "does not hold"
-        out.print(f"adaptive ({len(d['adaptive_points'])} cascade points of auto) vs the static mixes: {verdict}; "
+        con.print(f"adaptive ({len(d['adaptive_points'])} cascade points of auto) vs the static mixes: {verdict}; "
                   f"adaptive points dominated {len({a for a, _ in d['adaptive_dominated_by']})}, rival points "
                   f"strictly dominated {len({b for _, b in d['adaptive_dominates']})}"
-                  + "".join(f". {line}" for line in bench_mod.closest_lines(d, metric)))  # fmt: skip
+                  + "".join(f". {line}" for line in bench_mod.closest_lines(d, result["metric"])))  # fmt: skip
         if "throughput" in entry:
-            out.print(throughput_table(entry["throughput"]))
+            con.print(throughput_table(entry["throughput"]))
         if "plot" in entry:
-            out.print(f"wrote {entry['plot']}")
+            con.print(f"wrote {entry['plot']}")
 
 
 @app.command()
