@@ -10,6 +10,10 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
+CPU_CAPS = tuple(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+"""What this machine's CPU plugin exposes (``BF16``, ``FP16``, ``INT8`` …, in the plugin's order): the tests
+whose expectations depend on the hardware (an AVX2-only EPYC has no BF16) read it here."""
+
 
 def conv_chain(channels: int = 8, size: int = 16, seed: int = 0, outlier: float = 1.0) -> ov.Model:
     """input -> conv1(+bias) -> relu -> conv2 -> relu -> global mean -> fc: three routable ops.

@@ -28,10 +28,10 @@ from apsq_ov.profiler import (
     throughput_fps,
 )
 from apsq_ov.profiles import MIN_GAIN, DeviceProfile, host_mismatch, host_profiles, load_profile, shipped_profiles
+from tests.models import CPU_CAPS
 
-CAPS = [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
-needs_int8 = pytest.mark.skipif("INT8" not in CAPS, reason="this CPU does not expose INT8")
-LOW_FLOATS = {p.lower() for p in ("BF16", "FP16") if p in CAPS}  # what the profiler measures beside fp32 / int8
+needs_int8 = pytest.mark.skipif("INT8" not in CPU_CAPS, reason="this CPU does not expose INT8")
+LOW_FLOATS = {p.lower() for p in ("BF16", "FP16") if p in CPU_CAPS}  # what the profiler measures beside fp32 / int8
 CONV_64 = conv(1, 64, 56, 56, 3, 64)
 
 
@@ -55,7 +55,7 @@ def test_profile_validates_and_names_the_device(measured):
     assert data["schema_version"] == 2
     assert profile.device == "CPU" and profile.name
     assert profile.identity["openvino"] == ov.get_version()
-    assert profile.identity["optimization_capabilities"] == ", ".join(CAPS)
+    assert profile.identity["optimization_capabilities"] == ", ".join(CPU_CAPS)
     assert profile.compile_config == {"INFERENCE_PRECISION_HINT": "f32"}
     assert profile.default_precisions[0] is Precision.FP32
     assert set(profile.default_precisions) <= set(profile.native_precisions)

@@ -12,7 +12,7 @@ from apsq_ov.package import Package
 from apsq_ov.precision import Precision
 from apsq_ov.routing import fastest_level
 from apsq_ov.runtime import compile_model
-from tests.models import conv_chain_data
+from tests.models import CPU_CAPS, conv_chain_data
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -86,7 +86,7 @@ def test_dispatch_over_level_bodies_and_one_full_body(tiny_files):
     assert model.get_rt_info(["apsq", "manifest"]).astype(str).startswith("{")
 
 
-BF16_KERNELS = {"bf16"} if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else {"f32"}
+BF16_KERNELS = {"bf16"} if "BF16" in CPU_CAPS else {"f32"}
 
 
 @pytest.mark.parametrize(
