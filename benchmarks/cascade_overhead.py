@@ -33,14 +33,13 @@ import apsq_ov  # noqa: E402
 from apsq_ov.bench import LATENCY, host_cpu  # noqa: E402
 from apsq_ov.bodies import split_constant_route, standalone_bodies  # noqa: E402
 from apsq_ov.datasets import load_fashion_mnist  # noqa: E402
-from apsq_ov.package import TAU_STATE  # noqa: E402
+from apsq_ov.package import NEVER, TAU_STATE  # noqa: E402
 
 RESULTS = HERE / "results"
-NEVER = 1e9  # a τ no risk reaches
 
 
 def fold_states(model: ov.Model) -> ov.Model:
-    """``model`` with every ReadValue replaced by a constant :data:`NEVER` and its variables dropped."""
+    """``model`` with every ReadValue replaced by a constant :data:`~apsq_ov.package.NEVER` (τ that never escalates) and its variables dropped."""
     for node in model.get_ordered_ops():
         if node.get_type_name() == "ReadValue":
             const = ops.constant(np.full(tuple(node.get_output_partial_shape(0).to_shape()), NEVER, np.float32))
