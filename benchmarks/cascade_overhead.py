@@ -39,7 +39,8 @@ RESULTS = HERE / "results"
 
 
 def fold_states(model: ov.Model) -> ov.Model:
-    """``model`` with every ReadValue replaced by a constant :data:`~apsq_ov.package.NEVER` (τ that never escalates) and its variables dropped."""
+    """``model`` with every ReadValue replaced by a constant :data:`~apsq_ov.package.NEVER` (a τ that never
+    escalates) and its variables dropped."""
     for node in model.get_ordered_ops():
         if node.get_type_name() == "ReadValue":
             const = ops.constant(np.full(tuple(node.get_output_partial_shape(0).to_shape()), NEVER, np.float32))
