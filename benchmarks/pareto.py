@@ -16,7 +16,8 @@ Models and data (DATA.md; everything installs offline from the README's commands
 
 Methods (``apsq_ov.bench``): plain OpenVINO FP32, BF16 (bf16 hint), NNCF INT8 (``nncf.quantize`` with NNCF's
 defaults, and with the settings apsq-ov calibrated with: ``apsq_ov.calibrate.package_quantize_settings`` —
-full bias correction, no overflow fix on VNNI, the activation ranges calibration chose), NNCF
+full bias correction, no overflow fix on VNNI and 7-bit weights in every layer elsewhere, the activation
+ranges calibration chose), NNCF
 ``quantize_with_accuracy_control`` at max_drop 0.005 / 0.01 / 0.02 with those same settings (same
 calibration data; validation on a held-out part of it, the task metric);
 apsq-ov forced to each precision; apsq-ov's best static per-op
@@ -79,9 +80,14 @@ def package(tag: str, model: Path, data: Path, reuse: bool, **config: Any) -> ap
 
 def package_settings(pkg: apsq_ov.Package) -> tuple[dict[str, Any], str]:
     """The ``nncf.quantize`` arguments ``pkg`` was calibrated with on this machine, and the suffix of their
-    baselines' cache names (the activation ranges calibration chose, when not NNCF's default)."""
+    baselines' cache names (the activation ranges calibration chose, when not NNCF's default; ``_7bit``
+    where every layer's weights are 7-bit, the overflow fix of pre-VNNI INT8)."""
+    import nncf
+
     ranges = pkg.manifest.calibration.get("activation_ranges", "minmax")
-    return package_quantize_settings(pkg.manifest).kwargs, "" if ranges == "minmax" else f"_{ranges}"
+    kwargs = package_quantize_settings(pkg.manifest).kwargs
+    seven = kwargs["advanced_parameters"].overflow_fix == nncf.OverflowFix.ENABLE
+    return kwargs, ("" if ranges == "minmax" else f"_{ranges}") + ("_7bit" if seven else "")
 
 
 def _cached(name: str, reuse: bool, build: Any) -> ov.Model:

@@ -9,6 +9,7 @@ when a function runs (``import apsq_ov`` stays lean).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -56,9 +57,14 @@ def quantize_settings(
 ) -> QuantizeSettings:
     """The ``nncf.quantize`` settings for ``profile``'s device.
 
-    NNCF's default overflow fix quantizes the first layer's weights to 7 bits against the saturation of
-    pre-VNNI CPUs; where the profile's INT8 hardware cannot saturate (or the device is a GPU) it is off,
-    unless ``host_int8_hardware`` (this machine's CPU, when the package targets it) says it can.
+    Where 8-bit dot products can saturate (a pre-VNNI CPU: the profile's INT8 hardware, or
+    ``host_int8_hardware`` — this machine's CPU, when the package targets it), every layer's weights are
+    quantized to 7 bits (``OverflowFix.ENABLE``: OpenVINO's documented workaround), not only the first
+    layer's (NNCF's default). Measured on an AVX2-only EPYC (300 fresh crops, 300 calibration crops, full
+    bias correction, histogram ranges): EfficientNet-Lite0 top-1 agreement with FP32 67.7% with the
+    first-layer fix → 82.7% with every layer's (NNCF's defaults: 72.7%); Fashion-MNIST (10,000 test
+    images) 99.28% → 99.36% agreement, accuracy 91.70% → 91.79% (FP32 91.80%). Where the hardware cannot
+    saturate (or the device is a GPU) the fix is off: 8-bit weights everywhere.
     ``full`` bias correction (``fast_bias_correction=False``) re-estimates each bias on the quantized
     model's own activations. Measured on EfficientNet-Lite0 (500 fresh crops, this machine): top-1
     agreement with FP32 83.0% (NNCF's defaults) → 91.6% (both), the same latency (1.00x).
@@ -76,15 +82,13 @@ def quantize_settings(
     )
     kwargs: dict[str, Any] = {"fast_bias_correction": bias_correction == "fast"}
     advanced: dict[str, Any] = {}
-    if not saturates:
-        advanced["overflow_fix"] = nncf.OverflowFix.DISABLE
+    advanced["overflow_fix"] = nncf.OverflowFix.ENABLE if saturates else nncf.OverflowFix.DISABLE
     if activation_ranges == "histogram":
         advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.HISTOGRAM
-    if advanced:
-        kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(**advanced)
+    kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(**advanced)
     hw = host_int8_hardware if saturates and host_int8_hardware is not None else profile.int8_hardware
     hw = "pre-VNNI" if hw.startswith("INT8 without VNNI") else hw  # the profile's "INT8 without VNNI (…)"
-    fix = f"first-layer overflow fix ({hw} INT8)" if saturates else f"no overflow fix ({hw} INT8)"
+    fix = f"7-bit weights in every layer ({hw} INT8)" if saturates else f"no overflow fix ({hw} INT8)"
     return QuantizeSettings(
         kwargs,
         f"nncf.quantize (preset performance, {bias_correction} bias correction, {activation_ranges} activation "
@@ -121,7 +125,16 @@ def package_quantize_settings(manifest: Manifest) -> QuantizeSettings:
     cal = manifest.calibration
     config = CalibrationConfig(device=manifest.profile.device, bias_correction=cal.get("bias_correction", "full"),
                                activation_ranges=cal.get("activation_ranges", "minmax"))  # fmt: skip
-    return calibration_quantize_settings(config, manifest.profile)
+    settings = calibration_quantize_settings(config, manifest.profile)
+    recorded = cal.get("quantizer") or ""
+    if "first-layer overflow fix" in recorded:  # calibrated when saturating INT8 got 7-bit weights in layer 1 only
+        import nncf
+
+        kwargs = dict(settings.kwargs)
+        kwargs["advanced_parameters"] = dataclasses.replace(kwargs["advanced_parameters"],
+                                                            overflow_fix=nncf.OverflowFix.FIRST_LAYER)  # fmt: skip
+        return QuantizeSettings(kwargs, recorded)
+    return settings
 
 
 def nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Progress | None,

@@ -7,6 +7,7 @@ level (its static ops never change route); a precision-map pin changes only that
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -120,6 +121,14 @@ def test_forced_int8_matches_plain_nncf_within_0_2_pt(fm):
     q = nncf.quantize(model, nncf.Dataset([x[None] for x in fm["x_train"]]), subset_size=300, **settings.kwargs)
     nncf_acc = float(np.mean(plain(q, fm["x"]).argmax(1) == fm["y"]))
     assert abs(summary["accuracy"] - nncf_acc) <= 0.002, (summary["accuracy"], nncf_acc)
+    # A package calibrated when pre-VNNI INT8 had 7-bit weights in the first layer only gets that fix back.
+    fix = settings.kwargs["advanced_parameters"].overflow_fix
+    assert fix == (nncf.OverflowFix.DISABLE if "no overflow fix" in settings.description else nncf.OverflowFix.ENABLE)
+    old = dataclasses.replace(manifest, calibration=manifest.calibration | {
+        "quantizer": settings.description.split(", ")[0] + ", first-layer overflow fix (pre-VNNI INT8))"})  # fmt: skip
+    before = package_quantize_settings(old)
+    assert before.kwargs["advanced_parameters"].overflow_fix == nncf.OverflowFix.FIRST_LAYER
+    assert before.description == old.calibration["quantizer"]
 
 
 def test_max_drop_zero_gives_fp32_and_levels_follow_the_selection(fm):

@@ -126,25 +126,30 @@ def test_malformed_profile_names_the_file(tmp_path):
 
 
 def test_quantize_settings_follow_the_profiles_int8_hardware():
-    """No overflow fix where 8-bit dot products cannot saturate (VNNI/AMX CPUs, GPUs); NNCF's default
-    first-layer fix elsewhere; full bias correction unless asked for the fast one."""
+    """No overflow fix where 8-bit dot products cannot saturate (VNNI/AMX CPUs, GPUs); 7-bit weights in
+    every layer elsewhere (OpenVINO's saturation workaround); full bias correction unless asked for the
+    fast one."""
     import dataclasses
 
     import nncf
 
     from apsq_ov.calibrate import quantize_settings
 
+    def fix(settings) -> nncf.OverflowFix:
+        return settings.kwargs["advanced_parameters"].overflow_fix
+
     cpu = load_profile(path="CPU")
     assert cpu.int8_hardware == "VNNI"
-    s = quantize_settings(cpu).kwargs
-    assert s["fast_bias_correction"] is False and s["advanced_parameters"].overflow_fix == nncf.OverflowFix.DISABLE
+    s = quantize_settings(cpu)
+    assert s.kwargs["fast_bias_correction"] is False and fix(s) == nncf.OverflowFix.DISABLE
     old = quantize_settings(dataclasses.replace(cpu, int8_hardware="INT8 without VNNI (no vnni flag in /proc/cpuinfo)"),
                             "fast")  # fmt: skip
-    assert old.kwargs == {"fast_bias_correction": True}
-    assert "first-layer overflow fix (pre-VNNI INT8)" in old.description and "fast bias correction" in old.description
+    assert old.kwargs["fast_bias_correction"] is True and fix(old) == nncf.OverflowFix.ENABLE
+    assert "7-bit weights in every layer (pre-VNNI INT8)" in old.description
+    assert "fast bias correction" in old.description
     assert quantize_settings(load_profile(path="CPU.epyc-avx2")).description == old.description.replace("fast", "full")
     host = quantize_settings(cpu, host_int8_hardware="INT8 without VNNI (no vnni flag in /proc/cpuinfo)")
-    assert "advanced_parameters" not in host.kwargs  # a VNNI profile, calibrated for a CPU without VNNI
-    assert "advanced_parameters" in quantize_settings(cpu, host_int8_hardware="AMX").kwargs
+    assert fix(host) == nncf.OverflowFix.ENABLE  # a VNNI profile, calibrated for a CPU without VNNI
+    assert fix(quantize_settings(cpu, host_int8_hardware="AMX")) == nncf.OverflowFix.DISABLE
     gen11 = load_profile("GPU", "GPU.gen11")  # no INT8 hardware at all, but a GPU: no saturation
-    assert "advanced_parameters" in quantize_settings(gen11).kwargs
+    assert fix(quantize_settings(gen11)) == nncf.OverflowFix.DISABLE
