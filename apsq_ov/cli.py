@@ -197,6 +197,12 @@ def calibrate(
                      "output is closer to FP32 on held-out calibration data (one more nncf.quantize; the choice "
                      "is in the manifest's calibration.activation_ranges)."),  # fmt: skip
     ] = "auto",
+    overflow_fix: Annotated[
+        str,
+        typer.Option(help="Which weights NNCF quantizes to 7 bits against the saturation of 8-bit dot products "
+                     "on pre-VNNI CPUs: 'auto' (every layer's where the device's INT8 hardware can saturate, "
+                     "none on VNNI/AMX CPUs and GPUs), 'all', 'first-layer' (NNCF's default) or 'none'."),  # fmt: skip
+    ] = "auto",
     class_axis: Annotated[
         int | None,
         typer.Option(help="Axis of the judged output that holds the classes, whose top-1 every drop compares "
@@ -246,6 +252,7 @@ def calibrate(
         router_hold=router_hold,
         bias_correction=bias_correction,
         activation_ranges=activation_ranges,
+        overflow_fix=overflow_fix,
         class_axis=class_axis,
         judged_output=judged_output,
         ctc=ctc,

@@ -55,6 +55,7 @@ from .levels import build_package_model
 from .ondevice import Routes, check_fastest, fastest_route, refine_fast_route, runs_here, time_bodies
 from .quantize import (
     ACTIVATION_RANGES,
+    OVERFLOW_FIXES,
     RANGE_CHECK_SAMPLES,
     nncf_compress_int4,
     outputs_f32,
@@ -117,6 +118,9 @@ class CalibrationConfig:
         estimator), ``histogram`` (NNCF's histogram estimator, which clips rare extremes), or ``auto``
         (quantize with both, keep the INT8 model whose judged output is closer to FP32 on the held-out split:
         one more ``nncf.quantize``). See :data:`ACTIVATION_RANGES`.
+    :param overflow_fix: which weights are quantized to 7 bits against the saturation of pre-VNNI 8-bit dot
+        products (:data:`~.quantize.OVERFLOW_FIXES`): ``auto`` (every layer's where the INT8 hardware can
+        saturate, none elsewhere), ``all``, ``first-layer`` (NNCF's default) or ``none``.
     :param class_axis: the axis of the judged output that holds the classes (``None``: the last), e.g. 1
         for an ``(N, C, H, W)`` segmentation or detection map; a one-class axis is a binary decision
         (:mod:`apsq_ov.decisions`).
@@ -145,6 +149,7 @@ class CalibrationConfig:
     router_hold: str = "clean"
     bias_correction: str = "full"
     activation_ranges: str = "auto"
+    overflow_fix: str = "auto"
     class_axis: int | None = None
     judged_output: str | None = None
     ctc: bool | None = None
@@ -160,6 +165,9 @@ class CalibrationConfig:
                 raise ConfigError(f"unknown router shift {name!r}; use {', '.join(CALIBRATION_SHIFTS)}")
         if self.bias_correction not in ("full", "fast"):
             raise ConfigError(f"bias correction must be 'full' or 'fast', got {self.bias_correction!r}")
+        if self.overflow_fix not in OVERFLOW_FIXES:
+            raise ConfigError(f"overflow fix must be one of {', '.join(repr(f) for f in OVERFLOW_FIXES)}, "
+                              f"got {self.overflow_fix!r}")  # fmt: skip
         if self.activation_ranges not in ("auto", *ACTIVATION_RANGES):
             raise ConfigError(f"activation ranges must be 'auto', {' or '.join(repr(r) for r in ACTIVATION_RANGES)}, "
                               f"got {self.activation_ranges!r}")  # fmt: skip
@@ -346,6 +354,7 @@ def calibrate_model(
             "seed": config.seed,
             "quantizer": settings.description if settings is not None else None,
             "bias_correction": config.bias_correction,
+            "overflow_fix": settings.overflow_fix if settings is not None else None,
             **(ranges or {}),
             "drop_metric": CTC_DROP_METRIC if decision.sequence == "ctc" else DROP_METRIC,
             "drop_samples": int(len(drop_idx) * batch),

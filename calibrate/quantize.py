@@ -9,7 +9,6 @@ when a function runs (``import apsq_ov`` stays lean).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,12 @@ with histogram ranges (2,000 crops, McNemar p = 0.003), PP-OCRv4 rec 1 − CER 9
 accuracy 91.83% → 91.85% (output NMSE 5x lower). The judged output's NMSE on 200 held-out inputs picked the
 better one in every draw: hence ``auto``."""
 
+OVERFLOW_FIXES = ("auto", "all", "first-layer", "none")
+"""Which weights calibration quantizes to 7 bits against the saturation of pre-VNNI 8-bit dot products
+(NNCF's ``OverflowFix``): ``auto`` — every layer's where the INT8 hardware can saturate, none elsewhere;
+``all`` (``ENABLE``), ``first-layer`` (``FIRST_LAYER``, NNCF's default), ``none`` (``DISABLE``)."""
+_NNCF_FIX = {"all": "ENABLE", "first-layer": "FIRST_LAYER", "none": "DISABLE"}
+
 # INT8 hardware on which 8-bit dot products cannot saturate their intermediate buffer (OpenVINO's "Saturation
 # (overflow) issue workaround": the problem does not occur on GPUs or on CPUs with VNNI and later).
 NO_SATURATION = ("VNNI", "AMX", "DP4A", "XMX")
@@ -47,6 +52,8 @@ class QuantizeSettings:
 
     kwargs: dict[str, Any]
     description: str
+    overflow_fix: str = "none"
+    """the overflow fix applied (one of :data:`OVERFLOW_FIXES` but ``auto``, which resolves to another)"""
 
 
 def quantize_settings(
@@ -54,6 +61,7 @@ def quantize_settings(
     bias_correction: str = "full",
     host_int8_hardware: str | None = None,
     activation_ranges: str = "minmax",
+    overflow_fix: str = "auto",
 ) -> QuantizeSettings:
     """The ``nncf.quantize`` settings for ``profile``'s device.
 
@@ -69,6 +77,7 @@ def quantize_settings(
     model's own activations. Measured on EfficientNet-Lite0 (500 fresh crops, this machine): top-1
     agreement with FP32 83.0% (NNCF's defaults) → 91.6% (both), the same latency (1.00x).
     ``activation_ranges``: one of :data:`ACTIVATION_RANGES` (``auto`` is resolved by :func:`quantize`).
+    ``overflow_fix``: one of :data:`OVERFLOW_FIXES` (``auto``: as above).
     """
     import nncf
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
@@ -82,17 +91,23 @@ def quantize_settings(
     )
     kwargs: dict[str, Any] = {"fast_bias_correction": bias_correction == "fast"}
     advanced: dict[str, Any] = {}
-    advanced["overflow_fix"] = nncf.OverflowFix.ENABLE if saturates else nncf.OverflowFix.DISABLE
+    if overflow_fix not in OVERFLOW_FIXES:
+        raise ConfigError(f"overflow fix must be one of {', '.join(repr(f) for f in OVERFLOW_FIXES)}, "
+                          f"got {overflow_fix!r}")  # fmt: skip
+    chosen = ("all" if saturates else "none") if overflow_fix == "auto" else overflow_fix
+    advanced["overflow_fix"] = getattr(nncf.OverflowFix, _NNCF_FIX[chosen])
     if activation_ranges == "histogram":
         advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.HISTOGRAM
     kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(**advanced)
     hw = host_int8_hardware if saturates and host_int8_hardware is not None else profile.int8_hardware
     hw = "pre-VNNI" if hw.startswith("INT8 without VNNI") else hw  # the profile's "INT8 without VNNI (…)"
-    fix = f"7-bit weights in every layer ({hw} INT8)" if saturates else f"no overflow fix ({hw} INT8)"
+    fix = {"all": "7-bit weights in every layer", "first-layer": "first-layer overflow fix",
+           "none": "no overflow fix"}[chosen] + f" ({hw} INT8)"
     return QuantizeSettings(
         kwargs,
         f"nncf.quantize (preset performance, {bias_correction} bias correction, {activation_ranges} activation "
         f"ranges, {fix})",
+        chosen,
     )
 
 
@@ -114,7 +129,7 @@ def calibration_quantize_settings(
     ranges = activation_ranges or config.activation_ranges
     if ranges == "auto":
         raise ConfigError("activation ranges 'auto' are chosen by calibration: pass the one it chose")
-    return quantize_settings(profile, config.bias_correction, host, ranges)
+    return quantize_settings(profile, config.bias_correction, host, ranges, config.overflow_fix)
 
 
 def package_quantize_settings(manifest: Manifest) -> QuantizeSettings:
@@ -123,18 +138,13 @@ def package_quantize_settings(manifest: Manifest) -> QuantizeSettings:
     from .pipeline import CalibrationConfig
 
     cal = manifest.calibration
+    # Packages calibrated before the option recorded it only in the description (where saturating INT8 then
+    # got the first-layer fix).
+    fix = cal.get("overflow_fix") or ("first-layer" if "first-layer overflow fix" in (cal.get("quantizer") or "")
+                                      else "auto")  # fmt: skip
     config = CalibrationConfig(device=manifest.profile.device, bias_correction=cal.get("bias_correction", "full"),
-                               activation_ranges=cal.get("activation_ranges", "minmax"))  # fmt: skip
-    settings = calibration_quantize_settings(config, manifest.profile)
-    recorded = cal.get("quantizer") or ""
-    if "first-layer overflow fix" in recorded:  # calibrated when saturating INT8 got 7-bit weights in layer 1 only
-        import nncf
-
-        kwargs = dict(settings.kwargs)
-        kwargs["advanced_parameters"] = dataclasses.replace(kwargs["advanced_parameters"],
-                                                            overflow_fix=nncf.OverflowFix.FIRST_LAYER)  # fmt: skip
-        return QuantizeSettings(kwargs, recorded)
-    return settings
+                               activation_ranges=cal.get("activation_ranges", "minmax"), overflow_fix=fix)  # fmt: skip
+    return calibration_quantize_settings(config, manifest.profile)
 
 
 def nncf_quantize(model: ov.Model, data: list[list[np.ndarray]], progress: Progress | None,

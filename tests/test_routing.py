@@ -151,5 +151,13 @@ def test_quantize_settings_follow_the_profiles_int8_hardware():
     host = quantize_settings(cpu, host_int8_hardware="INT8 without VNNI (no vnni flag in /proc/cpuinfo)")
     assert fix(host) == nncf.OverflowFix.ENABLE  # a VNNI profile, calibrated for a CPU without VNNI
     assert fix(quantize_settings(cpu, host_int8_hardware="AMX")) == nncf.OverflowFix.DISABLE
+    for choice, want in [("all", "ENABLE"), ("first-layer", "FIRST_LAYER"), ("none", "DISABLE")]:  # --overflow-fix
+        for profile in (cpu, load_profile(path="CPU.epyc-avx2")):
+            chosen = quantize_settings(profile, overflow_fix=choice)
+            assert fix(chosen) == getattr(nncf.OverflowFix, want) and chosen.overflow_fix == choice
+    assert "first-layer overflow fix (VNNI INT8)" in quantize_settings(cpu, overflow_fix="first-layer").description
+    assert quantize_settings(load_profile(path="CPU.epyc-avx2")).overflow_fix == "all"
+    with pytest.raises(ConfigError, match="overflow fix must be one of"):
+        quantize_settings(cpu, overflow_fix="7bit")
     gen11 = load_profile("GPU", "GPU.gen11")  # no INT8 hardware at all, but a GPU: no saturation
     assert fix(quantize_settings(gen11)) == nncf.OverflowFix.DISABLE
