@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from apsq_ov.calibrate.quantize import NO_SATURATION
 from apsq_ov.cli import app
+from apsq_ov.profiler import host_int8_hardware
 from tests.models import conv_chain_data
 
 runner = CliRunner()
@@ -45,6 +47,7 @@ def test_calibrate_then_infer_json_and_output(tiny_files, tmp_path):
     assert set(nmse) == {"minmax", "histogram"} and cal["activation_ranges"] == min(nmse, key=nmse.get)
     assert f"INT8 activation ranges: {cal['activation_ranges']}" in result.stdout
     assert f"{cal['activation_ranges']} activation ranges" in cal["quantizer"]
+    assert cal["overflow_fix"] == ("none" if host_int8_hardware() in NO_SATURATION else "all")  # the default auto
     inp = tmp_path / "in.npy"
     np.save(inp, conv_chain_data(5, seed=11))
     out = tmp_path / "out.npz"
@@ -254,6 +257,9 @@ def test_policy_errors_are_one_line(tiny_files, tmp_path):
     ranges = one_line_error(run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "r",
                                 "--activation-ranges", "percentile"))  # fmt: skip
     assert "activation ranges" in ranges and "'histogram'" in ranges and not (tmp_path / "r").exists()
+    fix = one_line_error(run("calibrate", tiny_files["model"], "--data", tiny_files["data"], "-o", tmp_path / "f",
+                             "--overflow-fix", "7bit"))  # fmt: skip
+    assert "overflow fix" in fix and "'first-layer'" in fix and "'7bit'" in fix and not (tmp_path / "f").exists()
 
 
 def test_unnamed_model_output_keeps_the_manifests_name(tmp_path):
