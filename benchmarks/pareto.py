@@ -82,12 +82,10 @@ def package_settings(pkg: apsq_ov.Package) -> tuple[dict[str, Any], str]:
     """The ``nncf.quantize`` arguments ``pkg`` was calibrated with on this machine, and the suffix of their
     baselines' cache names (the activation ranges calibration chose, when not NNCF's default; ``_7bit``
     where every layer's weights are 7-bit, the overflow fix of pre-VNNI INT8)."""
-    import nncf
-
     ranges = pkg.manifest.calibration.get("activation_ranges", "minmax")
-    kwargs = package_quantize_settings(pkg.manifest).kwargs
-    seven = kwargs["advanced_parameters"].overflow_fix == nncf.OverflowFix.ENABLE
-    return kwargs, ("" if ranges == "minmax" else f"_{ranges}") + ("_7bit" if seven else "")
+    settings = package_quantize_settings(pkg.manifest)
+    return settings.kwargs, ("" if ranges == "minmax" else f"_{ranges}") + ("_7bit" if settings.overflow_fix == "all"
+                                                                           else "")
 
 
 def _cached(name: str, reuse: bool, build: Any) -> ov.Model:

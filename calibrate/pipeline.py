@@ -55,8 +55,8 @@ from .levels import build_package_model
 from .ondevice import Routes, check_fastest, fastest_route, refine_fast_route, runs_here, time_bodies
 from .quantize import (
     ACTIVATION_RANGES,
-    OVERFLOW_FIXES,
     RANGE_CHECK_SAMPLES,
+    check_overflow_fix,
     nncf_compress_int4,
     outputs_f32,
     quantize,
@@ -165,9 +165,7 @@ class CalibrationConfig:
                 raise ConfigError(f"unknown router shift {name!r}; use {', '.join(CALIBRATION_SHIFTS)}")
         if self.bias_correction not in ("full", "fast"):
             raise ConfigError(f"bias correction must be 'full' or 'fast', got {self.bias_correction!r}")
-        if self.overflow_fix not in OVERFLOW_FIXES:
-            raise ConfigError(f"overflow fix must be one of {', '.join(repr(f) for f in OVERFLOW_FIXES)}, "
-                              f"got {self.overflow_fix!r}")  # fmt: skip
+        check_overflow_fix(self.overflow_fix)
         if self.activation_ranges not in ("auto", *ACTIVATION_RANGES):
             raise ConfigError(f"activation ranges must be 'auto', {' or '.join(repr(r) for r in ACTIVATION_RANGES)}, "
                               f"got {self.activation_ranges!r}")  # fmt: skip

@@ -40,6 +40,12 @@ OVERFLOW_FIXES = ("auto", "all", "first-layer", "none")
 ``all`` (``ENABLE``), ``first-layer`` (``FIRST_LAYER``, NNCF's default), ``none`` (``DISABLE``)."""
 _NNCF_FIX = {"all": "ENABLE", "first-layer": "FIRST_LAYER", "none": "DISABLE"}
 
+
+def check_overflow_fix(value: str) -> None:
+    """:raises ConfigError: unless ``value`` is one of :data:`OVERFLOW_FIXES`."""
+    if value not in OVERFLOW_FIXES:
+        raise ConfigError(f"overflow fix must be one of {', '.join(repr(f) for f in OVERFLOW_FIXES)}, got {value!r}")
+
 # INT8 hardware on which 8-bit dot products cannot saturate their intermediate buffer (OpenVINO's "Saturation
 # (overflow) issue workaround": the problem does not occur on GPUs or on CPUs with VNNI and later).
 NO_SATURATION = ("VNNI", "AMX", "DP4A", "XMX")
@@ -92,9 +98,7 @@ def quantize_settings(
     )
     kwargs: dict[str, Any] = {"fast_bias_correction": bias_correction == "fast"}
     advanced: dict[str, Any] = {}
-    if overflow_fix not in OVERFLOW_FIXES:
-        raise ConfigError(f"overflow fix must be one of {', '.join(repr(f) for f in OVERFLOW_FIXES)}, "
-                          f"got {overflow_fix!r}")  # fmt: skip
+    check_overflow_fix(overflow_fix)
     chosen = ("all" if saturates else "none") if overflow_fix == "auto" else overflow_fix
     advanced["overflow_fix"] = getattr(nncf.OverflowFix, _NNCF_FIX[chosen])
     if activation_ranges == "histogram":
