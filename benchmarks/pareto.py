@@ -84,8 +84,8 @@ def package_settings(pkg: apsq_ov.Package) -> tuple[dict[str, Any], str]:
     where every layer's weights are 7-bit, the overflow fix of pre-VNNI INT8)."""
     ranges = pkg.manifest.calibration.get("activation_ranges", "minmax")
     settings = package_quantize_settings(pkg.manifest)
-    return settings.kwargs, ("" if ranges == "minmax" else f"_{ranges}") + ("_7bit" if settings.overflow_fix == "all"
-                                                                           else "")
+    seven = "_7bit" if settings.overflow_fix == "all" else ""
+    return settings.kwargs, ("" if ranges == "minmax" else f"_{ranges}") + seven
 
 
 def _cached(name: str, reuse: bool, build: Any) -> ov.Model:
