@@ -488,6 +488,7 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
         compiled = [core.compile_model(m, "CPU", cfg) for _ in range(k)]
         runs[name + hint_not_honoured(compiled[0], hint)] = [functools.partial(_queue_rate, _queue(c, None), x)
                                                              for c in compiled]  # fmt: skip
+    plain_names = list(runs)  # as named in the rows (a hint the CPU does not honour says so)
     man = pkg.manifest
     batch = ESCALATION_BATCH if man.router is not None else 0
     copies = [compile_model(pkg, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}, core=core, standalone="all",
@@ -538,7 +539,7 @@ def throughputs(pkg: Package, plain: list[tuple[str, str, ov.Model, str]], x: np
                                "other_median_ms": float(np.median(rest)),
                                "other_p95_ms": float(np.percentile(rest, 95)),
                                "escalated_share": len(esc) / (len(esc) + len(rest))}  # fmt: skip
-    return {n: out[n] for n in [*[n for n, *_ in plain], *names]}
+    return {n: out[n] for n in [*plain_names, *names]}
 
 
 def oracle_bound(pkg: Package, methods: Sequence[Method], reference: np.ndarray, labels: np.ndarray | None,

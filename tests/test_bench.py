@@ -170,3 +170,18 @@ def test_a_bf16_row_says_when_the_cpu_runs_it_f32(tiny_files):
     else:
         assert bf16.name == "BF16 — runs f32: this CPU exposes no BF16" and same
     assert fp32.name == "FP32"
+
+
+def test_throughput_rows_carry_the_names_the_cpu_earned(tiny_files):
+    """The async throughput of the plain rows is keyed by the same names as their latency rows: a bf16 hint the
+    CPU drops is named so in both (the throughput pass once looked its rows up under the bare name)."""
+    from apsq_ov.bench import throughputs
+
+    model = ov.Core().read_model(tiny_files["model"])
+    plain = [("OpenVINO FP32", "baseline", model, "f32"), ("OpenVINO BF16", "baseline", model, "bf16")]
+    rates = throughputs(tiny_files["package"], plain, conv_chain_data(8, seed=3), 0.2, rounds=2, compiles=1)
+    bf16 = "OpenVINO BF16" + ("" if "BF16" in CPU_CAPS else " — runs f32: this CPU exposes no BF16")
+    assert list(rates)[:2] == ["OpenVINO FP32", bf16]
+    adaptive = {f"apsq adaptive {d:g}{x}" for d in tiny_files["package"].manifest.budgets for x in ("", ", engine")}
+    assert set(rates) == {"OpenVINO FP32", bf16} | adaptive
+    assert all(v > 0 for v in rates.values())
