@@ -38,7 +38,10 @@ OVERFLOW_FIXES = ("auto", "all", "first-layer", "none")
 """Which weights calibration quantizes to 7 bits against the saturation of pre-VNNI 8-bit dot products
 (NNCF's ``OverflowFix``): ``auto`` — every layer's where the INT8 hardware can saturate, none elsewhere;
 ``all`` (``ENABLE``), ``first-layer`` (``FIRST_LAYER``, NNCF's default), ``none`` (``DISABLE``)."""
-_NNCF_FIX = {"all": "ENABLE", "first-layer": "FIRST_LAYER", "none": "DISABLE"}
+_NNCF_FIX = {"all": ("ENABLE", "7-bit weights in every layer"),
+             "first-layer": ("FIRST_LAYER", "first-layer overflow fix"),
+             "none": ("DISABLE", "no overflow fix")}  # fmt: skip
+"""Per choice but ``auto``: NNCF's ``OverflowFix`` member and the words the quantizer's description uses."""
 
 
 def check_overflow_fix(value: str) -> None:
@@ -100,14 +103,14 @@ def quantize_settings(
     advanced: dict[str, Any] = {}
     check_overflow_fix(overflow_fix)
     chosen = ("all" if saturates else "none") if overflow_fix == "auto" else overflow_fix
-    advanced["overflow_fix"] = getattr(nncf.OverflowFix, _NNCF_FIX[chosen])
+    member, words = _NNCF_FIX[chosen]
+    advanced["overflow_fix"] = getattr(nncf.OverflowFix, member)
     if activation_ranges == "histogram":
         advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.HISTOGRAM
     kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(**advanced)
     hw = host_int8_hardware if saturates and host_int8_hardware is not None else profile.int8_hardware
     hw = "pre-VNNI" if hw.startswith("INT8 without VNNI") else hw  # the profile's "INT8 without VNNI (…)"
-    fix = {"all": "7-bit weights in every layer", "first-layer": "first-layer overflow fix",
-           "none": "no overflow fix"}[chosen] + f" ({hw} INT8)"
+    fix = f"{words} ({hw} INT8)"
     return QuantizeSettings(
         kwargs,
         f"nncf.quantize (preset performance, {bias_correction} bias correction, {activation_ranges} activation "
