@@ -521,28 +521,45 @@ def test_refinement_keeps_an_op_that_helps_and_pins_it_fp32_in_every_level(monke
     assert same == levels and report["kept_fp32"] == [] and report["reason"]
 
 
-def test_the_fast_route_is_the_level_that_times_fastest(monkeypatch):
-    """Which level the cascade's fast route runs, with the timings given (:func:`time_mixes` times real
-    graphs; here the decision alone): the last level unless a smaller budget's graph is faster by more
-    than the tolerance in both halves of the rounds; a graph shared by several levels is timed once and
-    runs as the largest of them; the FP32 level is never a candidate."""
+_INT8, _FP32 = OpChoice(Precision.INT8, Precision.INT8), OpChoice(Precision.FP32, Precision.FP32)
+_NONE, _SOME, _EVERY = {"a": _FP32, "b": _FP32}, {"a": _INT8, "b": _FP32}, {"a": _INT8, "b": _INT8}
+
+
+def _scripted_fast_route(monkeypatch, rounds: dict[str, list[float]]):
+    """:func:`~apsq_ov.calibrate.ondevice.fastest_route` with :func:`time_mixes` (which times real graphs)
+    replaced by ``rounds`` keyed "none" / "some" / "every" by mix: the decision alone. :return: ``pick(dial,
+    drops)`` (levels at max-drops 0, 0.01, … ; ``drops`` their measured drops, default unmeasured) and the
+    list of mixes each call timed."""
     from apsq_ov.calibrate import ondevice
     from apsq_ov.package import Level
 
-    int8, fp32 = OpChoice(Precision.INT8, Precision.INT8), OpChoice(Precision.FP32, Precision.FP32)
-    none, some, every = {"a": fp32, "b": fp32}, {"a": int8, "b": fp32}, {"a": int8, "b": int8}
-    rounds: dict[str, list[float]] = {}
     timed: list[list[dict]] = []
 
     def scripted(mixes, routes, x, runs):
         timed.append(mixes)
-        return [rounds["some" if m == some else "every" if m == every else "none"] for m in mixes]
+        return [rounds["some" if m == _SOME else "every" if m == _EVERY else "none"] for m in mixes]
 
     monkeypatch.setattr(ondevice, "time_mixes", scripted)
 
-    def pick(*dial: dict) -> tuple[int, dict]:
-        levels = [Level(d, c, 1.0, d, "x") for d, c in zip((0.0, 0.01, 0.1, 1.0), dial, strict=True)]
+    def pick(dial: tuple, drops: tuple | None = None) -> tuple[int, dict]:
+        budgets = (0.0, 0.01, 0.1)[: len(dial) - 1] + (1.0,)
+        levels = [Level(d, c, 1.0, d, "x", measured_drop=m)
+                  for d, c, m in zip(budgets, dial, drops or (None,) * len(dial), strict=True)]  # fmt: skip
         return ondevice.fastest_route(levels, None, [], runs=40)  # type: ignore[arg-type]
+
+    return pick, timed
+
+
+def test_the_fast_route_is_the_level_that_times_fastest(monkeypatch):
+    """Which level the cascade's fast route runs, with the timings given: the last level unless a smaller
+    budget's graph is faster by more than the tolerance in both halves of the rounds; a graph shared by
+    several levels is timed once and runs as the largest of them; the FP32 level is never a candidate."""
+    none, some, every = _NONE, _SOME, _EVERY
+    rounds: dict[str, list[float]] = {}
+    pick4, timed = _scripted_fast_route(monkeypatch, rounds)
+
+    def pick(*dial: dict) -> tuple[int, dict]:
+        return pick4(dial)
 
     rounds |= {"none": [0.1] * 40, "some": [1.0] * 40, "every": [1.2] * 40}
     k, report = pick(none, some, every, every)
@@ -566,19 +583,11 @@ def test_a_timing_tie_goes_to_the_fast_route_that_drops_less(monkeypatch):
     them the cascade's fast route is the one with the lowest measured drop (EfficientNet-Lite0: the all-INT8
     level 1% faster than the mix 0.16 but 15.1% against 12.8% held-out drop). Faster by more than the
     tolerance still wins, and with a drop unmeasured the timing alone decides."""
-    from apsq_ov.calibrate import ondevice
-    from apsq_ov.package import Level
-
-    int8, fp32 = OpChoice(Precision.INT8, Precision.INT8), OpChoice(Precision.FP32, Precision.FP32)
-    none, some, every = {"a": fp32, "b": fp32}, {"a": int8, "b": fp32}, {"a": int8, "b": int8}
     rounds = {"none": [9.0] * 40}
-    monkeypatch.setattr(ondevice, "time_mixes", lambda mixes, routes, x, runs: [
-        rounds["some" if m == some else "every" if m == every else "none"] for m in mixes])
+    dial_of_3, _ = _scripted_fast_route(monkeypatch, rounds)
 
-    def pick(drops: tuple) -> tuple[int, dict]:
-        levels = [Level(d, c, 1.0, d, "x", measured_drop=m)
-                  for d, c, m in zip((0.0, 0.1, 1.0), (none, some, every), drops, strict=True)]
-        return ondevice.fastest_route(levels, None, [], runs=40)  # type: ignore[arg-type]
+    def pick(drops: tuple) -> tuple[int, dict]:  # levels 0, 0.01 (some INT8), 1 (all INT8)
+        return dial_of_3((_NONE, _SOME, _EVERY), drops)
 
     rounds |= {"some": [8.327] * 40, "every": [8.245] * 40}
     k, report = pick((0.0, 0.128, 0.151))
